@@ -1,0 +1,112 @@
+"""Base configuration: every field mor-jax reads, with its default.
+
+Config files in this folder start from `get_config()` here and override what
+they need. `mor_jax.config.validate(config)` checks a finished config once,
+before anything is built, and derives values (base depth, capacities,
+gradient accumulation). Fields marked "derived" are filled in there.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+
+  # ---------------------------------------------------------------- model
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 49152
+  m.hidden_size = 960
+  m.intermediate_size = 2560
+  m.num_layers = 32            # layers of the equivalent vanilla model (L)
+  m.num_heads = 15
+  m.num_kv_heads = 5
+  m.rope_theta = 10000.0
+  m.rms_eps = 1e-5
+  m.max_seq_len = 2048         # context length (RoPE positions, generation limit)
+  m.tie_embeddings = False
+  m.init_std = 0.02
+  m.dtype = "float32"          # compute dtype: float32 | bfloat16 (params stay float32)
+  m.remat_policy = "none"      # none | full | dots | dots_no_batch | save_attn_out
+  m.scan_layers = True         # nn.scan over the shared block's layers (False: unrolled loop)
+
+  # ---------------------------------------------------- parameter sharing
+  r = c.recursion = ml_collections.ConfigDict()
+  r.strategy = "none"          # none (vanilla) | cycle | sequence | middle_cycle | middle_sequence
+  r.num_recursions = 1         # R
+
+  # ------------------------------------------------- mixture-of-recursions
+  mor = c.mor = ml_collections.ConfigDict()
+  mor.enable = False
+  mor.type = "expert"          # expert | token
+  mor.router_type = "linear"   # linear | mlp
+  mor.router_func = "sigmoid"  # expert: sigmoid | tanh | none; token: softmax | sigmoid
+  mor.alpha = 0.1              # expert default 0.1; token-choice configs usually use 1.0
+  mor.temperature = 1.0
+  mor.rand_router = False      # ablation: random scores instead of a learned router
+  mor.z_loss = False
+  mor.z_coeff = 1e-3
+  mor.gating = "weighted"      # weighted | identity
+  # expert-choice
+  mor.capacity = ()            # per-recursion capacity factors; () -> (R - r) / R
+  mor.sampling = "aux_loss"    # aux_loss (BCE sampling loss) | none
+  mor.aux_coeff = 1e-3
+  mor.cap_warmup_steps = 0     # optimizer steps of capacity warm-up (0: off)
+  # token-choice
+  mor.balancing = "loss"       # loss | loss_free | none
+  mor.bal_coeff = 0.1
+  mor.bal_update_rate = 1e-3   # loss-free bias step u
+  mor.bal_warmup_steps = 0
+  mor.capacity_factor = 1.0    # token-choice active-token buffer as a fraction of T (1.0: exact)
+  # causal routing at inference / evaluation
+  mor.threshold = 0.5
+
+  kv = c.kv_sharing = ml_collections.ConfigDict()
+  kv.enable = False
+
+  # ----------------------------------------------------------------- data
+  d = c.data = ml_collections.ConfigDict()
+  d.corpus = "shakespeare"     # shakespeare (embedded) | local
+  d.path = ""                  # local corpus: directory or glob of .txt/.jsonl[.gz]/.parquet
+  d.text_column = "text"
+  d.val_fraction = 0.01
+  d.val_files = ()             # names of files that form the validation split (overrides val_fraction)
+  d.data_dir = ""              # where prepared datasets live ('' -> ~/.cache/mor_jax/datasets)
+  d.tokenizer_path = ""        # tokenizer.json or directory; '' -> train a BPE on the corpus
+  d.seq_len = 1024
+  d.add_bos = False
+  d.pretokenized = False       # read token-id shards written by --mode=prepare
+  d.num_workers = 0            # grain worker processes
+  d.prefetch = 2
+  d.shuffle_seed = 0
+  d.on_corrupt_record = "skip"  # skip | fail
+
+  # ---------------------------------------------------------------- train
+  t = c.train = ml_collections.ConfigDict()
+  t.seed = 0
+  t.num_steps = 1000
+  t.total_batch_size = 32      # sequences per optimizer step
+  t.per_device_batch_size = 8
+  t.grad_accum_steps = -1      # derived: total / (per_device * devices)
+  t.learning_rate = 3e-3
+  t.schedule = "cosine"        # cosine | wsd | constant
+  t.warmup_steps = 100
+  t.min_lr_ratio = 0.0         # cosine floor as a fraction of the peak
+  t.decay_fraction = 0.2       # wsd: linear cool-down over the last fraction of the run
+  t.beta1 = 0.9
+  t.beta2 = 0.95
+  t.eps = 1e-8
+  t.weight_decay = 0.1
+  t.grad_clip = 1.0
+  t.log_every_steps = 10
+  t.eval_every_steps = 200
+  t.eval_batches = 8
+  t.save_interval = 0.1        # checkpoint every fraction of the run
+  t.save_every_steps = 0       # if > 0, overrides save_interval
+  t.keep_checkpoints = 3
+
+  p = c.parallel = ml_collections.ConfigDict()
+  p.mode = "pjit"              # pjit | pmap
+
+  return c

@@ -1,0 +1,232 @@
+"""Config validation and derived values.
+
+`validate(config)` is called once, before anything is built. It raises
+`ConfigError` naming the field and the fix, and returns a copy with derived
+fields filled in. `model_config(config)` turns the validated ConfigDict into
+the frozen `ModelConfig` dataclass the model is built from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+STRATEGIES = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything the model needs, frozen (hashable, so usable as a static arg)."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  rope_theta: float = 10000.0
+  rms_eps: float = 1e-5
+  max_seq_len: int = 2048
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  dtype: str = "float32"
+  remat_policy: str = "none"
+  scan_layers: bool = True
+  # sharing
+  strategy: str = "none"
+  num_recursions: int = 1
+  # MoR
+  mor_enable: bool = False
+  mor_type: str = "expert"
+  router_type: str = "linear"
+  router_func: str = "sigmoid"
+  alpha: float = 0.1
+  temperature: float = 1.0
+  rand_router: bool = False
+  z_loss: bool = False
+  z_coeff: float = 1e-3
+  gating: str = "weighted"
+  capacity: tuple[float, ...] = ()
+  sampling: str = "aux_loss"
+  aux_coeff: float = 1e-3
+  cap_warmup_steps: int = 0
+  balancing: str = "loss"
+  bal_coeff: float = 0.1
+  bal_update_rate: float = 1e-3
+  bal_warmup_steps: int = 0
+  capacity_factor: float = 1.0
+  threshold: float = 0.5
+  kv_sharing: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def has_middle(self) -> bool:
+    """True when the first and last layers are unique (middle_* strategies)."""
+    return self.strategy.startswith("middle_")
+
+  @property
+  def base_depth(self) -> int:
+    """Layers in the shared block (all L layers for vanilla)."""
+    if self.strategy == "none":
+      return self.num_layers
+    body = self.num_layers - (2 if self.has_middle else 0)
+    return body // self.num_recursions
+
+  @property
+  def recursions(self) -> int:
+    return 1 if self.strategy == "none" else self.num_recursions
+
+  @property
+  def capacities(self) -> tuple[float, ...]:
+    if self.capacity:
+      return tuple(self.capacity)
+    r = self.recursions
+    return tuple((r - i) / r for i in range(r))
+
+  def capacity_k(self, seq_len: int) -> tuple[int, ...]:
+    """Tokens selected at each recursion: k_r = max(1, floor(c_r * T))."""
+    return tuple(max(1, int(math.floor(c * seq_len + 1e-9))) for c in self.capacities)
+
+  @property
+  def compute_dtype(self):
+    import jax.numpy as jnp
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[self.dtype]
+
+
+def _fail(field: str, msg: str):
+  raise ConfigError(f"config.{field}: {msg}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
+  """Checks `config` and returns an unlocked copy with derived fields set.
+
+  `num_devices` (default: all local devices when a train section needs it) is
+  used to derive gradient accumulation.
+  """
+  c = ml_collections.ConfigDict(config.to_dict())
+  m, r, mor = c.model, c.recursion, c.mor
+  for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
+    if int(m[f]) <= 0:
+      _fail(f"model.{f}", f"must be a positive integer, got {m[f]}.")
+  if m.hidden_size % m.num_heads:
+    _fail("model.num_heads", f"hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}; pick heads that divide it.")
+  head_dim = m.hidden_size // m.num_heads
+  if head_dim % 2:
+    _fail("model.num_heads", f"head_dim = hidden_size / num_heads = {head_dim} is odd; RoPE needs an even head_dim.")
+  if m.num_heads % m.num_kv_heads:
+    _fail("model.num_kv_heads", f"num_kv_heads {m.num_kv_heads} must divide num_heads {m.num_heads} (grouped-query attention).")
+  if m.dtype not in ("float32", "bfloat16"):
+    _fail("model.dtype", f"unknown compute dtype {m.dtype!r}; use 'float32' or 'bfloat16'.")
+  if m.remat_policy not in REMAT_POLICIES:
+    _fail("model.remat_policy", f"unknown policy {m.remat_policy!r}; choose one of {REMAT_POLICIES}.")
+  if r.strategy not in STRATEGIES:
+    _fail("recursion.strategy", f"unknown strategy {r.strategy!r}; choose one of {STRATEGIES}.")
+  R = int(r.num_recursions)
+  if R < 1:
+    _fail("recursion.num_recursions", f"must be >= 1, got {R}.")
+  if r.strategy == "none" and R != 1:
+    _fail("recursion.num_recursions", f"vanilla (strategy 'none') needs num_recursions = 1, got {R}; set a sharing strategy to recurse.")
+  if r.strategy != "none":
+    body = m.num_layers - (2 if r.strategy.startswith("middle_") else 0)
+    what = "num_layers - 2" if r.strategy.startswith("middle_") else "num_layers"
+    if body < R:
+      _fail("model.num_layers", f"{what} = {body} is smaller than num_recursions {R}.")
+    if body % R:
+      lo, hi = (body // R) * R, (body // R + 1) * R
+      extra = 2 if r.strategy.startswith("middle_") else 0
+      _fail("model.num_layers", f"{what} = {body} is not divisible by recursion.num_recursions = {R}; "
+            f"use num_layers = {lo + extra} or {hi + extra} (layers are never re-picked silently).")
+  if mor.enable:
+    if r.strategy not in ("cycle", "middle_cycle"):
+      _fail("recursion.strategy", f"MoR routing needs strategy 'cycle' or 'middle_cycle', got {r.strategy!r}.")
+    if mor.type not in ("expert", "token"):
+      _fail("mor.type", f"unknown routing type {mor.type!r}; use 'expert' or 'token'.")
+    if mor.router_type not in ("linear", "mlp"):
+      _fail("mor.router_type", f"unknown router {mor.router_type!r}; use 'linear' or 'mlp'.")
+    funcs = ("sigmoid", "tanh", "none") if mor.type == "expert" else ("softmax", "sigmoid")
+    if mor.router_func not in funcs:
+      _fail("mor.router_func", f"{mor.router_func!r} is not valid for {mor.type}-choice; use one of {funcs}.")
+    if mor.gating not in ("weighted", "identity"):
+      _fail("mor.gating", f"unknown gating {mor.gating!r}; use 'weighted' or 'identity'.")
+    if mor.temperature <= 0:
+      _fail("mor.temperature", f"must be > 0, got {mor.temperature}.")
+    if mor.type == "expert":
+      cap = tuple(float(x) for x in mor.capacity)
+      if cap:
+        if len(cap) != R:
+          _fail("mor.capacity", f"has {len(cap)} entries but num_recursions is {R}; give one factor per recursion.")
+        if any(not 0 < x <= 1 for x in cap):
+          _fail("mor.capacity", f"factors must be in (0, 1], got {cap}.")
+        if any(b > a for a, b in zip(cap, cap[1:])):
+          _fail("mor.capacity", f"factors must be non-increasing (deeper recursions take fewer tokens), got {cap}; sort them descending.")
+      if mor.sampling not in ("aux_loss", "none"):
+        _fail("mor.sampling", f"unknown sampling {mor.sampling!r}; use 'aux_loss' or 'none'.")
+      if mor.cap_warmup_steps < 0:
+        _fail("mor.cap_warmup_steps", "must be >= 0.")
+    else:
+      if mor.balancing not in ("loss", "loss_free", "none"):
+        _fail("mor.balancing", f"unknown balancing {mor.balancing!r}; use 'loss', 'loss_free' or 'none'.")
+      if not 0 < mor.capacity_factor <= 1:
+        _fail("mor.capacity_factor", f"must be in (0, 1], got {mor.capacity_factor}.")
+  if c.kv_sharing.enable and not (mor.enable and mor.type == "expert"):
+    _fail("kv_sharing.enable", "KV sharing is implemented for expert-choice MoR; enable mor with type 'expert' or turn it off.")
+  if "train" in c:
+    _validate_train(c, num_devices)
+  if "data" in c and c.data.get("seq_len", 0) > m.max_seq_len:
+    _fail("data.seq_len", f"{c.data.seq_len} exceeds model.max_seq_len {m.max_seq_len}.")
+  return c
+
+
+def _validate_train(c, num_devices):
+  t = c.train
+  if num_devices is None:
+    import jax
+    num_devices = jax.device_count()
+  if t.per_device_batch_size <= 0 or t.total_batch_size <= 0:
+    _fail("train.total_batch_size", "batch sizes must be positive.")
+  per_step = t.per_device_batch_size * num_devices
+  if t.total_batch_size % per_step:
+    _fail("train.total_batch_size", f"{t.total_batch_size} is not divisible by per_device_batch_size x devices = "
+          f"{t.per_device_batch_size} x {num_devices} = {per_step}; adjust total_batch_size or per_device_batch_size.")
+  accum = t.total_batch_size // per_step
+  if t.get("grad_accum_steps", -1) not in (-1, accum):
+    _fail("train.grad_accum_steps", f"is {t.grad_accum_steps} but total / (per_device x devices) = {accum}; set it to -1 to derive it.")
+  t.grad_accum_steps = accum
+  if t.num_steps <= 0:
+    _fail("train.num_steps", "must be positive.")
+  if t.schedule not in ("cosine", "wsd", "constant"):
+    _fail("train.schedule", f"unknown schedule {t.schedule!r}; use 'cosine', 'wsd' or 'constant'.")
+  if not 0 <= t.warmup_steps <= t.num_steps:
+    _fail("train.warmup_steps", f"must be between 0 and num_steps ({t.num_steps}).")
+  if "parallel" in c and c.parallel.mode not in ("pjit", "pmap"):
+    _fail("parallel.mode", f"unknown mode {c.parallel.mode!r}; use 'pjit' or 'pmap'.")
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """Builds the frozen ModelConfig from a validated config."""
+  m, r, mor = config.model, config.recursion, config.mor
+  return ModelConfig(
+      vocab_size=int(m.vocab_size), hidden_size=int(m.hidden_size), intermediate_size=int(m.intermediate_size),
+      num_layers=int(m.num_layers), num_heads=int(m.num_heads), num_kv_heads=int(m.num_kv_heads),
+      rope_theta=float(m.rope_theta), rms_eps=float(m.rms_eps), max_seq_len=int(m.max_seq_len),
+      tie_embeddings=bool(m.tie_embeddings), init_std=float(m.init_std), dtype=str(m.dtype),
+      remat_policy=str(m.remat_policy), scan_layers=bool(m.scan_layers),
+      strategy=str(r.strategy), num_recursions=int(r.num_recursions),
+      mor_enable=bool(mor.enable), mor_type=str(mor.type), router_type=str(mor.router_type),
+      router_func=str(mor.router_func), alpha=float(mor.alpha), temperature=float(mor.temperature),
+      rand_router=bool(mor.rand_router), z_loss=bool(mor.z_loss), z_coeff=float(mor.z_coeff),
+      gating=str(mor.gating), capacity=tuple(float(x) for x in mor.capacity), sampling=str(mor.sampling),
+      aux_coeff=float(mor.aux_coeff), cap_warmup_steps=int(mor.cap_warmup_steps), balancing=str(mor.balancing),
+      bal_coeff=float(mor.bal_coeff), bal_update_rate=float(mor.bal_update_rate),
+      bal_warmup_steps=int(mor.bal_warmup_steps), capacity_factor=float(mor.capacity_factor),
+      threshold=float(mor.threshold), kv_sharing=bool(config.kv_sharing.enable))

@@ -1,0 +1,1 @@
+"""Moving weights between mor-jax and other formats (PyTorch reference, Hugging Face)."""

@@ -1,0 +1,1 @@
+"""The MoR language model: layers, the shared recursion block, routers, the LM."""

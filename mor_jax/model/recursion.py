@@ -1,0 +1,64 @@
+"""The shared block: one stack of `base_depth` decoder layers.
+
+The stack is run with `nn.scan` (parameters stacked on a leading layer axis)
+or, for comparison and debugging, as an unrolled loop. The block is one
+submodule that the LM calls once per recursion, so its parameter count does
+not depend on the number of recursions. Rematerialisation wraps each layer
+with a named `jax.checkpoint` policy.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import linen as nn
+
+from mor_jax.config import ModelConfig
+from mor_jax.model.layers import DecoderLayer
+
+_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+def layer_class(cfg: ModelConfig, scanned: bool):
+  """DecoderLayer, wrapped in nn.remat when the config asks for it."""
+  if cfg.remat_policy == "none":
+    return DecoderLayer
+  return nn.remat(DecoderLayer, policy=_POLICIES[cfg.remat_policy], prevent_cse=not scanned)
+
+
+class Block(nn.Module):
+  """`depth` decoder layers (each applied `repeats` times in a row).
+
+  __call__(x, cos, sin, mask, shared_kv=None) -> (x, kv) where kv = (k, v)
+  stacked on a leading layer axis; `shared_kv` in the same layout makes each
+  layer attend to those keys/values (recursive KV sharing, caches).
+  """
+  cfg: ModelConfig
+  depth: int
+  repeats: int = 1
+
+  @nn.compact
+  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv=None):
+    cfg = self.cfg
+    if cfg.scan_layers:
+      scanned = nn.scan(layer_class(cfg, True), variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=self.depth)
+      return scanned(cfg, self.repeats, name="layers")(x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv)
+    cls = layer_class(cfg, False)
+    kvs = []
+    for i in range(self.depth):
+      skv = None if shared_kv is None else jax.tree.map(lambda a, i=i: a[i], shared_kv)
+      x_BTD, kv = cls(cfg, self.repeats, name=f"layer_{i}")(x_BTD, cos_BTE, sin_BTE, mask_BTS, skv)
+      kvs.append(kv)
+    return x_BTD, jax.tree.map(lambda *a: jax.numpy.stack(a), *kvs)
+
+
+def stack_unrolled_params(block_params: dict) -> dict:
+  """Converts an unrolled block's params (layer_0, layer_1, ...) to the scanned layout."""
+  n = len([k for k in block_params if k.startswith("layer_")])
+  layers = [block_params[f"layer_{i}"] for i in range(n)]
+  return {"layers": jax.tree.map(lambda *a: jax.numpy.stack(a), *layers)}

@@ -1,0 +1,236 @@
+"""Mixture-of-Recursions routers and routed recursion stages.
+
+Expert-choice (spec section 3): one router per recursion picks the top
+`k_r = max(1, floor(c_r T))` of the tokens that reached recursion r-1; the
+shared block runs on those tokens alone and its output is added back with the
+router's gate. Token-choice (spec section 4): one router assigns every token
+a depth; recursion r runs the block on the tokens whose depth is >= r.
+
+Shapes are static so the step compiles once. Two selection forms exist:
+- gathered: the k_r chosen tokens are gathered into a [B, k_r] buffer (the
+  block runs on k_r tokens: real compute savings);
+- masked: all T positions stay in place with a validity mask (capacity
+  warm-up, where k changes every step, and causal inference routing).
+
+`block_fn(x, index, positions, segments, valid, shared_kv)` runs the shared
+block on a token subset and returns (out, kv).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mor_jax.config import ModelConfig
+
+
+class Router(nn.Module):
+  """Linear (D -> n) or MLP (D -> 2D -> GELU(erf) -> n) router without biases, in float32."""
+  cfg: ModelConfig
+  out_features: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    init = nn.initializers.normal(cfg.init_std)
+    x = x.astype(jnp.float32) / cfg.temperature
+    if cfg.router_type == "linear":
+      return nn.Dense(self.out_features, use_bias=False, kernel_init=init, name="dense")(x)
+    h = nn.Dense(2 * cfg.hidden_size, use_bias=False, kernel_init=init, name="fc1")(x)
+    h = nn.gelu(h, approximate=False)
+    return nn.Dense(self.out_features, use_bias=False, kernel_init=init, name="fc2")(h)
+
+
+def gate_scores(cfg: ModelConfig, z):
+  """Expert-choice (g, p): g the router function, p = alpha * g the score/gate."""
+  if cfg.router_func == "sigmoid":
+    g = jax.nn.sigmoid(z)
+  elif cfg.router_func == "tanh":
+    g = jnp.tanh(z)
+  else:
+    g = z
+  return g, (cfg.alpha * g if cfg.router_func != "none" else g)
+
+
+def _passes(cfg: ModelConfig, g, threshold):
+  """Causal test: does the router say 'continue'? (sigmoid: g >= thr; tanh/none: >= 0)."""
+  return g >= (threshold if cfg.router_func == "sigmoid" else 0.0)
+
+
+def warmup_capacity(c: float, step, warmup_steps: int):
+  """Capacity at optimizer step t: cosine from 1 down to c over `warmup_steps`."""
+  frac = jnp.minimum(1.0, step.astype(jnp.float32) / max(1, warmup_steps))
+  return c + (1.0 - c) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+
+
+def _take(x, idx_BK):
+  """Per-row gather along the token axis (x: [B, T, ...], idx: [B, K])."""
+  return jnp.take_along_axis(x, idx_BK.reshape(idx_BK.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _scatter_add(h_BTD, idx_BK, upd_BKD):
+  b = jnp.arange(h_BTD.shape[0])[:, None]
+  return h_BTD.at[b, idx_BK].add(upd_BKD.astype(h_BTD.dtype))
+
+
+def _bce_with_logits(z, target):
+  return jnp.maximum(z, 0) - z * target + jnp.log1p(jnp.exp(-jnp.abs(z)))
+
+
+def expert_choice_stage(cfg: ModelConfig, routers, block_fn, h_BTD, index_BT, pos_BT, seg_BT, *,
+                        mode: str, step=None, threshold=None, rng=None):
+  """Runs the recursion stage with expert-choice routing.
+
+  mode: 'topk' (training/eval as the reference: gathered top-k),
+        'topk_warmup' (capacity warm-up: masked top-k with k from `step`),
+        'causal' (inference: threshold routing, masked).
+  Returns (h, aux) with aux holding losses and per-recursion statistics.
+  """
+  B, T, _ = h_BTD.shape
+  R = cfg.recursions
+  caps = cfg.capacities
+  ks = cfg.capacity_k(T)
+  threshold = cfg.threshold if threshold is None else threshold
+  masked = mode in ("topk_warmup", "causal")
+  b_idx = jnp.arange(B)[:, None]
+
+  cand = index_BT                      # candidates' sequence indices [B, n]
+  cand_valid = jnp.ones((B, T), bool)  # masked form only
+  sampling_losses, accs, z_losses, frac_tokens, sel_out, logits_out = [], [], [], [], [], []
+  kv0 = None
+  for r in range(R):
+    x_cand = h_BTD if masked or r == 0 else _take(h_BTD, cand)
+    if cfg.rand_router:
+      z = jax.random.uniform(jax.random.fold_in(rng, r), x_cand.shape[:2] + (1,))
+      g, p = z[..., 0], z[..., 0]
+    else:
+      z = routers[r](x_cand)
+      g, p = gate_scores(cfg, z[..., 0])
+    logits_out.append(z)
+    n = cand.shape[1]
+    if masked:
+      if mode == "causal":
+        chosen = cand_valid & _passes(cfg, g, threshold) if (r > 0 or caps[0] < 1) else cand_valid
+      else:
+        k_dyn = jnp.maximum(1, jnp.floor(warmup_capacity(caps[r], step, cfg.cap_warmup_steps) * T + 1e-6)).astype(jnp.int32)
+        score = jnp.where(cand_valid, p, -jnp.inf)
+        rank = jnp.argsort(jnp.argsort(-score, axis=1, stable=True), axis=1, stable=True)
+        chosen = cand_valid & (rank < k_dyn)
+      target = chosen.astype(jnp.float32)
+      count = jnp.maximum(cand_valid.sum(), 1)
+      weight = cand_valid.astype(jnp.float32)
+      sel, sel_valid = index_BT, chosen
+      w = p
+    else:
+      k = ks[r]
+      top_p, top_i = jax.lax.top_k(p, k)
+      order = jnp.argsort(top_i, axis=1)
+      top_i = jnp.take_along_axis(top_i, order, axis=1)
+      w = jnp.take_along_axis(top_p, order, axis=1)
+      sel = jnp.take_along_axis(cand, top_i, axis=1)
+      sel_valid = None
+      target = jnp.zeros((B, n), jnp.float32).at[b_idx, top_i].set(1.0)
+      count = B * n
+      weight = jnp.ones((B, n), jnp.float32)
+    # auxiliary statistics over the candidates of this recursion
+    if not cfg.rand_router:
+      zc = z[..., 0]
+      sampling_losses.append(jnp.sum(_bce_with_logits(zc, target) * weight) / count)
+      accs.append(jnp.sum((_passes(cfg, g, 0.5).astype(jnp.float32) == target) * weight) / count)
+      z_losses.append(jnp.sum(zc * zc * weight) / count)
+    frac_tokens.append((sel_valid.mean() if masked else jnp.float32(sel.shape[1] / T)))
+    sel_out.append(sel)
+    # run the shared block on the selected tokens and add its gated output
+    gate = jnp.ones_like(w) if cfg.gating == "identity" else w
+    if cfg.kv_sharing:
+      out, kv = block_fn(h_BTD, index_BT, pos_BT, seg_BT, None, kv0)
+      if r == 0:
+        kv0 = kv
+      if masked:
+        h_BTD = h_BTD + jnp.where(sel_valid, gate, 0.0)[..., None].astype(h_BTD.dtype) * out
+      else:
+        h_BTD = _scatter_add(h_BTD, sel, gate[..., None] * _take(out, sel))
+    elif masked:
+      out, _ = block_fn(h_BTD, index_BT, pos_BT, seg_BT, sel_valid, None)
+      h_BTD = h_BTD + jnp.where(sel_valid, gate, 0.0)[..., None].astype(h_BTD.dtype) * out
+    else:
+      y = _take(h_BTD, sel)
+      out, _ = block_fn(y, sel, _take(pos_BT, sel), None if seg_BT is None else _take(seg_BT, sel), None, None)
+      h_BTD = _scatter_add(h_BTD, sel, gate[..., None] * out)
+    if masked:
+      cand_valid = sel_valid
+    else:
+      cand = sel
+  aux = {"router_logits": logits_out, "selected": sel_out,
+         "tokens_per_recursion": jnp.stack(frac_tokens),
+         "mean_recursions": jnp.sum(jnp.stack(frac_tokens))}
+  zero = jnp.float32(0.0)
+  aux["sampling_loss"] = sum(sampling_losses) if sampling_losses else zero
+  aux["sampling_acc"] = sum(accs) / len(accs) if accs else zero
+  aux["z_loss"] = sum(z_losses) if z_losses else zero
+  weighted = zero
+  if mode != "causal":
+    if cfg.sampling == "aux_loss" and not cfg.rand_router:
+      weighted = weighted + cfg.aux_coeff * aux["sampling_loss"]
+    if cfg.z_loss and not cfg.rand_router:
+      weighted = weighted + cfg.z_coeff * aux["z_loss"]
+  aux["aux_loss"] = weighted
+  return h_BTD, aux
+
+
+def token_choice_stage(cfg: ModelConfig, router, bias_R, block_fn, h_BTD, index_BT, pos_BT, seg_BT, *,
+                       step=None):
+  """Runs the recursion stage with token-choice routing (depth per token)."""
+  B, T, _ = h_BTD.shape
+  R = cfg.recursions
+  z = router(h_BTD)                                   # [B, T, R] float32
+  p = cfg.alpha * (jax.nn.softmax(z, -1) if cfg.router_func == "softmax" else jax.nn.sigmoid(z))
+  depth = jnp.argmax(p + (0.0 if bias_R is None else bias_R), axis=-1).astype(jnp.int32)
+  if cfg.bal_warmup_steps > 0 and step is not None:
+    depth = jnp.where(step < cfg.bal_warmup_steps, R - 1, depth)
+  w = jnp.take_along_axis(p, depth[..., None], axis=-1)   # [B, T, 1]
+  gate = jnp.ones_like(w) if cfg.gating == "identity" else w
+  cap = T if cfg.capacity_factor >= 1 else max(1, int(math.ceil(cfg.capacity_factor * T)))
+  state, out_BTD = h_BTD, h_BTD
+  frac, dropped = [], []
+  for r in range(R):
+    active = depth >= r
+    if r == 0:
+      state, _ = block_fn(state, index_BT, pos_BT, seg_BT, None, None)
+      processed = active
+    else:
+      order = jnp.argsort(~active, axis=1, stable=True)[:, :cap]   # active tokens first, in order
+      valid = jnp.take_along_axis(active, order, axis=1)
+      idx = jnp.where(valid, order, T + jnp.arange(cap)[None])  # distinct fill indices for empty slots
+      idx_c = jnp.minimum(idx, T - 1)
+      y = _take(state, idx_c)
+      o, _ = block_fn(y, jnp.where(valid, order, -1), _take(pos_BT, idx_c),
+                      None if seg_BT is None else _take(seg_BT, idx_c), valid, None)
+      b = jnp.arange(B)[:, None]
+      state = state.at[b, idx].set(jnp.where(valid[..., None], o, y), mode="drop")
+      processed = jnp.zeros((B, T), bool).at[b, idx].set(valid, mode="drop")
+      dropped.append(jnp.sum(active & ~processed))
+    frac.append(processed.mean())
+    out_BTD = jnp.where((depth == r)[..., None], h_BTD + gate.astype(h_BTD.dtype) * state, out_BTD)
+  load = jnp.stack([jnp.mean(depth == i) for i in range(R)])
+  P = jnp.mean(p, axis=(0, 1))
+  bal_loss = jnp.sum(P * load * R)
+  z_loss = jnp.mean(jax.nn.logsumexp(z, axis=-1) ** 2)
+  weighted = jnp.float32(0.0)
+  if cfg.balancing == "loss":
+    weighted = weighted + cfg.bal_coeff * bal_loss
+  if cfg.z_loss:
+    weighted = weighted + cfg.z_coeff * z_loss
+  aux = {"router_logits": [z], "depth": depth, "balancing_loss": bal_loss, "balancing_ratio": load,
+         "z_loss": z_loss, "aux_loss": weighted, "tokens_per_recursion": jnp.stack(frac),
+         "mean_recursions": jnp.sum(jnp.stack(frac)),
+         "dropped_tokens": sum(dropped) if dropped else jnp.int32(0)}
+  return out_BTD, aux
+
+
+def loss_free_bias_update(bias_R, load_R, rate: float):
+  """Loss-free balancing: push the bias of over-loaded depths down, under-loaded up."""
+  return bias_R + rate * jnp.sign(jnp.mean(load_R) - load_R)

@@ -1,0 +1,113 @@
+"""The language model: embed -> unique first layer -> recursion stage -> unique last layer -> head.
+
+`MoRLM(cfg)(tokens, positions=None, segment_ids=None, routing=...)` returns
+`(logits, aux)`. `aux` is a dict of routing losses and statistics (empty of
+losses for non-routed models): `aux["aux_loss"]` is the coefficient-weighted
+router loss the training objective adds to the cross entropy.
+
+Variable collections: `params`; `router_bias` (token-choice loss-free
+balancing, updated outside the gradient by the train step).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mor_jax.config import ModelConfig
+from mor_jax.model import routing
+from mor_jax.model.layers import RMSNorm, causal_mask, rope_angles
+from mor_jax.model.recursion import Block, layer_class
+
+ROUTING_MODES = ("topk", "topk_warmup", "causal")
+
+
+class MoRLM(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(cfg.init_std),
+                          param_dtype=jnp.float32, dtype=cfg.compute_dtype)
+    if cfg.has_middle:
+      self.first = layer_class(cfg, False)(cfg)
+      self.last = layer_class(cfg, False)(cfg)
+    repeats = cfg.recursions if cfg.strategy in ("sequence", "middle_sequence") else 1
+    self.block = Block(cfg, cfg.base_depth, repeats)
+    if cfg.mor_enable:
+      if cfg.mor_type == "expert":
+        self.routers = [routing.Router(cfg, 1, name=f"router_{r}") for r in range(cfg.recursions)]
+      else:
+        self.router = routing.Router(cfg, cfg.recursions)
+        if cfg.balancing == "loss_free":
+          self.router_bias = self.variable("router_bias", "bias", lambda: jnp.zeros((cfg.recursions,), jnp.float32))
+    self.final_norm = RMSNorm(cfg.rms_eps)
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                              kernel_init=nn.initializers.normal(cfg.init_std))
+
+  def _block_fn(self, x, index, pos, seg, valid, shared_kv):
+    cos, sin = rope_angles(pos, self.cfg.head_dim, self.cfg.rope_theta)
+    mask = causal_mask(index, index, seg, seg, valid)
+    return self.block(x, cos, sin, mask, shared_kv)
+
+  def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, routing_mode: str = "topk",
+             step=None, threshold=None):
+    """Final-normed hidden states [B, T, D] and aux (everything but the head)."""
+    cfg = self.cfg
+    if routing_mode not in ROUTING_MODES:
+      raise ValueError(f"routing_mode must be one of {ROUTING_MODES}, got {routing_mode!r}")
+    B, T = tokens_BT.shape
+    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    pos = index if positions_BT is None else positions_BT.astype(jnp.int32)
+    seg = segment_ids_BT
+    x = self.embed(tokens_BT)
+    if step is None:
+      step = jnp.int32(0)
+    if cfg.has_middle:
+      cos, sin = rope_angles(pos, cfg.head_dim, cfg.rope_theta)
+      mask = causal_mask(index, index, seg, seg)
+      x, _ = self.first(x, cos, sin, mask)
+    aux = {"aux_loss": jnp.float32(0.0)}
+    if cfg.mor_enable and cfg.mor_type == "expert":
+      mode = routing_mode
+      if mode == "topk_warmup" and cfg.cap_warmup_steps <= 0:
+        mode = "topk"
+      rng = self.make_rng("router") if cfg.rand_router else None
+      x, aux = routing.expert_choice_stage(cfg, self.routers, self._block_fn, x, index, pos, seg, mode=mode,
+                                           step=step, threshold=threshold, rng=rng)
+    elif cfg.mor_enable:
+      bias = self.router_bias.value if cfg.balancing == "loss_free" else None
+      x, aux = routing.token_choice_stage(cfg, self.router, bias, self._block_fn, x, index, pos, seg, step=step)
+    else:
+      n_calls = 1 if cfg.strategy in ("none", "sequence", "middle_sequence") else cfg.recursions
+      for _ in range(n_calls):
+        x, _ = self._block_fn(x, index, pos, seg, None, None)
+    if cfg.has_middle:
+      x, _ = self.last(x, cos, sin, mask)
+    return self.final_norm(x), aux
+
+  def logits(self, h_BTD):
+    """Head: float32 logits [B, T, V] from final-normed hidden states."""
+    if self.cfg.tie_embeddings:
+      return self.embed.attend(h_BTD).astype(jnp.float32)
+    return self.lm_head(h_BTD).astype(jnp.float32)
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, routing_mode: str = "topk",
+               step=None, threshold=None):
+    h, aux = self.hidden(tokens_BT, positions_BT, segment_ids_BT, routing_mode=routing_mode, step=step,
+                         threshold=threshold)
+    return self.logits(h), aux
+
+
+def init_variables(cfg: ModelConfig, rng, seq_len: int = 8, batch: int = 1):
+  """Initial variables (params and, for loss-free balancing, router_bias)."""
+  tokens = jnp.zeros((batch, seq_len), jnp.int32)
+  rngs = {"params": rng, "router": jax.random.fold_in(rng, 1)}
+  return MoRLM(cfg).init(rngs, tokens)
+
+
+def abstract_variables(cfg: ModelConfig, seq_len: int = 8):
+  """Shapes of the variables without allocating them (jax.eval_shape)."""
+  return jax.eval_shape(lambda: init_variables(cfg, jax.random.PRNGKey(0), seq_len))
