@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.path = ""                  # local corpus: directory or glob of .txt/.jsonl[.gz]/.parquet
   d.text_column = "text"
   d.val_fraction = 0.01
-  d.val_files = ()             # names of files that form the validation split (overrides val_fraction)
+  d.val_files = ()             # names of files that form the validation split (overrides val_fraction); shakespeare: play slugs, e.g. ("hamlet",)
   d.data_dir = ""              # where prepared datasets live ('' -> ~/.cache/mor_jax/datasets)
   d.tokenizer_path = ""        # tokenizer.json or directory; '' -> train a BPE on the corpus
   d.seq_len = 1024
@@ -81,6 +81,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.prefetch = 2
   d.shuffle_seed = 0
   d.on_corrupt_record = "skip"  # skip | fail
+  d.txt_separator = ""         # local .txt files: split into documents at this string ('' -> one document per file)
+  d.eos_token = ""             # end-of-text token of a loaded tokenizer ('' -> tokenizer_config.json or a well-known name)
+  d.bos_token = ""             # BOS token for add_bos ('' -> tokenizer_config.json or a well-known name)
+  d.tokenizer_train_bytes = 500_000_000  # cap on training-split text used to train the BPE (0: all)
+  d.prepare_workers = 0        # processes that pre-tokenize shards in --mode=prepare (0: all CPU cores)
+  d.read_threads = 2           # threads reading (and, without workers, tokenizing) documents per pipeline process
 
   # ---------------------------------------------------------------- train
   t = c.train = ml_collections.ConfigDict()

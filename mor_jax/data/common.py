@@ -29,21 +29,15 @@ def short_hash(obj: Any, n: int = 10) -> str:
   return hashlib.sha256(blob).hexdigest()[:n]
 
 
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 @contextlib.contextmanager
-def atomic_dir(final: str) -> Iterator[str]:
+def atomic_dir(final: str, marker: str) -> Iterator[str]:
   """Yields a temporary directory that is renamed to `final` on success.
 
-  An exception (or a kill) leaves only a `.tmp-*` directory behind, which never
-  looks like a finished result; it is removed on the next attempt's success.
-  If another process finished `final` first, its result is kept.
+  `marker` is the file (written last inside the directory) whose presence
+  means `final` is complete. An exception (or a kill) leaves only a `.tmp-*`
+  directory behind, which never looks like a finished result; leftovers of
+  dead processes are removed on the next success. A `final` without its
+  marker is replaced; a complete one (another process won) is kept.
   """
   parent = os.path.dirname(final)
   os.makedirs(parent, exist_ok=True)
@@ -54,14 +48,17 @@ def atomic_dir(final: str) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  if os.path.exists(final):
-    shutil.rmtree(final)  # a stale, unfinished result (callers check markers)
-  try:
-    os.replace(tmp, final)
-  except OSError:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if not os.path.exists(final):
-      raise
+  if os.path.isfile(os.path.join(final, marker)):
+    shutil.rmtree(tmp, ignore_errors=True)  # finished by another process
+  else:
+    if os.path.exists(final):
+      shutil.rmtree(final)  # a stale, unfinished result
+    try:
+      os.replace(tmp, final)
+    except OSError:
+      shutil.rmtree(tmp, ignore_errors=True)
+      if not os.path.isfile(os.path.join(final, marker)):
+        raise
   # Remove leftovers of earlier interrupted attempts (their process is gone).
   for name in os.listdir(parent):
     if name.startswith(prefix) and not _pid_alive(name[len(prefix):]):
@@ -77,20 +74,6 @@ def _pid_alive(tag: str) -> bool:
   except OSError:
     return True
   return True
-
-
-def atomic_write_text(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-",
-                             dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
 
 
 def read_json(path: str) -> Any:

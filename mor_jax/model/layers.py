@@ -71,12 +71,15 @@ class Attention(nn.Module):
 
   Returns (output, (k, v)) where k already carries RoPE, so callers can cache
   or share keys/values. If `shared_kv` is given, the layer attends to those
-  keys/values instead of its own (recursive KV sharing, cached decoding).
+  keys/values instead of its own (recursive KV sharing). If `cache` =
+  (k_BSKE, v_BSKE, slot_BT) is given, the new keys/values are first written
+  into the cache at `slot` (a slot >= S writes nothing) and attention runs
+  over the whole cache with `mask_BTS`; the updated cache is returned as kv.
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv=None):
+  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv=None, cache=None):
     cfg = self.cfg
     H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     B, T, _ = x_BTD.shape
@@ -85,6 +88,11 @@ class Attention(nn.Module):
     v = dense(K * E, cfg, "v_proj")(x_BTD).reshape(B, T, K, E)
     q = apply_rope(q, cos_BTE, sin_BTE)
     k = apply_rope(k, cos_BTE, sin_BTE)
+    if cache is not None:
+      k_cache, v_cache, slot = cache
+      b = jnp.arange(B)[:, None]
+      k = k_cache.at[b, slot].set(k.astype(k_cache.dtype), mode="drop")
+      v = v_cache.at[b, slot].set(v.astype(v_cache.dtype), mode="drop")
     if shared_kv is not None:
       k, v = shared_kv
     out = dot_product_attention(q, k, v, mask_BTS)
@@ -129,7 +137,7 @@ class DecoderLayer(nn.Module):
   repeats: int = 1
 
   @nn.compact
-  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv=None):
+  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv=None, cache=None):
     cfg = self.cfg
     attn = Attention(cfg, name="attn")
     mlp = MLP(cfg, name="mlp")
@@ -137,7 +145,7 @@ class DecoderLayer(nn.Module):
     norm2 = RMSNorm(cfg.rms_eps, name="post_attn_norm")
     kvs = []
     for _ in range(self.repeats):
-      h, kv = attn(norm1(x_BTD), cos_BTE, sin_BTE, mask_BTS, shared_kv)
+      h, kv = attn(norm1(x_BTD), cos_BTE, sin_BTE, mask_BTS, shared_kv, cache)
       x_BTD = x_BTD + h
       x_BTD = x_BTD + mlp(norm2(x_BTD))
       kvs.append(kv)

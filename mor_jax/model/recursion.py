@@ -10,6 +10,7 @@ with a named `jax.checkpoint` policy.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from mor_jax.config import ModelConfig
@@ -33,26 +34,31 @@ def layer_class(cfg: ModelConfig, scanned: bool):
 class Block(nn.Module):
   """`depth` decoder layers (each applied `repeats` times in a row).
 
-  __call__(x, cos, sin, mask, shared_kv=None) -> (x, kv) where kv = (k, v)
-  stacked on a leading layer axis; `shared_kv` in the same layout makes each
-  layer attend to those keys/values (recursive KV sharing, caches).
+  __call__(x, cos, sin, mask, shared_kv=None, cache=None) -> (x, kv) where
+  kv = (k, v) stacked on a leading layer axis; `shared_kv` in the same layout
+  makes each layer attend to those keys/values (recursive KV sharing);
+  `cache` = (k, v, slot) with k, v stacked per layer is the decode cache
+  (see layers.Attention), and kv is then the updated cache.
   """
   cfg: ModelConfig
   depth: int
   repeats: int = 1
 
   @nn.compact
-  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv=None):
+  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv=None, cache=None):
     cfg = self.cfg
+    if cache is not None:  # the write slots are the same for every layer
+      cache = (cache[0], cache[1], jnp.broadcast_to(cache[2], (self.depth,) + cache[2].shape))
     if cfg.scan_layers:
       scanned = nn.scan(layer_class(cfg, True), variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=self.depth)
-      return scanned(cfg, self.repeats, name="layers")(x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv)
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=self.depth)
+      return scanned(cfg, self.repeats, name="layers")(x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv, cache)
     cls = layer_class(cfg, False)
     kvs = []
     for i in range(self.depth):
       skv = None if shared_kv is None else jax.tree.map(lambda a, i=i: a[i], shared_kv)
-      x_BTD, kv = cls(cfg, self.repeats, name=f"layer_{i}")(x_BTD, cos_BTE, sin_BTE, mask_BTS, skv)
+      ci = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+      x_BTD, kv = cls(cfg, self.repeats, name=f"layer_{i}")(x_BTD, cos_BTE, sin_BTE, mask_BTS, skv, ci)
       kvs.append(kv)
     return x_BTD, jax.tree.map(lambda *a: jax.numpy.stack(a), *kvs)
 

@@ -53,8 +53,12 @@ class MoRLM(nn.Module):
     return self.block(x, cos, sin, mask, shared_kv)
 
   def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, routing_mode: str = "topk",
-             step=None, threshold=None):
-    """Final-normed hidden states [B, T, D] and aux (everything but the head)."""
+             step=None, threshold=None, inputs_embeds=None):
+    """Final-normed hidden states [B, T, D] and aux (everything but the head).
+
+    `inputs_embeds` [B, T, D] replaces the embedding lookup (used by the
+    causality-by-gradient tests).
+    """
     cfg = self.cfg
     if routing_mode not in ROUTING_MODES:
       raise ValueError(f"routing_mode must be one of {ROUTING_MODES}, got {routing_mode!r}")
@@ -62,7 +66,7 @@ class MoRLM(nn.Module):
     index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     pos = index if positions_BT is None else positions_BT.astype(jnp.int32)
     seg = segment_ids_BT
-    x = self.embed(tokens_BT)
+    x = self.embed(tokens_BT) if inputs_embeds is None else inputs_embeds.astype(cfg.compute_dtype)
     if step is None:
       step = jnp.int32(0)
     if cfg.has_middle:
@@ -95,9 +99,9 @@ class MoRLM(nn.Module):
     return self.lm_head(h_BTD).astype(jnp.float32)
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, routing_mode: str = "topk",
-               step=None, threshold=None):
+               step=None, threshold=None, inputs_embeds=None):
     h, aux = self.hidden(tokens_BT, positions_BT, segment_ids_BT, routing_mode=routing_mode, step=step,
-                         threshold=threshold)
+                         threshold=threshold, inputs_embeds=inputs_embeds)
     return self.logits(h), aux
 
 

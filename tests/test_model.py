@@ -1,0 +1,357 @@
+"""Model core and routing: parity with the PyTorch reference, counts, causality, equivalences."""
+
+import functools
+import glob
+import importlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.base import get_config
+from mor_jax import config as C
+from mor_jax.model.recursion import stack_unrolled_params
+from mor_jax.model.transformer import MoRLM, init_variables
+from mor_jax.tools import parity
+
+REFDATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "refdata")
+FIXTURES = sorted(glob.glob(os.path.join(REFDATA, "0*")))
+
+
+def tiny(strategy="none", R=1, mor=None, **over):
+  c = get_config()
+  c.model.update(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2 + 2 * R if strategy.startswith("middle") else (4 if strategy == "none" else 2 * R),
+                 num_heads=4, num_kv_heads=2, max_seq_len=64)
+  c.data.seq_len = 16
+  c.recursion.strategy, c.recursion.num_recursions = strategy, R
+  if mor:
+    c.mor.enable, c.mor.type = True, mor
+    if mor == "token":
+      c.mor.router_func, c.mor.alpha = "softmax", 1.0
+  for k, v in over.items():
+    sec, f = k.split("__")
+    c[sec][f] = v
+  return C.model_config(C.validate(c, num_devices=1))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(cfg):
+  return jax.jit(MoRLM(cfg).apply, static_argnames=("routing_mode",))
+
+
+def run(cfg, variables, toks, **kw):
+  """Jitted model.apply (eager flax is slow on CPU)."""
+  return _jitted_apply(cfg)(variables, toks, **kw)
+
+
+def tokens(B=2, T=16, V=128, seed=0):
+  return jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, V)
+
+
+# ------------------------------------------------------------------ parity
+@pytest.mark.skipif(not FIXTURES, reason="../shared/refdata not present")
+@pytest.mark.parametrize("fixture", [os.path.basename(f) for f in FIXTURES])
+def test_reference_parity(fixture):
+  ours, expected = parity.compute(os.path.join(REFDATA, fixture))
+  rows = dict(parity.compare(ours, expected))
+  assert "logits_eval" in rows and "loss_eval" in rows
+  assert any(k.startswith("grad:") for k in rows), "gradients were not compared"
+  if "expert" in fixture:
+    assert any(k.startswith("selected_tokens") for k in rows) and "sampling_loss" in rows
+  if "token" in fixture:
+    assert "token_depth_index_train" in rows and "balancing_loss" in rows
+  bad = {k: d for k, d in rows.items() if d > 1e-4}
+  assert not bad, bad
+
+
+def test_parity_tool_fails_on_wrong_weights(tmp_path):
+  """The tool must exit non-zero when the numbers do not match."""
+  src = os.path.join(REFDATA, "01_vanilla")
+  if not os.path.isdir(src):
+    pytest.skip("refdata missing")
+  for f in os.listdir(src):
+    data = open(os.path.join(src, f), "rb").read()
+    open(tmp_path / f, "wb").write(data)
+  w = dict(np.load(tmp_path / "weights.npz"))
+  w["model.norm.weight"] = w["model.norm.weight"] * 1.01
+  np.savez(tmp_path / "weights.npz", **w)
+  assert parity.main([str(tmp_path)]) == 1
+  assert parity.main([src]) == 0
+
+
+def test_untied_attention_is_reported():
+  from mor_jax.interop import reference as ref
+  cfg = tiny("middle_cycle", 2)
+  sd = ref.state_dict_from_params(cfg, jax.tree.map(np.asarray, init_variables(cfg, jax.random.PRNGKey(0))["params"]))
+  sd["model.layers.3.self_attn.q_proj.weight"] = sd["model.layers.3.self_attn.q_proj.weight"] + 0.1
+  with pytest.raises(ref.ReferenceMappingError, match="untied across recursions"):
+    ref.params_from_state_dict(cfg, sd)
+
+
+# ------------------------------------------------------------ param counts
+@pytest.mark.parametrize("name,expected", [
+    ("smollm360_rec2", 261_522_240), ("smollm360_rec3", 212_360_640), ("smollm360_rec4", 182_863_680),
+    ("smollm360", 409_007_040)])
+def test_param_counts_match_reference(name, expected):
+  from mor_jax.model.accounting import param_counts
+  c = importlib.import_module(f"configs.{name}").get_config(None)
+  counts = param_counts(C.model_config(C.validate(c, num_devices=1)))
+  assert counts["total"] == expected
+
+
+def test_param_count_does_not_grow_with_recursions():
+  from mor_jax.model.accounting import param_counts
+  c = get_config()
+  c.model.update(vocab_size=128, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, num_layers=14)
+  c.data.seq_len = 16
+  c.recursion.strategy = "middle_cycle"
+  counts = {}
+  for R in (2, 3, 4, 6):
+    c.recursion.num_recursions = R
+    counts[R] = param_counts(C.model_config(C.validate(c, num_devices=1)))
+  per_layer = counts[2]["shared_block"] // 6
+  for R in (3, 4, 6):
+    assert counts[R]["shared_block"] == per_layer * (12 // R)
+    assert counts[R]["unique_layers"] == counts[2]["unique_layers"]
+
+
+def test_flops_sanity_close_to_6n():
+  from mor_jax.model.accounting import flops_per_token, param_counts
+  cfg = C.model_config(C.validate(importlib.import_module("configs.smollm360").get_config(None), num_devices=1))
+  n = param_counts(cfg)["total"] - cfg.vocab_size * cfg.hidden_size  # the lookup is free
+  f = flops_per_token(cfg, 1024)["train"]
+  assert 1.0 < f / (6 * n) < 1.3
+  mor = tiny("middle_cycle", 2, "expert")
+  rec = tiny("middle_cycle", 2)
+  assert flops_per_token(mor, 16)["shared_block"] < 0.8 * flops_per_token(rec, 16)["shared_block"]
+
+
+# --------------------------------------------------------------- causality
+def _grad_wrt_future(cfg, mode, t=5):
+  model = MoRLM(cfg)
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  toks = tokens()
+  emb = v["params"]["embed"]["embedding"][toks]
+
+  def loss_at_t(e):
+    logits, _ = model.apply(v, toks, inputs_embeds=e, routing_mode=mode)
+    return jax.nn.log_softmax(logits[:, t])[jnp.arange(2), toks[:, t + 1]].sum()
+
+  g = jax.jit(jax.grad(loss_at_t))(emb)
+  return np.asarray(jnp.abs(g[:, t + 1:]).max()), np.asarray(jnp.abs(g[:, :t + 1]).max())
+
+
+@pytest.mark.parametrize("kind", [("none", 1, None), ("middle_cycle", 2, None), ("sequence", 2, None),
+                                  ("middle_cycle", 3, "token"), ("middle_cycle", 3, "expert")])
+def test_causal_by_gradient(kind):
+  strategy, R, mor = kind
+  cfg = tiny(strategy, R, mor)
+  fut, past = _grad_wrt_future(cfg, "causal" if mor == "expert" else "topk")
+  assert fut == 0.0
+  assert past > 0.0
+
+
+def test_expert_topk_mode_depends_on_future():
+  """Documented training behaviour: top-k over the sequence lets future tokens change earlier outputs.
+
+  The dependence goes through the discrete selection (no gradient), so it is
+  shown by perturbing the future; causal mode is unaffected by the same change.
+  """
+  cfg = tiny("middle_cycle", 3, "expert")
+  model = MoRLM(cfg)
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  toks = tokens()
+  emb = v["params"]["embed"]["embedding"][toks]
+  t = 7
+  noise = 3.0 * jax.random.normal(jax.random.PRNGKey(9), emb.shape).at[:, :t + 1].set(0.0)
+  changed = {}
+  for mode in ("topk", "causal"):
+    a, _ = run(cfg, v, toks, inputs_embeds=emb, routing_mode=mode)
+    b, _ = run(cfg, v, toks, inputs_embeds=emb + noise, routing_mode=mode)
+    changed[mode] = float(jnp.max(jnp.abs(a[:, :t + 1] - b[:, :t + 1])))
+  assert changed["topk"] > 1e-4
+  assert changed["causal"] == 0.0
+
+
+def test_expert_causal_kv_sharing_is_causal():
+  cfg = tiny("middle_cycle", 3, "expert", kv_sharing__enable=True)
+  fut, past = _grad_wrt_future(cfg, "causal")
+  assert fut == 0.0 and past > 0.0
+
+
+# ----------------------------------------------------- equivalent programs
+def _loss_and_grads(cfg, params, toks, mode="topk"):
+  def f(p):
+    logits, aux = MoRLM(cfg).apply({"params": p}, toks, routing_mode=mode)
+    return jax.nn.log_softmax(logits).mean() + aux["aux_loss"]
+  return jax.jit(jax.value_and_grad(f))(params)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "save_attn_out"])
+def test_remat_matches_no_remat(policy):
+  base = tiny("middle_cycle", 2, "expert")
+  rem = tiny("middle_cycle", 2, "expert", model__remat_policy=policy)
+  p = init_variables(base, jax.random.PRNGKey(0))["params"]
+  l0, g0 = _loss_and_grads(base, p, tokens())
+  l1, g1 = _loss_and_grads(rem, p, tokens())
+  # two different programs: the remat one recomputes the layer in the backward pass
+  f0 = jax.jit(jax.grad(lambda q: MoRLM(base).apply({"params": q}, tokens())[0].sum())).lower(p).as_text()
+  f1 = jax.jit(jax.grad(lambda q: MoRLM(rem).apply({"params": q}, tokens())[0].sum())).lower(p).as_text()
+  assert f0 != f1
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
+@pytest.mark.parametrize("kind", [("middle_cycle", 2, None), ("sequence", 2, None), ("middle_cycle", 2, "expert")])
+def test_scan_matches_unrolled(kind):
+  strategy, R, mor = kind
+  scanned = tiny(strategy, R, mor)
+  unrolled = tiny(strategy, R, mor, model__scan_layers=False)
+  pu = init_variables(unrolled, jax.random.PRNGKey(3))["params"]
+  ps = dict(pu)
+  ps["block"] = stack_unrolled_params(pu["block"])
+  assert jax.tree.structure(ps) == jax.tree.structure(init_variables(scanned, jax.random.PRNGKey(0))["params"])
+  l0, g0 = _loss_and_grads(scanned, ps, tokens())
+  l1, g1 = _loss_and_grads(unrolled, pu, tokens())
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  g1 = dict(g1)
+  g1["block"] = stack_unrolled_params(g1["block"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
+def test_bf16_compute_close_to_fp32():
+  f32 = tiny("middle_cycle", 2, "expert")
+  b16 = tiny("middle_cycle", 2, "expert", model__dtype="bfloat16")
+  v = init_variables(f32, jax.random.PRNGKey(0))
+  toks = tokens()
+  l32, _ = run(f32, v, toks)
+  l16, _ = run(b16, v, toks)
+  assert l16.dtype == jnp.float32  # logits are returned in float32
+  assert jax.tree.leaves(jax.tree.map(lambda x: x.dtype, v["params"])) == [jnp.float32] * len(jax.tree.leaves(v))
+  assert float(jnp.max(jnp.abs(l32 - l16))) < 0.05
+  assert float(jnp.max(jnp.abs(l32 - l16))) > 0  # really computed in bf16
+
+
+# ------------------------------------------------------------ routing modes
+def test_capacity_warmup_mask_path_matches_topk_after_warmup():
+  cfg = tiny("middle_cycle", 3, "expert", mor__cap_warmup_steps=10)
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  toks = tokens()
+  a, aux_a = run(cfg, v, toks, routing_mode="topk")
+  b, aux_b = run(cfg, v, toks, routing_mode="topk_warmup", step=jnp.int32(10))
+  np.testing.assert_allclose(a, b, atol=2e-5)
+  np.testing.assert_allclose(aux_a["sampling_loss"], aux_b["sampling_loss"], rtol=1e-5)
+  np.testing.assert_allclose(aux_a["tokens_per_recursion"], aux_b["tokens_per_recursion"])
+  _, aux0 = run(cfg, v, toks, routing_mode="topk_warmup", step=jnp.int32(0))
+  np.testing.assert_allclose(aux0["tokens_per_recursion"], [1.0, 1.0, 1.0])
+  _, aux5 = run(cfg, v, toks, routing_mode="topk_warmup", step=jnp.int32(5))
+  # c(5) = c + (1 - c) / 2 for c = 2/3 and 1/3 -> k = floor(c(5) * 16)
+  np.testing.assert_allclose(aux5["tokens_per_recursion"], [1.0, 13 / 16, 10 / 16])
+
+
+def test_causal_mode_equals_topk_when_every_token_passes():
+  """Capacity 1 everywhere + threshold 0: both forms route every token through every recursion."""
+  cfg = tiny("middle_cycle", 2, "expert", mor__capacity=(1.0, 1.0))
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  a, _ = run(cfg, v, tokens(), routing_mode="topk")
+  b, aux = run(cfg, v, tokens(), routing_mode="causal", threshold=0.0)
+  np.testing.assert_allclose(a, b, atol=2e-5)
+  np.testing.assert_allclose(aux["tokens_per_recursion"], [1.0, 1.0])
+
+
+def test_token_choice_capacity_factor_drops_and_counts():
+  exact = tiny("middle_cycle", 3, "token")
+  small = tiny("middle_cycle", 3, "token", mor__capacity_factor=0.25)
+  v = init_variables(exact, jax.random.PRNGKey(0))
+  a, aux_a = run(exact, v, tokens())
+  b, aux_b = run(small, v, tokens())
+  assert int(aux_a["dropped_tokens"]) == 0
+  active = [(np.asarray(aux_a["depth"]) >= r).sum(1) for r in (1, 2)]
+  expect = sum(np.maximum(n - 4, 0).sum() for n in active)
+  assert int(aux_b["dropped_tokens"]) == expect
+  if expect:
+    assert float(jnp.max(jnp.abs(a - b))) > 0
+
+
+def test_token_choice_loss_free_bias_changes_depths():
+  from mor_jax.model.routing import loss_free_bias_update
+  cfg = tiny("middle_cycle", 3, "token", mor__balancing="loss_free")
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  assert "router_bias" in v and v["router_bias"]["bias"].shape == (3,)
+  _, aux = run(cfg, v, tokens())
+  np.testing.assert_allclose(float(aux["aux_loss"]), 0.0)  # no balancing loss term
+  load = aux["balancing_ratio"]
+  new = loss_free_bias_update(v["router_bias"]["bias"], load, 0.5)
+  np.testing.assert_allclose(new, 0.5 * np.sign(np.mean(load) - np.asarray(load)))
+  v2 = {**v, "router_bias": {"bias": jnp.array([0.0, 0.0, 10.0])}}
+  _, aux2 = run(cfg, v2, tokens())
+  np.testing.assert_allclose(aux2["balancing_ratio"], [0.0, 0.0, 1.0])
+
+
+def test_token_choice_balancing_warmup_uses_full_depth():
+  cfg = tiny("middle_cycle", 3, "token", mor__bal_warmup_steps=5)
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  _, aux = run(cfg, v, tokens(), step=jnp.int32(2))
+  np.testing.assert_allclose(aux["tokens_per_recursion"], [1.0, 1.0, 1.0])
+  _, aux = run(cfg, v, tokens(), step=jnp.int32(5))
+  assert float(aux["tokens_per_recursion"][2]) < 1.0
+
+
+def test_rand_router_and_identity_gating_run():
+  cfg = tiny("middle_cycle", 2, "expert", mor__rand_router=True, mor__gating="identity")
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  a, aux = run(cfg, v, tokens(), rngs={"router": jax.random.PRNGKey(1)})
+  b, _ = run(cfg, v, tokens(), rngs={"router": jax.random.PRNGKey(2)})
+  assert float(aux["aux_loss"]) == 0.0
+  assert float(jnp.max(jnp.abs(a - b))) > 0  # different random routes
+
+
+def test_mor_selects_fewer_tokens_per_recursion():
+  cfg = tiny("middle_cycle", 3, "expert")
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  _, aux = run(cfg, v, tokens())
+  assert [s.shape[1] for s in aux["selected"]] == [16, 10, 5]
+  for r in range(1, 3):  # hierarchical: selected at r is a subset of selected at r-1
+    for b in range(2):
+      assert set(np.asarray(aux["selected"][r][b])) <= set(np.asarray(aux["selected"][r - 1][b]))
+
+
+# ----------------------------------------------------------- config errors
+@pytest.mark.parametrize("edit,field", [
+    (lambda c: c.recursion.update(strategy="middle_cycle", num_recursions=4), "model.num_layers"),
+    (lambda c: c.recursion.update(strategy="zigzag"), "recursion.strategy"),
+    (lambda c: c.model.update(num_kv_heads=3), "model.num_kv_heads"),
+    (lambda c: c.model.update(hidden_size=64, num_heads=3), "model.num_heads"),
+    (lambda c: (c.recursion.update(strategy="middle_cycle", num_recursions=2),
+                c.mor.update(enable=True, capacity=(0.5, 1.0))), "mor.capacity"),
+    (lambda c: (c.recursion.update(strategy="middle_cycle", num_recursions=2),
+                c.mor.update(enable=True, type="sideways")), "mor.type"),
+    (lambda c: (c.recursion.update(strategy="sequence", num_recursions=2), c.mor.update(enable=True)),
+     "recursion.strategy"),
+    (lambda c: c.kv_sharing.update(enable=True), "kv_sharing.enable"),
+    (lambda c: c.model.update(dtype="float16"), "model.dtype"),
+    (lambda c: c.train.update(total_batch_size=30, per_device_batch_size=4), "train.total_batch_size"),
+    (lambda c: c.train.update(schedule="linear-ish"), "train.schedule"),
+    (lambda c: c.parallel.update(mode="ddp"), "parallel.mode"),
+])
+def test_bad_config_errors_name_the_field(edit, field):
+  c = get_config()
+  c.model.update(vocab_size=128, hidden_size=64, intermediate_size=64, num_layers=8, num_heads=4, num_kv_heads=2)
+  c.data.seq_len = 16
+  edit(c)
+  with pytest.raises(C.ConfigError, match=f"config.{field}"):
+    C.validate(c, num_devices=1)
+
+
+def test_layers_not_divisible_suggests_fix():
+  c = get_config()
+  c.recursion.update(strategy="middle_cycle", num_recursions=4)
+  with pytest.raises(C.ConfigError, match=r"num_layers = 30 or 34"):
+    C.validate(c, num_devices=1)
+
+
+def test_gradient_accumulation_is_derived_like_the_reference():
+  c = importlib.import_module("configs.smollm360_rec2").get_config(None)
+  assert C.validate(c, num_devices=4).train.grad_accum_steps == 128
