@@ -19,9 +19,42 @@ from mor_jax.config import ModelConfig
 NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
 
 
+@jax.custom_vjp
+def _linear(x, w):
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _linear_fwd(x, w):
+  return _linear(x, w), (x, w)
+
+
+def _linear_bwd(res, g):
+  x, w = res
+  x2 = x.reshape(-1, x.shape[-1])
+  g2 = g.reshape(-1, g.shape[-1])
+  # dW = x^T g contracts over the token axis; XLA:CPU runs that form slowly, so
+  # the transpose is materialised (the barrier keeps XLA from folding it back).
+  dw = jnp.dot(jax.lax.optimization_barrier(x2.T), g2).astype(w.dtype)
+  dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ()))).astype(x.dtype)
+  return dx, dw
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+  """nn.Dense's dot_general with a backward pass that is fast on CPU (see _linear_bwd)."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  if tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb and rhs.ndim == 2 \
+      and preferred_element_type in (None, lhs.dtype) and lhs.dtype == rhs.dtype:
+    return _linear(lhs, rhs)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type, **kw)
+
+
 def dense(features: int, cfg: ModelConfig, name: str) -> nn.Dense:
   return nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(cfg.init_std), name=name)
+                  kernel_init=nn.initializers.normal(cfg.init_std), name=name, dot_general=linear_dot_general)
 
 
 class RMSNorm(nn.Module):
@@ -101,17 +134,64 @@ class Attention(nn.Module):
 
 
 def dot_product_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
-  """Softmax attention in float32 with GQA (kv head k serves heads k*G..k*G+G-1)."""
-  B, T, H, E = q_BTHE.shape
-  K = k_BSKE.shape[2]
+  """Softmax attention (scores and softmax in float32) with GQA: kv head k serves heads k*G..k*G+G-1.
+
+  Written with a hand-made backward pass whose batched matmuls all take
+  operands in [batch, M, K] x [batch, K, N] layout: XLA:CPU runs the
+  transposed forms that autodiff produces several times slower.
+  """
+  return _attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
+
+
+def _heads_first(q_BTHE, k_BSKE, v_BSKE):
+  G = q_BTHE.shape[2] // k_BSKE.shape[2]
+  bar = jax.lax.optimization_barrier
+  q = bar(q_BTHE.transpose(0, 2, 1, 3))                              # B H T E
+  kT = bar(jnp.repeat(k_BSKE, G, axis=2).transpose(0, 2, 3, 1))      # B H E S
+  v = bar(jnp.repeat(v_BSKE, G, axis=2).transpose(0, 2, 1, 3))       # B H S E
+  return q, kT, v
+
+
+def _attention_fwd(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+  E = q_BTHE.shape[-1]
+  q, kT, v = _heads_first(q_BTHE, k_BSKE, v_BSKE)
+  s = jnp.matmul(q, kT, preferred_element_type=jnp.float32) * (E ** -0.5)
+  s = jnp.where(mask_BTS[:, None], s, NEG_INF)
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.matmul(p.astype(v.dtype), v)                               # B H T E
+  return o.transpose(0, 2, 1, 3), (q, kT, v, p)
+
+
+@jax.custom_vjp
+def _attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+  return _attention_fwd(q_BTHE, k_BSKE, v_BSKE, mask_BTS)[0]
+
+
+def _attention_vjp_fwd(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+  o, res = _attention_fwd(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
+  return o, (res, k_BSKE.shape[2], mask_BTS)
+
+
+def _attention_vjp_bwd(saved, do_BTHE):
+  (q, kT, v, p), K, mask = saved
+  B, H, T, E = q.shape
+  S = v.shape[2]
   G = H // K
-  q = q_BTHE.reshape(B, T, K, G, E)
-  scores = jnp.einsum("btkge,bske->bkgts", q, k_BSKE, preferred_element_type=jnp.float32)
-  scores = scores * (E ** -0.5)
-  scores = jnp.where(mask_BTS[:, None, None, :, :], scores, NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKE.dtype)
-  out = jnp.einsum("bkgts,bske->btkge", probs, v_BSKE)
-  return out.reshape(B, T, H, E)
+  bar = jax.lax.optimization_barrier
+  dt = q.dtype
+  do = bar(do_BTHE.transpose(0, 2, 1, 3)).astype(dt)                # B H T E
+  dv = jnp.matmul(bar(p.transpose(0, 1, 3, 2)).astype(dt), do)       # B H S E
+  dp = jnp.matmul(do, bar(v.transpose(0, 1, 3, 2)), preferred_element_type=jnp.float32)  # B H T S
+  ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * (E ** -0.5)
+  dq = jnp.matmul(ds.astype(dt), bar(kT.transpose(0, 1, 3, 2)))      # B H T E
+  dk = jnp.matmul(bar(ds.transpose(0, 1, 3, 2)).astype(dt), q)       # B H S E
+  dq = dq.transpose(0, 2, 1, 3)
+  dk = dk.reshape(B, K, G, S, E).sum(2).transpose(0, 2, 1, 3)
+  dv = dv.reshape(B, K, G, S, E).sum(2).transpose(0, 2, 1, 3)
+  return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_vjp_fwd, _attention_vjp_bwd)
 
 
 class MLP(nn.Module):

@@ -17,7 +17,7 @@ from flax import linen as nn
 
 from mor_jax.config import ModelConfig
 from mor_jax.model import routing
-from mor_jax.model.layers import RMSNorm, causal_mask, rope_angles
+from mor_jax.model.layers import RMSNorm, causal_mask, dense, rope_angles
 from mor_jax.model.recursion import Block, layer_class
 
 ROUTING_MODES = ("topk", "topk_warmup", "causal")
@@ -44,8 +44,7 @@ class MoRLM(nn.Module):
           self.router_bias = self.variable("router_bias", "bias", lambda: jnp.zeros((cfg.recursions,), jnp.float32))
     self.final_norm = RMSNorm(cfg.rms_eps)
     if not cfg.tie_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                              kernel_init=nn.initializers.normal(cfg.init_std))
+      self.lm_head = dense(cfg.vocab_size, cfg, "lm_head")
 
   def _block_fn(self, x, index, pos, seg, valid, shared_kv):
     cos, sin = rope_angles(pos, self.cfg.head_dim, self.cfg.rope_theta)
