@@ -1,0 +1,132 @@
+"""Training-step speed on CPU against the PyTorch reference (`cpu_speed.json`).
+
+  python benchmarks/train_step.py [--steps 10] [--reference ../shared/refdata/cpu_speed.json]
+
+The config is the one of cpu_speed.json: hidden 256, 8 layers, 8 heads, 4 kv
+heads, ffn 688, vocab 8192, batch 8 x seq 256, fp32. A step is what training
+runs: forward, backward of CE + aux losses, global-norm clipping and AdamW
+(mor_jax.train.train_step). Prints median step time, tokens/s, model FLOPs
+per token (mor_jax.model.accounting convention), achieved GFLOP/s, the fp32
+matmul peak measured in the same process, and the reference's tokens/s.
+Not a test: timings depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import base  # noqa: E402
+from mor_jax import config as C  # noqa: E402
+from mor_jax.model.accounting import flops_per_token  # noqa: E402
+from mor_jax.train import init_state, make_optimizer, make_train_step  # noqa: E402
+
+VARIANTS = {
+    # name: (strategy, R, mor type, capacity, reference row)
+    "vanilla": ("none", 1, None, (), "vanilla"),
+    "recursive_middle_cycle_rec2": ("middle_cycle", 2, None, (), "recursive_middle_cycle_rec2"),
+    "mor_expert_rec2_cap1-0.5": ("middle_cycle", 2, "expert", (1.0, 0.5), "mor_expert_middle_cycle_rec2_cap1.0,0.5"),
+    "mor_expert_rec3": ("middle_cycle", 3, "expert", (), "mor_expert_middle_cycle_rec3_default_cap"),
+    "mor_token_rec3": ("middle_cycle", 3, "token", (), None),
+}
+
+
+def make_config(strategy, R, mor, capacity, batch, seq):
+  c = base.get_config()
+  c.model.update(vocab_size=8192, hidden_size=256, intermediate_size=688, num_layers=8, num_heads=8, num_kv_heads=4,
+                 max_seq_len=2048, dtype="float32")
+  c.recursion.update(strategy=strategy, num_recursions=R)
+  if mor:
+    c.mor.update(enable=True, type=mor, capacity=capacity)
+    if mor == "token":
+      c.mor.update(router_func="softmax", alpha=1.0, balancing="loss")
+  c.data.seq_len = seq
+  c.train.update(total_batch_size=batch, per_device_batch_size=batch, learning_rate=3e-3, beta1=0.9, beta2=0.95,
+                 weight_decay=0.1, grad_clip=1.0, warmup_steps=0, num_steps=1000)
+  return C.validate(c, num_devices=1)
+
+
+def matmul_peak(n=1024, reps=10):
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = 1e9
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e9
+
+
+def time_variant(name, batch, seq, steps, warmup=3):
+  strategy, R, mor, cap, _ = VARIANTS[name]
+  config = make_config(strategy, R, mor, cap, batch, seq)
+  cfg = C.model_config(config)
+  tx, schedule = make_optimizer(config)
+  state = jax.jit(lambda: init_state(cfg, tx, 0))()
+  step = jax.jit(make_train_step(cfg, tx, schedule), donate_argnums=0)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, batch, seq + 1), 0, cfg.vocab_size, jnp.int32)
+  batch_in = {"tokens": tokens}
+  for _ in range(warmup):
+    state, m = step(state, batch_in)
+  jax.block_until_ready(m["loss"])
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = step(state, batch_in)
+    jax.block_until_ready(m["loss"])
+    times.append(time.perf_counter() - t)
+  med = float(np.median(times))
+  fl = flops_per_token(cfg, seq)["train"]
+  return {"variant": name, "step_s": med, "tokens_per_s": batch * seq / med, "train_flops_per_token": fl,
+          "gflops": fl * batch * seq / med / 1e9, "loss": float(m["loss"])}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  here = os.path.dirname(os.path.abspath(__file__))
+  p.add_argument("--reference", default=os.path.join(here, "..", "..", "shared", "refdata", "cpu_speed.json"))
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--json", default="", help="also write the rows to this file")
+  args = p.parse_args(argv)
+  ref = {}
+  if os.path.exists(args.reference):
+    for row in json.load(open(args.reference))["results"]:
+      ref.setdefault(row["variant"], {})[row["attn_implementation"]] = row["train_tokens_per_s"]
+  peak = matmul_peak()
+  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, fp32 matmul peak (1024^3) {peak:.1f} GFLOP/s; "
+        f"batch {args.batch} x seq {args.seq}, median of {args.steps} steps")
+  rows = [time_variant(v, args.batch, args.seq, args.steps) for v in args.variants.split(",")]
+  print(f"{'variant':30s} {'step ms':>8s} {'tok/s':>7s} {'GFLOP/tok':>9s} {'GFLOP/s':>8s} {'%peak':>6s} "
+        f"{'ref eager':>9s} {'ref sdpa':>8s} {'x ref':>6s}")
+  for r in rows:
+    rr = ref.get(VARIANTS[r["variant"]][4] or "", {})
+    best = max(rr.values()) if rr else None
+    print(f"{r['variant']:30s} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:7.0f} {r['train_flops_per_token'] / 1e9:9.4f} "
+          f"{r['gflops']:8.1f} {100 * r['gflops'] / peak:5.1f}% {rr.get('eager', float('nan')):9.0f} "
+          f"{rr.get('sdpa', float('nan')):8.0f} {(r['tokens_per_s'] / best) if best else float('nan'):6.2f}")
+  by = {r["variant"]: r for r in rows}
+  a, b = by.get("mor_expert_rec2_cap1-0.5"), by.get("recursive_middle_cycle_rec2")
+  if a and b:
+    t_ratio = a["step_s"] / b["step_s"]
+    f_ratio = a["train_flops_per_token"] / b["train_flops_per_token"]
+    print(f"MoR R=2 / recursive R=2: step-time ratio {t_ratio:.3f}, FLOPs ratio {f_ratio:.3f} "
+          f"(step/FLOPs = {t_ratio / f_ratio:.3f}; within 10% when between 0.9 and 1.1)")
+  if args.json:
+    json.dump({"peak_gflops": peak, "rows": rows}, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+  main()
