@@ -55,7 +55,7 @@ def gate_scores(cfg: ModelConfig, z):
   return g, (cfg.alpha * g if cfg.router_func != "none" else g)
 
 
-def _passes(cfg: ModelConfig, g, threshold):
+def passes_threshold(cfg: ModelConfig, g, threshold):
   """Causal test: does the router say 'continue'? (sigmoid: g >= thr; tanh/none: >= 0)."""
   return g >= (threshold if cfg.router_func == "sigmoid" else 0.0)
 
@@ -113,7 +113,7 @@ def expert_choice_stage(cfg: ModelConfig, routers, block_fn, h_BTD, index_BT, po
     n = cand.shape[1]
     if masked:
       if mode == "causal":
-        chosen = cand_valid & _passes(cfg, g, threshold) if (r > 0 or caps[0] < 1) else cand_valid
+        chosen = cand_valid & passes_threshold(cfg, g, threshold) if (r > 0 or caps[0] < 1) else cand_valid
       else:
         k_dyn = jnp.maximum(1, jnp.floor(warmup_capacity(caps[r], step, cfg.cap_warmup_steps) * T + 1e-6)).astype(jnp.int32)
         score = jnp.where(cand_valid, p, -jnp.inf)
@@ -139,7 +139,7 @@ def expert_choice_stage(cfg: ModelConfig, routers, block_fn, h_BTD, index_BT, po
     if not cfg.rand_router:
       zc = z[..., 0]
       sampling_losses.append(jnp.sum(_bce_with_logits(zc, target) * weight) / count)
-      accs.append(jnp.sum((_passes(cfg, g, 0.5).astype(jnp.float32) == target) * weight) / count)
+      accs.append(jnp.sum((passes_threshold(cfg, g, 0.5).astype(jnp.float32) == target) * weight) / count)
       z_losses.append(jnp.sum(zc * zc * weight) / count)
     frac_tokens.append((sel_valid.mean() if masked else jnp.float32(sel.shape[1] / T)))
     sel_out.append(sel)

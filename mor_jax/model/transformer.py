@@ -82,7 +82,9 @@ class MoRLM(nn.Module):
                                            step=step, threshold=threshold, rng=rng)
     elif cfg.mor_enable:
       bias = self.router_bias.value if cfg.balancing == "loss_free" else None
-      x, aux = routing.token_choice_stage(cfg, self.router, bias, self._block_fn, x, index, pos, seg, step=step)
+      # balancing warm-up (full depth) is a training device; causal inference uses the router's depth
+      x, aux = routing.token_choice_stage(cfg, self.router, bias, self._block_fn, x, index, pos, seg,
+                                          step=None if routing_mode == "causal" else step)
     else:
       n_calls = 1 if cfg.strategy in ("none", "sequence", "middle_sequence") else cfg.recursions
       for _ in range(n_calls):

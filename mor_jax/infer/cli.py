@@ -1,0 +1,199 @@
+"""`--mode=generate`: restore a workdir's model and generate from a prompt, a prompt loop or a file.
+
+  python main.py --mode=generate --workdir=W --prompt="ROMEO:"
+  python main.py --mode=generate --workdir=W --interactive
+  python main.py --mode=generate --workdir=W --prompts_file=p.txt --output_file=out.jsonl
+
+main.py wires it with two calls: `define_flags()` at import time and
+`run_from_flags(config, workdir)` for the mode. Everything is also callable
+from Python: `main_generate(config, workdir, prompt="ROMEO:")`.
+
+Prompts on the command line and in the loop may contain the escapes \\n and
+\\t. A prompts file holds one prompt per line (blank lines are skipped), or,
+if it ends in .jsonl, one JSON string or {"prompt": ...} object per line.
+Results go to `output_file` (or stdout) as JSON lines, in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Sequence, TextIO
+
+FLAG_DEFAULTS = dict(prompt=None, interactive=False, prompts_file=None, output_file=None, max_new_tokens=256,
+                     temperature=0.8, top_k=0, top_p=1.0, seed=0, threshold=None, step=None, stop=(),
+                     kv_capacity="full", batch_size=16)
+
+
+def define_flags(flags=None) -> None:
+  """Defines the generate-mode flags on absl's FLAGS (call once, at import time of main.py)."""
+  if flags is None:
+    from absl import flags  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  d = FLAG_DEFAULTS
+  flags.DEFINE_string("prompt", d["prompt"], "generate: one prompt (\\n and \\t escapes are expanded).")
+  flags.DEFINE_bool("interactive", d["interactive"], "generate: read prompts in a loop (Ctrl-D or :quit ends).")
+  flags.DEFINE_string("prompts_file", d["prompts_file"], "generate: prompts, one per line (.jsonl: JSON per line).")
+  flags.DEFINE_string("output_file", d["output_file"], "generate: JSONL results for --prompts_file (default stdout).")
+  flags.DEFINE_integer("max_new_tokens", d["max_new_tokens"], "generate: tokens to generate per prompt at most.")
+  flags.DEFINE_float("temperature", d["temperature"], "generate: sampling temperature (0 = greedy).")
+  flags.DEFINE_integer("top_k", d["top_k"], "generate: sample from the k most likely tokens (0 = off).")
+  flags.DEFINE_float("top_p", d["top_p"], "generate: nucleus sampling mass (1.0 = off).")
+  flags.DEFINE_integer("seed", d["seed"], "generate: sampling seed.")
+  flags.DEFINE_float("threshold", d["threshold"], "generate: expert-choice router threshold (default: config.mor.threshold).")
+  flags.DEFINE_integer("step", d["step"], "generate: checkpoint step to load (default: the latest).")
+  flags.DEFINE_multi_string("stop", list(d["stop"]), "generate: stop string (repeatable); the text ends before it.")
+  flags.DEFINE_string("kv_capacity", d["kv_capacity"], "generate: KV cache size per recursion: full | routed | "
+                      "comma-separated fractions (see mor_jax/infer/cache.py).")
+  flags.DEFINE_integer("batch_size", d["batch_size"], "generate: prompts per batch for --prompts_file.")
+
+
+def run_from_flags(config, workdir):
+  """Calls main_generate with the values of the flags define_flags() made."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  F = flags.FLAGS
+  return main_generate(config, workdir, **{k: F[k].value for k in FLAG_DEFAULTS})
+
+
+def _unescape(s: str) -> str:
+  return s.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _read_prompts(path: str) -> list[str]:
+  from mor_jax.infer.decode import InferenceError  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise InferenceError(f"prompts file {path} does not exist.")
+  prompts = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      line = line.rstrip("\n")
+      if path.endswith(".jsonl"):
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise InferenceError(f"{path}:{n}: not valid JSON ({e}).") from e
+        p = obj.get("prompt") if isinstance(obj, dict) else obj
+        if not isinstance(p, str):
+          raise InferenceError(f"{path}:{n}: expected a JSON string or an object with a 'prompt' string.")
+        prompts.append(p)
+      elif line.strip():
+        prompts.append(line)
+  if not prompts:
+    raise InferenceError(f"prompts file {path} holds no prompts.")
+  return prompts
+
+
+def _capacity(value):
+  if isinstance(value, str) and value not in ("full", "routed"):
+    return tuple(float(x) for x in value.split(","))
+  return value
+
+
+def _enable_compilation_cache() -> None:
+  """Persistent XLA cache: a second generate call starts without recompiling (MOR_JAX_COMPILE_CACHE='' turns it off)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.environ.get("MOR_JAX_COMPILE_CACHE", os.path.expanduser("~/.cache/mor_jax/xla"))
+  if not path:
+    return
+  try:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
+def main_generate(config, workdir: str, *, prompt: str | None = None, interactive: bool = False,
+                  prompts_file: str | None = None, output_file: str | None = None, max_new_tokens: int = 256,
+                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  threshold: float | None = None, step: int | None = None, stop: Sequence[str] = (),
+                  kv_capacity="full", batch_size: int = 16, stdout: TextIO | None = None,
+                  stderr: TextIO | None = None, stdin: TextIO | None = None):
+  """The generate command. `config` may be None (the checkpoint's own config is used).
+
+  Returns the list of Generation results (all prompts; the loop's too).
+  """
+  from mor_jax.infer.decode import InferenceError  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.generate import Generator, SamplingParams  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.checkpoint import describe, load_tokenizer, restore  # pylint: disable=g-import-not-at-top
+  out, err = stdout or sys.stdout, stderr or sys.stderr
+  if not workdir:
+    raise InferenceError("--workdir is required for --mode=generate (the training workdir or a checkpoint directory).")
+  modes = sum([prompt is not None, bool(interactive), bool(prompts_file)])
+  if modes != 1:
+    raise InferenceError("give exactly one of --prompt, --prompts_file or --interactive.")
+  sampling = SamplingParams(float(temperature), int(top_k), float(top_p))
+  stop = tuple(_unescape(s) for s in (stop or ()))
+  prompts = _read_prompts(prompts_file) if prompts_file else None   # fail fast, before loading anything
+  _enable_compilation_cache()
+
+  t0 = time.time()
+  restored = restore(workdir, step=step, config=config)
+  tokenizer = load_tokenizer(restored.config, restored.cfg)
+  gen = Generator(restored.cfg, restored.variables, tokenizer, threshold=threshold, kv_capacity=_capacity(kv_capacity),
+                  add_bos=bool(restored.config.data.get("add_bos", False)))
+  print(f"[{describe(restored)}; loaded in {time.time() - t0:.1f}s]", file=err, flush=True)
+  R = restored.cfg.recursions
+
+  def one(text: str, seed_: int):
+    gen.encode([text])   # errors (empty, too long) before anything is printed
+    print(text, end="", file=out, flush=True)
+    t = time.time()
+    res = gen.generate([text], max_new_tokens=max_new_tokens, sampling=sampling, seed=seed_, stop=stop,
+                       on_text=lambda _, s: print(s, end="", file=out, flush=True))[0]
+    dt = time.time() - t
+    print("", file=out, flush=True)
+    print(f"[{len(res.tokens)} tokens in {dt:.2f}s ({len(res.tokens) / max(dt, 1e-9):.1f} tokens/s incl. "
+          f"compilation); finish: {res.finish_reason}; mean recursions per token {res.mean_recursions:.2f} of {R}]",
+          file=err, flush=True)
+    return res
+
+  if prompt is not None:
+    return [one(_unescape(prompt), seed)]
+
+  if prompts_file:
+    results = []
+    sink = open(output_file, "w", encoding="utf-8") if output_file else out
+    try:
+      for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        res = gen.generate(chunk, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop=stop,
+                           row_ids=range(i, i + len(chunk)))
+        for j, r in enumerate(res):
+          sink.write(json.dumps({"index": i + j, **r.to_json()}, ensure_ascii=False) + "\n")
+        sink.flush()
+        results += res
+        print(f"[{i + len(chunk)}/{len(prompts)} prompts]", file=err, flush=True)
+    finally:
+      if output_file:
+        sink.close()
+    return results
+
+  # interactive loop
+  use_input = stdin is None and sys.stdin.isatty()   # a terminal: line editing via input()
+  stdin = stdin or sys.stdin
+  print("Enter a prompt (\\n for a new line); :quit or Ctrl-D ends, Ctrl-C stops a generation.", file=err, flush=True)
+  results, turn = [], 0
+  while True:
+    if use_input:
+      try:
+        line = input(">>> ") + "\n"
+      except EOFError:
+        line = ""
+    else:
+      print(">>> ", end="", file=err, flush=True)
+      line = stdin.readline()
+    if not line or line.strip() in (":quit", ":q", ":exit"):
+      print("", file=err)
+      break
+    text = _unescape(line.rstrip("\n"))
+    try:
+      results.append(one(text, seed + turn))
+    except InferenceError as e:
+      print(f"error: {e}", file=err, flush=True)
+    except KeyboardInterrupt:
+      print("\n[stopped]", file=err, flush=True)
+    turn += 1
+  return results

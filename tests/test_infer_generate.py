@@ -1,0 +1,186 @@
+"""Generation: greedy decoding reproduces the full causal forward pass, is deterministic, batching does not change
+results, sampling is seeded, EOS / stop strings / length limits end rows, streaming, clear input errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.base import get_config
+from mor_jax import config as C
+from mor_jax.infer import Generator, InferenceError, SamplingParams, sample_logits
+from mor_jax.infer.generate import sampling_arrays
+from mor_jax.model.transformer import MoRLM, init_variables
+
+V, CTX = 96, 24
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compilation():
+  """XLA without most optimisations compiles these tiny programs ~3x faster (the numbers compared are the same
+  computations either way); restored for other test modules."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+class CharTokenizer:
+  """Printable ASCII, one token per character; id 0 is EOS (dropped by decode)."""
+
+  def __init__(self, eos_id=0, vocab_size=V):
+    self.eos_id, self.bos_id, self.vocab_size = eos_id, None, vocab_size
+
+  def encode(self, text):
+    return [ord(c) - 31 for c in text]
+
+  def decode(self, ids):
+    return "".join(chr(int(i) + 31) for i in ids if int(i) != self.eos_id and 0 < int(i) < V)
+
+
+def tiny(**over):
+  c = get_config()
+  c.model.update(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                 max_seq_len=CTX)
+  c.data.seq_len = 16
+  c.recursion.update(strategy="middle_cycle", num_recursions=2)
+  c.mor.update(enable=True, type="expert")
+  for k, v in over.items():
+    sec, f = k.split("__")
+    c[sec][f] = v
+  return C.model_config(C.validate(c, num_devices=1))
+
+
+@functools.lru_cache(maxsize=None)
+def variables_for(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(lambda: init_variables(cfg, jax.random.PRNGKey(0)))
+
+  def draw(path, a):
+    names = [str(getattr(k, "key", "")) for k in path]
+    if names[-1] == "scale":
+      return jnp.ones(a.shape, a.dtype)
+    std = 0.02 * (300.0 if any(n.startswith("router") for n in names) else 1.0)
+    # a sharper head than init (std 0.3) so that greedy choices are not near-ties
+    std = 0.3 if names[1] == "lm_head" else std
+    return jnp.asarray(rng.normal(0, std, a.shape), a.dtype)
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+CFG = tiny()
+PROMPTS = [[5, 17, 33], [40, 2, 9, 61, 7, 7, 80, 12, 3], [11, 12, 13, 14, 15]]
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def gen(tokenizer=None, **kw):
+  return Generator(CFG, variables_for(CFG), tokenizer, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _full(cfg):
+  return jax.jit(lambda v, t: MoRLM(cfg).apply(v, t, routing_mode="causal"))
+
+
+def test_greedy_generation_follows_the_full_forward_pass():
+  """Each greedy token is the argmax of a full causal pass over prompt + generated tokens; recursions agree too."""
+  outs = gen().generate(PROMPTS, max_new_tokens=12, sampling=GREEDY)
+  for p, o in zip(PROMPTS, outs):
+    assert o.finish_reason == "length" and len(o.tokens) == 12
+    n, m = len(p), len(p) + len(o.tokens)
+    seq = jnp.asarray([(p + o.tokens + [0] * CTX)[:CTX]])      # one length for every prompt: one compilation
+    logits, aux = _full(CFG)(variables_for(CFG), seq)
+    np.testing.assert_array_equal(np.argmax(np.asarray(logits[0, n - 1:m - 1]), -1), o.tokens)
+    g = np.asarray(jax.nn.sigmoid(aux["router_logits"][1][0, :, 0])) >= 0.5
+    depth = 1 + g.astype(int)
+    assert o.recursions == depth[n - 1:m - 1].tolist() and o.prompt_recursions == depth[:n].tolist()
+  assert len({r for o in outs for r in o.recursions}) == 2      # both depths occur
+
+
+def test_greedy_is_deterministic_and_batching_does_not_change_results():
+  a = gen().generate(PROMPTS, max_new_tokens=12, sampling=GREEDY)
+  b = gen().generate(PROMPTS, max_new_tokens=12, sampling=GREEDY)
+  assert [o.tokens for o in a] == [o.tokens for o in b]
+  g = gen()
+  for p, o in zip(PROMPTS, a):
+    one = g.generate([p], max_new_tokens=12, sampling=GREEDY)[0]
+    assert one.tokens == o.tokens and one.recursions == o.recursions
+
+
+def test_sampling_is_seeded_and_row_keys_are_independent_of_the_batch():
+  sp = SamplingParams(temperature=1.0, top_k=20, top_p=0.9)
+  g = gen()
+  a = g.generate(PROMPTS, max_new_tokens=12, sampling=sp, seed=3)
+  b = g.generate(PROMPTS, max_new_tokens=12, sampling=sp, seed=3)
+  c = g.generate(PROMPTS, max_new_tokens=12, sampling=sp, seed=4)
+  assert [o.tokens for o in a] == [o.tokens for o in b]
+  assert [o.tokens for o in a] != [o.tokens for o in c]
+  greedy = g.generate(PROMPTS, max_new_tokens=12, sampling=GREEDY)
+  assert [o.tokens for o in a] != [o.tokens for o in greedy]
+  # a prompt keeps its draws when it runs alone under the same row id
+  one = g.generate([PROMPTS[1]], max_new_tokens=12, sampling=sp, seed=3, row_ids=[1])[0]
+  assert one.tokens == a[1].tokens
+
+
+def test_sample_logits_filters():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
+  keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+  sample = jax.jit(sample_logits)     # one compilation for every setting (they are traced values)
+  draw = lambda **kw: np.bincount(np.asarray(sample(keys, logits, sampling_arrays(SamplingParams(**kw)))),
+                                  minlength=4) / 4000
+  assert draw(temperature=0.0)[0] == 1.0
+  assert draw(top_k=1)[0] == 1.0
+  k2 = draw(top_k=2)
+  assert k2[2:].sum() == 0 and abs(k2[0] - 0.625) < 0.03
+  p = draw(top_p=0.7)                       # smallest set with mass >= 0.7: tokens 0 and 1
+  assert p[2:].sum() == 0 and abs(p[0] - 0.625) < 0.03
+  full = draw(temperature=1.0)
+  np.testing.assert_allclose(full, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+  with pytest.raises(InferenceError, match="top_p"):
+    SamplingParams(top_p=0.0)
+
+
+def test_eos_stop_strings_and_streaming():
+  base = gen(CharTokenizer(eos_id=V - 1)).generate(["Hello"], max_new_tokens=12, sampling=GREEDY)[0]
+  assert base.finish_reason == "length"
+  # EOS: make the 4th generated token the end-of-text token
+  eos = base.tokens[3]
+  first = base.tokens.index(eos)
+  out = gen(CharTokenizer(eos_id=eos)).generate(["Hello"], max_new_tokens=12, sampling=GREEDY)[0]
+  assert out.finish_reason == "eos" and out.tokens == base.tokens[:first + 1]
+  # a stop string cuts the text before it; streamed pieces add up to the final text
+  text = base.text
+  stop = text[5:7]
+  pieces, streamed_ids = [], []
+  g = gen(CharTokenizer(eos_id=V - 1))
+  o = g.generate(["Hello"], max_new_tokens=12, sampling=GREEDY, stop=[stop],
+                 on_text=lambda b, s: pieces.append(s), on_tokens=lambda b, t: streamed_ids.extend(t), chunk_steps=2)[0]
+  assert o.finish_reason == "stop" and o.text == text[:text.index(stop)]
+  assert "".join(pieces) == o.text
+  assert streamed_ids == o.tokens[:len(streamed_ids)] and len(o.tokens) < 12
+  # stop strings also apply without streaming; unrelated ones change nothing
+  o2 = g.generate(["Hello"], max_new_tokens=12, sampling=GREEDY, stop=["\x00never"])[0]
+  assert o2.finish_reason == "length" and o2.text == text
+
+
+def test_length_limits_and_context():
+  g = gen()
+  o = g.generate([[3] * 16], max_new_tokens=12, sampling=GREEDY)[0]    # (the programs of the other 1-row batches)
+  assert o.finish_reason == "length" and len(o.tokens) == CTX - 16     # prompt + generated fill the context
+  stats = g.kv_stats()
+  assert stats["entries_per_recursion"][0, 0] == CTX - 1            # the last token is never fed back
+
+
+def test_input_errors():
+  g = gen(CharTokenizer())
+  with pytest.raises(InferenceError, match="empty"):
+    g.generate([""], max_new_tokens=4)
+  with pytest.raises(InferenceError, match="context"):
+    g.generate(["x" * CTX], max_new_tokens=4)
+  with pytest.raises(InferenceError, match="vocabulary"):
+    g.generate([[V + 3, 1]], max_new_tokens=4)
+  with pytest.raises(InferenceError, match="tokenizer has 200 tokens"):
+    gen(CharTokenizer(vocab_size=200))
+  with pytest.raises(InferenceError, match="max_new_tokens"):
+    g.generate(["hi"], max_new_tokens=0)
