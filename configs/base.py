@@ -81,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.prefetch = 2
   d.shuffle_seed = 0
   d.on_corrupt_record = "skip"  # skip | fail
+  d.document_mask = False      # training: pass segment_ids/positions so packed documents do not attend to each other (the reference does not)
   d.txt_separator = ""         # local .txt files: split into documents at this string ('' -> one document per file)
   d.eos_token = ""             # end-of-text token of a loaded tokenizer ('' -> tokenizer_config.json or a well-known name)
   d.bos_token = ""             # BOS token for add_bos ('' -> tokenizer_config.json or a well-known name)
@@ -107,12 +108,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.grad_clip = 1.0
   t.log_every_steps = 10
   t.eval_every_steps = 200
-  t.eval_batches = 8
+  t.eval_batches = 8           # validation batches per evaluation (-1: the whole split; 0: no evaluation)
   t.save_interval = 0.1        # checkpoint every fraction of the run
   t.save_every_steps = 0       # if > 0, overrides save_interval
   t.keep_checkpoints = 3
+  t.async_checkpoints = True   # write checkpoints in the background (arrays are copied to host first)
+  t.max_steps_per_run = 0      # > 0: stop after this many steps in one invocation (checkpoint, status 'paused'); rerun to go on
+  t.progress_bar = True        # tqdm bar on the main process (else log lines every log_every_steps)
 
   p = c.parallel = ml_collections.ConfigDict()
-  p.mode = "pjit"              # pjit | pmap
+  p.mode = "pjit"              # pjit (jax.jit over a device mesh) | pmap (replicated jax.pmap)
+  p.num_devices = 0            # use the first N devices (0: all; pjit: global devices, pmap: local devices)
 
   return c

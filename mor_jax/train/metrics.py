@@ -1,0 +1,116 @@
+"""Metric sinks and throughput conventions.
+
+- `MetricWriter`: one JSON object per logged step in WORKDIR/metrics.jsonl
+  (stable keys: step, loss, total_loss, learning_rate, grad_norm,
+  tokens_per_second, and val_loss on evaluation steps) and the same scalars
+  as TensorBoard events in WORKDIR/tensorboard (tensorboardX). Per-recursion
+  arrays are lists in JSON and `name/r<i>` scalars in TensorBoard.
+- Throughput: tokens/s counts input tokens (rows x seq_len); TFLOP/s uses
+  `mor_jax.model.accounting.flops_per_token(...)["train"]` (model FLOPs, 3x
+  forward, remat not counted); MFU divides by the device's peak dense bf16
+  FLOP/s when the device kind is in `PEAK_FLOPS`, else it is omitted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+# peak dense bf16 FLOP/s per device, by substring of jax's device_kind (lower case)
+PEAK_FLOPS = {
+    "h200": 989e12, "h100": 989e12, "gh200": 989e12, "a100": 312e12, "l40s": 362e12, "a10g": 125e12,
+    "l4": 121e12, "v100": 125e12, "tpu v5p": 459e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12,
+    "tpu v4": 275e12, "tpu v6": 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  kind = device_kind.lower()
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if name in kind:
+      return PEAK_FLOPS[name]
+  return None
+
+
+def to_python(value: Any) -> Any:
+  """numpy scalars / arrays -> float / list (JSON-able); non-finite floats stay floats."""
+  if isinstance(value, dict):
+    return {k: to_python(v) for k, v in value.items()}
+  arr = np.asarray(value)
+  if arr.ndim == 0:
+    v = arr.item()
+    return float(v) if isinstance(v, (float, np.floating)) else v
+  return [to_python(x) for x in arr]
+
+
+def _json_safe(value):
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)          # 'nan' / 'inf' (JSON has no literal for them)
+  if isinstance(value, list):
+    return [_json_safe(v) for v in value]
+  return value
+
+
+class MetricWriter:
+  """Appends metrics to WORKDIR/metrics.jsonl and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    if resume_step >= 0 and os.path.exists(self.path):
+      self._truncate_after(resume_step)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1 if resume_step else None,
+                             flush_secs=30)
+    self._file = open(self.path, "a", encoding="utf-8")
+
+  def _truncate_after(self, step: int) -> None:
+    """Drops lines of steps after `step` (they are redone after a resume from `step`)."""
+    keep = []
+    with open(self.path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          if json.loads(line).get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+        except json.JSONDecodeError:
+          continue                  # a line cut by a kill
+    with open(self.path, "w", encoding="utf-8") as f:
+      f.writelines(keep)
+
+  def write(self, step: int, metrics: dict, *, jsonl: bool = True) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step)}
+    record.update({k: _json_safe(to_python(v)) for k, v in metrics.items()})
+    if jsonl:
+      self._file.write(json.dumps(record) + "\n")
+      self._file.flush()
+    for k, v in metrics.items():
+      arr = np.asarray(v, dtype=np.float64)
+      if arr.ndim == 0:
+        self._tb.add_scalar(k, float(arr), int(step))
+      else:
+        for i, x in enumerate(arr.reshape(-1)):
+          self._tb.add_scalar(f"{k}/r{i}", float(x), int(step))
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl (for scripts and tests)."""
+  out = []
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      if line.strip():
+        out.append(json.loads(line))
+  return out

@@ -1,0 +1,149 @@
+"""The loss, `train_step(state, batch) -> (state, metrics)` and `eval_step`.
+
+Both are pure functions of arrays. The same function runs under `jax.jit`
+(pjit mode: it sees the global batch) and under `jax.pmap` (it sees one
+device's shard and reduces over `axis_name`); see `parallel.py`.
+
+Batch layout for training: every leaf is [accum, micro_batch, seq_len + 1]
+(`tokens`, optional `segment_ids` / `positions`); micro-batch m holds rows
+m * micro_batch ... of the global batch. Inputs are tokens[..., :-1], targets
+tokens[..., 1:]; targets whose segment id is 0 (padding) are not counted.
+
+Objective, exactly as for one large batch: the cross entropy is the sum of
+token NLLs over the whole global batch divided by its number of counted
+targets; the router's aux loss (already weighted) is averaged over the
+micro-batches (and devices). Gradients are summed over micro-batches with
+`lax.scan` (and over devices with `psum` in pmap mode) and applied once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mor_jax.config import ModelConfig
+from mor_jax.model import routing
+from mor_jax.model.losses import cross_entropy
+from mor_jax.model.transformer import MoRLM
+from mor_jax.train.state import TrainState
+
+# aux entries logged (averaged over micro-batches and devices); others (router_logits, selected, depth) are not
+LOGGED_AUX = ("sampling_loss", "sampling_acc", "z_loss", "balancing_loss", "mean_recursions", "dropped_tokens",
+              "tokens_per_recursion", "balancing_ratio")
+
+
+def routing_mode_for_step(cfg: ModelConfig, step: int) -> str:
+  """'topk_warmup' during expert-choice capacity warm-up (optimizer step < cap_warmup_steps), else 'topk'."""
+  if cfg.mor_enable and cfg.mor_type == "expert" and cfg.cap_warmup_steps > 0 and step < cfg.cap_warmup_steps:
+    return "topk_warmup"
+  return "topk"
+
+
+def split_batch(batch: dict, document_mask: bool):
+  """(inputs, targets, target mask or None, positions or None, segment_ids or None) from [..., T+1] rows."""
+  tokens = batch["tokens"]
+  inputs, targets = tokens[..., :-1], tokens[..., 1:]
+  seg = batch.get("segment_ids")
+  mask = None if seg is None else seg[..., 1:] > 0
+  pos = batch["positions"][..., :-1] if document_mask and "positions" in batch else None
+  seg_in = seg[..., :-1] if document_mask and seg is not None else None
+  return inputs, targets, mask, pos, seg_in
+
+
+def _aux_stats(cfg: ModelConfig, aux: dict) -> dict:
+  stats = {"aux_loss": jnp.asarray(aux.get("aux_loss", 0.0), jnp.float32)}
+  for k in LOGGED_AUX:
+    if k in aux:
+      stats[k] = jnp.asarray(aux[k], jnp.float32)
+  return stats
+
+
+def _router_rngs(cfg: ModelConfig, state: TrainState, micro_index, axis_name):
+  if not cfg.rand_router:
+    return None
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), micro_index)
+  if axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  return {"router": key}
+
+
+def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, routing_mode: str = "topk", document_mask: bool = False,
+               axis_name: str | None = None) -> tuple[TrainState, dict]:
+  """One optimizer step over `accum` micro-batches. Returns (new state, metrics of this step)."""
+  model = MoRLM(cfg)
+  accum = batch["tokens"].shape[0]
+  shards = jax.lax.psum(1, axis_name) if axis_name is not None else 1
+  seg = batch.get("segment_ids")
+  count = (jnp.sum(seg[..., 1:] > 0).astype(jnp.float32) if seg is not None
+           else jnp.float32(batch["tokens"][..., 1:].size))
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name)
+  count = jnp.maximum(count, 1.0)
+  extra = {"router_bias": state.router_bias} if state.router_bias else {}
+
+  def objective(params, micro, micro_index):
+    inputs, targets, mask, pos, seg_in = split_batch(micro, document_mask)
+    logits, aux = model.apply({"params": params, **extra}, inputs, pos, seg_in, routing_mode=routing_mode,
+                              step=state.step, rngs=_router_rngs(cfg, state, micro_index, axis_name))
+    nll, _ = cross_entropy(logits, targets, mask)
+    stats = _aux_stats(cfg, aux)
+    return nll / count + stats["aux_loss"] / (accum * shards), (nll, stats)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def body(carry, xs):
+    grads_acc, nll_acc = carry
+    micro, i = xs
+    (_, (nll, stats)), grads = grad_fn(state.params, micro, i)
+    grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+    return (grads_acc, nll_acc + nll), stats
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  (grads, nll_sum), stats = jax.lax.scan(body, (zeros, jnp.float32(0.0)), (batch, jnp.arange(accum)))
+  stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), stats)
+  if axis_name is not None:
+    grads = jax.lax.psum(grads, axis_name)
+    nll_sum = jax.lax.psum(nll_sum, axis_name)
+    stats = jax.lax.pmean(stats, axis_name)
+
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  router_bias = state.router_bias
+  if router_bias and "balancing_ratio" in stats:
+    router_bias = {"bias": routing.loss_free_bias_update(router_bias["bias"], stats["balancing_ratio"],
+                                                           cfg.bal_update_rate)}
+  loss = nll_sum / count
+  metrics = {"loss": loss, "total_loss": loss + stats["aux_loss"], "grad_norm": grad_norm,
+             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+             "param_norm": optax.tree.norm(params), "target_tokens": count, **stats}
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, router_bias=router_bias)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, cfg: ModelConfig, document_mask: bool = False,
+              axis_name: str | None = None) -> dict:
+  """Validation sums over a batch of [B, seq_len + 1] rows: {'nll_sum', 'count'} (training-style top-k routing)."""
+  model = MoRLM(cfg)
+  inputs, targets, mask, pos, seg_in = split_batch(batch, document_mask)
+  rngs = {"router": jax.random.fold_in(state.rng, 0x7FFFFFFF)} if cfg.rand_router else None
+  logits, _ = model.apply(state.variables(), inputs, pos, seg_in, routing_mode="topk", step=state.step, rngs=rngs)
+  nll, count = cross_entropy(logits, targets, mask)
+  out = {"nll_sum": nll, "count": count}
+  if axis_name is not None:
+    out = jax.lax.psum(out, axis_name)
+  return out
+
+
+def make_train_step(cfg: ModelConfig, tx, schedule, *, document_mask: bool = False, axis_name: str | None = None):
+  """`train_step` with everything static bound except (state, batch, routing_mode)."""
+  return functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule, document_mask=document_mask,
+                           axis_name=axis_name)
+
+
+def make_eval_step(cfg: ModelConfig, *, document_mask: bool = False, axis_name: str | None = None):
+  return functools.partial(eval_step, cfg=cfg, document_mask=document_mask, axis_name=axis_name)
