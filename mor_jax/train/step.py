@@ -102,9 +102,12 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
     grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
     return (grads_acc, nll_acc + nll), stats
 
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (grads, nll_sum), stats = jax.lax.scan(body, (zeros, jnp.float32(0.0)), (batch, jnp.arange(accum)))
-  stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), stats)
+  if accum == 1:  # no accumulation buffers: one fewer pass over the gradients
+    (_, (nll_sum, stats)), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch), 0)
+  else:
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, nll_sum), stats = jax.lax.scan(body, (zeros, jnp.float32(0.0)), (batch, jnp.arange(accum)))
+    stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), stats)
   if axis_name is not None:
     grads = jax.lax.psum(grads, axis_name)
     nll_sum = jax.lax.psum(nll_sum, axis_name)
