@@ -20,12 +20,7 @@ from tests.test_evaluate_nll import make_workdir  # noqa: E402
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "lm_eval_tasks")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 @pytest.fixture(scope="module")

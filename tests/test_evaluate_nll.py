@@ -24,12 +24,7 @@ from mor_jax.train.state import TrainState
 SEQ = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def words(n, seed=0):

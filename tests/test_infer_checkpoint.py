@@ -26,14 +26,7 @@ from mor_jax.train.state import TrainState
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-  """XLA without most optimisations compiles these tiny programs ~3x faster (the numbers compared are the same
-  computations either way); restored for other test modules."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def _words(n, seed=0):

@@ -17,14 +17,7 @@ from mor_jax.model.transformer import MoRLM, init_variables
 V, B, T, P, MAX_LEN = 96, 2, 16, 7, 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-  """XLA without most optimisations compiles these tiny programs ~3x faster (the numbers compared are the same
-  computations either way); restored for other test modules."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def tiny(strategy="none", R=1, mor=None, depth=2, **over):

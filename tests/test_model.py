@@ -16,14 +16,7 @@ from mor_jax.model.recursion import stack_unrolled_params
 from mor_jax.model.transformer import MoRLM, init_variables
 from mor_jax.tools import parity
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-  """XLA without most optimisations compiles these tiny programs several times faster; the compared
-  quantities are computed by the same programs either way. Restored for other modules."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 REFDATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "refdata")
