@@ -5,6 +5,8 @@
   python main.py --config=configs/smollm360_rec2.py --mode=prepare                 # build corpus, tokenizer, shards
   python main.py --mode=generate --workdir=/tmp/mor --prompt="ROMEO:"               # sample from the latest checkpoint
   python main.py --mode=eval --workdir=/tmp/mor                                     # validation NLL, top-k and causal routing
+  python main.py --mode=import --import_from=REF_OUTPUT_DIR --workdir=/tmp/imported # PyTorch-reference / HF checkpoint -> Orbax
+  python main.py --mode=export_hf --workdir=/tmp/mor --export_to=/tmp/hf            # -> Hugging Face LlamaForCausalLM directory
 
 Config fields can be overridden on the command line: --config.train.num_steps=100.
 Everything below is importable: `mor_jax.train.train_and_evaluate(config, workdir)` does the same from a notebook.
@@ -21,12 +23,16 @@ from ml_collections import config_flags
 from mor_jax import runtime
 from mor_jax.infer import cli as infer_cli
 
-MODES = ("train", "eval", "generate", "info", "prepare", "import")
+MODES = ("train", "eval", "generate", "info", "prepare", "import", "export_hf")
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, TensorBoard events and the report.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.DEFINE_integer("eval_batches", None, "eval: validation batches to score (default: the whole split).")
+flags.DEFINE_string("import_from", None, "import: a PyTorch-reference training output or Hugging Face Llama directory.")
+flags.DEFINE_string("import_run_config", None, "import: the run's YAML (recursive/mor/kv_sharing settings), when the "
+                    "directory holds several or none.")
+flags.DEFINE_string("export_to", None, "export_hf: the Hugging Face directory to write.")
 infer_cli.define_flags()  # --prompt, --interactive, --prompts_file, --step, --threshold, ... (generate; eval uses --step/--threshold)
 FLAGS = flags.FLAGS
 
@@ -44,8 +50,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
-  if config is None and FLAGS.mode not in ("generate", "eval"):
+  if config is None and FLAGS.mode not in ("generate", "eval", "import", "export_hf"):
     raise app.UsageError(f"--config is required for --mode={FLAGS.mode}.")
+  if FLAGS.mode == "train":     # several processes (config.distributed, JAX_COORDINATOR_ADDRESS, SLURM): before any device use
+    from mor_jax import distributed
+    distributed.initialize(config)
+    distributed.quiet_other_processes()   # logs and reports come from process 0
   if FLAGS.mode == "info":
     from mor_jax.model import accounting
     print(accounting.summary(config))
@@ -70,9 +80,22 @@ def main(argv):
       raise app.UsageError("--workdir is required for --mode=eval.")
     from mor_jax.evaluate import main_eval
     main_eval(config, FLAGS.workdir, step=FLAGS.step, threshold=FLAGS.threshold, batches=FLAGS.eval_batches)
+  elif FLAGS.mode == "import":
+    if not FLAGS.import_from or not FLAGS.workdir:
+      raise app.UsageError("--mode=import needs --import_from=DIR (the checkpoint) and --workdir=OUT (to write).")
+    from mor_jax.interop import importer
+    try:
+      importer.import_reference(FLAGS.import_from, FLAGS.workdir, config=config, run_config=FLAGS.import_run_config)
+    except ValueError as e:      # InteropError, ConfigError: the message says what is wrong and what to do
+      sys.exit(f"error: {e}")
+  elif FLAGS.mode == "export_hf":
+    from mor_jax.interop import exporter
+    try:
+      exporter.main_export(FLAGS.workdir, FLAGS.export_to, step=FLAGS.step, config=config)
+    except ValueError as e:      # InteropError, InferenceError
+      sys.exit(f"error: {e}")
   else:
-    raise app.UsageError(f"--mode={FLAGS.mode} is not implemented yet (its issue is open); "
-                         "available: train, eval, generate, info, prepare.")
+    raise app.UsageError(f"--mode={FLAGS.mode} is not implemented.")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.dtype = "float32"          # compute dtype: float32 | bfloat16 (params stay float32)
   m.remat_policy = "none"      # none | full | dots | dots_no_batch | save_attn_out
   m.scan_layers = True         # nn.scan over the shared block's layers (False: unrolled loop)
+  m.attention_impl = "auto"    # auto (dot_product on GPU/TPU, custom on CPU) | custom (hand-written VJP, fastest on CPU) | dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPU for causal masks, XLA otherwise)
 
   # ---------------------------------------------------- parameter sharing
   r = c.recursion = ml_collections.ConfigDict()
@@ -64,6 +65,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   kv = c.kv_sharing = ml_collections.ConfigDict()
   kv.enable = False
+
+  # ------------------------------- initialise from a pretrained model (spec section 7)
+  # Applied to a fresh training run only (a run that resumes keeps its checkpoint). `from_path` stands for the
+  # spec's `init.from` ('from' is a Python keyword): a Hugging Face Llama/SmolLM directory (config.json +
+  # model.safetensors or pytorch_model.bin) or a mor-jax workdir/checkpoint of a vanilla or recursive model.
+  init = c.init = ml_collections.ConfigDict()
+  init.from_path = ""          # '' -> random initialisation (train from scratch)
+  init.strategy = "stepwise"   # stepwise | average | lower | upper | random (random: seeded by train.seed)
 
   # ----------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
@@ -119,5 +128,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p = c.parallel = ml_collections.ConfigDict()
   p.mode = "pjit"              # pjit (jax.jit over a device mesh) | pmap (replicated jax.pmap)
   p.num_devices = 0            # use the first N devices (0: all; pjit: global devices, pmap: local devices)
+  p.data = -1                  # pjit mesh axis 'data': pure data parallelism (-1: the devices left after fsdp)
+  p.fsdp = 1                   # pjit mesh axis 'fsdp': parameters and optimizer state sharded over it (1: off; -1: the rest)
+  p.prefetch = 0               # batches read and put on the devices ahead by a background thread (0: inline)
+
+  # ---------------------------------------------- multi-process (multi-host) runs; see mor_jax/distributed.py
+  dist = c.distributed = ml_collections.ConfigDict()
+  dist.enable = "auto"         # auto (these fields, JAX_COORDINATOR_ADDRESS or SLURM with > 1 task) | on | off
+  dist.coordinator_address = ""  # host:port of process 0 ('' -> environment)
+  dist.coordinator_port = 0    # SLURM: coordinator port (0 -> JAX_COORDINATOR_PORT or derived from SLURM_JOB_ID)
+  dist.num_processes = 0       # 0 -> environment (JAX_NUM_PROCESSES, SLURM_NTASKS)
+  dist.process_id = -1         # -1 -> environment (JAX_PROCESS_ID, SLURM_PROCID)
+  dist.local_device_ids = ()   # devices this process uses (() -> all visible; SLURM with several tasks per node: SLURM_LOCALID)
+  dist.initialization_timeout = 300  # seconds to wait for all processes
 
   return c

@@ -14,7 +14,9 @@ import math
 import ml_collections
 
 STRATEGIES = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
+INIT_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")   # spec section 7 (config.init.strategy)
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out", "dots_attn")
+ATTENTION_IMPLS = ("auto", "custom", "dot_product")
 
 
 class ConfigError(ValueError):
@@ -39,6 +41,7 @@ class ModelConfig:
   dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = True
+  attention_impl: str = "auto"   # auto | custom | dot_product (see mor_jax/model/fused_attention.py)
   # sharing
   strategy: str = "none"
   num_recursions: int = 1
@@ -129,6 +132,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _fail("model.dtype", f"unknown compute dtype {m.dtype!r}; use 'float32' or 'bfloat16'.")
   if m.remat_policy not in REMAT_POLICIES:
     _fail("model.remat_policy", f"unknown policy {m.remat_policy!r}; choose one of {REMAT_POLICIES}.")
+  if m.get("attention_impl", "auto") not in ATTENTION_IMPLS:
+    _fail("model.attention_impl", f"unknown implementation {m.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
   if r.strategy not in STRATEGIES:
     _fail("recursion.strategy", f"unknown strategy {r.strategy!r}; choose one of {STRATEGIES}.")
   R = int(r.num_recursions)
@@ -180,11 +185,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _fail("mor.capacity_factor", f"must be in (0, 1], got {mor.capacity_factor}.")
   if c.kv_sharing.enable and not (mor.enable and mor.type == "expert"):
     _fail("kv_sharing.enable", "KV sharing is implemented for expert-choice MoR; enable mor with type 'expert' or turn it off.")
+  if "init" in c:
+    _validate_init(c.init, r.strategy)
   if "train" in c:
     _validate_train(c, num_devices)
   if "data" in c and c.data.get("seq_len", 0) > m.max_seq_len:
     _fail("data.seq_len", f"{c.data.seq_len} exceeds model.max_seq_len {m.max_seq_len}.")
   return c
+
+
+def _validate_init(init, sharing):
+  """config.init (pretrained initialisation); the source itself is checked when a fresh run reads it."""
+  path, strategy = init.get("from_path", ""), init.get("strategy", "stepwise")
+  if not isinstance(path, str):
+    _fail("init.from_path", f"must be a path string ('' for random initialisation), got {path!r}.")
+  if strategy not in INIT_STRATEGIES:
+    _fail("init.strategy", f"unknown strategy {strategy!r}; choose one of {INIT_STRATEGIES}.")
+  if path and sharing == "none" and strategy != "stepwise":
+    _fail("init.strategy", f"{strategy!r} chooses pretrained layers for a shared block, but recursion.strategy is "
+          "'none' (vanilla), whose layers are copied one to one; set recursion.strategy (and num_recursions) or "
+          "leave init.strategy at 'stepwise'.")
 
 
 def _validate_train(c, num_devices):
@@ -210,6 +230,54 @@ def _validate_train(c, num_devices):
     _fail("train.warmup_steps", f"must be between 0 and num_steps ({t.num_steps}).")
   if "parallel" in c and c.parallel.mode not in ("pjit", "pmap"):
     _fail("parallel.mode", f"unknown mode {c.parallel.mode!r}; use 'pjit' or 'pmap'.")
+  if "parallel" in c:
+    _validate_mesh(c.parallel, num_devices)
+  if "distributed" in c:
+    _validate_distributed(c.distributed)
+
+
+def _validate_mesh(p, num_devices):
+  data, fsdp = int(p.get("data", -1)), int(p.get("fsdp", 1))
+  if p.mode == "pmap" and fsdp != 1:
+    _fail("parallel.fsdp", f"is {fsdp}, but FSDP needs parallel.mode 'pjit' (pmap replicates the state); set it to 1.")
+  if p.mode == "pjit":
+    resolve_mesh_shape(num_devices, data, fsdp)
+  if int(p.get("prefetch", 0)) < 0:
+    _fail("parallel.prefetch", "must be >= 0 (0: no background prefetch).")
+
+
+def _validate_distributed(d):
+  if str(d.get("enable", "auto")).lower() not in ("auto", "on", "off", "true", "false"):
+    _fail("distributed.enable", f"unknown value {d.enable!r}; use 'auto', 'on' or 'off'.")
+  if d.get("coordinator_address") and ":" not in str(d.coordinator_address):
+    _fail("distributed.coordinator_address", f"{d.coordinator_address!r} needs host:port (the address of process 0).")
+  if int(d.get("num_processes", 0)) < 0:
+    _fail("distributed.num_processes", "must be >= 0 (0: from the environment).")
+  n, pid = int(d.get("num_processes", 0)), int(d.get("process_id", -1))
+  if pid < -1 or (n > 0 and pid >= n):
+    _fail("distributed.process_id", f"is {pid}; it must be -1 (from the environment) or in [0, num_processes = {n}).")
+
+
+def resolve_mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, int]:
+  """(data, fsdp) sizes for `num_devices`; -1 means 'the rest'. Raises ConfigError naming the field."""
+  data, fsdp = int(data), int(fsdp)
+  for name, v in (("data", data), ("fsdp", fsdp)):
+    if v == 0 or v < -1:
+      raise ConfigError(f"config.parallel.{name}: {v} is not a mesh axis size; use a positive size or -1 (the rest).")
+  if data == -1 and fsdp == -1:
+    raise ConfigError("config.parallel.fsdp: parallel.data and parallel.fsdp are both -1; give one of them a size.")
+  if data == -1:
+    data, rest = divmod(num_devices, fsdp)
+    if rest or data == 0:
+      raise ConfigError(f"config.parallel.fsdp: {fsdp} does not divide the {num_devices} devices; pick a divisor.")
+  elif fsdp == -1:
+    fsdp, rest = divmod(num_devices, data)
+    if rest or fsdp == 0:
+      raise ConfigError(f"config.parallel.data: {data} does not divide the {num_devices} devices; pick a divisor.")
+  if data * fsdp != num_devices:
+    raise ConfigError(f"config.parallel.fsdp: mesh data x fsdp = {data} x {fsdp} = {data * fsdp} but {num_devices} "
+                      "devices are used; set one of parallel.data / parallel.fsdp to -1.")
+  return data, fsdp
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -221,6 +289,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       rope_theta=float(m.rope_theta), rms_eps=float(m.rms_eps), max_seq_len=int(m.max_seq_len),
       tie_embeddings=bool(m.tie_embeddings), init_std=float(m.init_std), dtype=str(m.dtype),
       remat_policy=str(m.remat_policy), scan_layers=bool(m.scan_layers),
+      attention_impl=str(m.get("attention_impl", "auto")),
       strategy=str(r.strategy), num_recursions=int(r.num_recursions),
       mor_enable=bool(mor.enable), mor_type=str(mor.type), router_type=str(mor.router_type),
       router_func=str(mor.router_func), alpha=float(mor.alpha), temperature=float(mor.temperature),

@@ -90,21 +90,18 @@ def test_rolling_loglikelihood(wd, lm):
   assert abs(windowed - full) > 1e-3            # less context: a different (here: the windowed) value
 
 
-def test_local_multiple_choice_task_through_simple_evaluate(wd, lm, tmp_path):
-  task_dir = tmp_path / "tasks"
-  task_dir.mkdir()
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+  task_dir = tmp_path_factory.mktemp("tasks")
   shutil.copy(os.path.join(DATA, "tiny_mc.jsonl"), task_dir / "tiny_mc.jsonl")
   yaml = open(os.path.join(DATA, "tiny_mc.yaml")).read().replace("test: tiny_mc.jsonl",
                                                                   f"test: {task_dir / 'tiny_mc.jsonl'}")
   (task_dir / "tiny_mc.yaml").write_text(yaml)
-  from lm_eval.tasks import TaskManager
-  tm = TaskManager(include_path=str(task_dir), include_defaults=False)   # skip indexing ~10k stock tasks
-  res = lm_eval.simple_evaluate(model="mor_jax", model_args={"workdir": wd["dir"], "batch_size": 4},
-                                tasks=["mor_tiny_mc"], num_fewshot=0, task_manager=tm, bootstrap_iters=0,
-                                log_samples=False)
-  acc = res["results"]["mor_tiny_mc"]["acc,none"]
-  # direct: argmax over choices of log p(" " + choice | question)
-  tok = wd["tokenizer"]
+  return task_dir
+
+
+def _direct_mc_accuracy(wd, lm, task_dir):
+  """argmax over choices of log p(" " + choice | question), computed from the model directly."""
   docs = [json.loads(l) for l in open(task_dir / "tiny_mc.jsonl")]
   hits = 0
   for d in docs:
@@ -113,7 +110,58 @@ def test_local_multiple_choice_task_through_simple_evaluate(wd, lm, tmp_path):
       c, k = lm._encode_pair(d["question"], " " + ch)
       scores.append(_direct_logprob_sum(wd["cfg"], wd["variables"], c + k, len(k)))
     hits += int(np.argmax(scores) == d["answer"])
-  assert acc == pytest.approx(hits / len(docs))
+  return hits / len(docs)
+
+
+def test_local_multiple_choice_task_through_simple_evaluate(wd, lm, task_dir):
+  from lm_eval.tasks import TaskManager
+  tm = TaskManager(include_path=str(task_dir), include_defaults=False)   # skip indexing ~10k stock tasks
+  res = lm_eval.simple_evaluate(model="mor_jax", model_args={"workdir": wd["dir"], "batch_size": 4},
+                                tasks=["mor_tiny_mc"], num_fewshot=0, task_manager=tm, bootstrap_iters=0,
+                                log_samples=False)
+  acc = res["results"]["mor_tiny_mc"]["acc,none"]
+  assert acc == pytest.approx(_direct_mc_accuracy(wd, lm, task_dir))
+
+
+def _pth_installed():
+  import site
+  dirs = site.getsitepackages() + [site.getusersitepackages()]
+  return any(os.path.exists(os.path.join(d, "mor_jax_lm_eval.pth")) for d in dirs)
+
+
+def test_lm_eval_cli_knows_mor_jax(wd, lm, task_dir, tmp_path):
+  """`lm_eval run --model mor_jax ...` in a fresh interpreter: the installed .pth hook registers the model.
+
+  Without an installed package (a plain checkout), the same hook is installed by hand first; a non-editable
+  `pip install .` (what .ci/run does) ships the .pth, and then the real `lm_eval` executable is used.
+  """
+  import subprocess
+  import sys
+  args = ["run", "--model", "mor_jax", "--model_args", f"workdir={wd['dir']}", "--batch_size", "4", "--tasks",
+          "mor_tiny_mc", "--include_path", str(task_dir), "--output_path", str(tmp_path / "out")]
+  exe = shutil.which("lm_eval", path=os.path.dirname(sys.executable))
+  if _pth_installed() and exe:
+    cmd = [exe] + args
+  else:
+    cmd = [sys.executable, "-c", "import sys, mor_jax.evaluate.lm_eval_hook as h; h.install(); "
+           "from lm_eval.__main__ import cli_evaluate; sys.argv = ['lm_eval'] + sys.argv[1:]; cli_evaluate()"] + args
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", HF_DATASETS_OFFLINE="1",
+             PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         os.environ.get("PYTHONPATH", "")]))
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "out") for f in fs if f.startswith("results")]
+  assert results, out.stdout[-2000:]
+  acc = json.load(open(results[0]))["results"]["mor_tiny_mc"]["acc,none"]
+  assert acc == pytest.approx(_direct_mc_accuracy(wd, lm, task_dir))
+
+
+def test_hook_registers_lazily():
+  """install() adds an import hook only; the registry gets a lazy "module:Class" entry when lm_eval loads it."""
+  from mor_jax.evaluate import lm_eval_hook
+  from lm_eval.api.registry import get_model
+  lm_eval_hook.install()   # lm_eval's registry is already imported here: registers directly
+  assert get_model("mor_jax") is harness.MoRJaxLM
 
 
 def test_generate_until(wd, lm):

@@ -172,7 +172,8 @@ def _resolve_split(split: str) -> str:
 def make_dataset(config, split: str, *, local_batch_size: int,
                  process_index: int = 0, process_count: int = 1,
                  seed: int | None = None, num_epochs: int | None = None,
-                 prepared: PreparedData | None = None) -> grain.IterDataset:
+                 prepared: PreparedData | None = None,
+                 drop_remainder: bool = False) -> grain.IterDataset:
   """The grain IterDataset behind `make_iterator` (see there)."""
   d = config.data
   split = _resolve_split(split)
@@ -203,6 +204,8 @@ def make_dataset(config, split: str, *, local_batch_size: int,
   seed = int(d.shuffle_seed if seed is None else seed)
   finite = num_epochs is not None
   ds = grain.MapDataset.source(source)
+  if drop_remainder:                       # equal shards: drop the last len % count documents
+    ds = ds[:len(source) - len(source) % process_count]
   ds = ds[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map(to_ids)
@@ -229,7 +232,9 @@ def make_dataset(config, split: str, *, local_batch_size: int,
 def make_iterator(config, split: str, *, global_batch_size: int,
                   process_index: int | None = None,
                   process_count: int | None = None, seed: int | None = None,
-                  num_epochs: int | None = None) -> grain.DatasetIterator:
+                  num_epochs: int | None = None,
+                  shard_options: grain.sharding.ShardOptions | None = None
+                  ) -> grain.DatasetIterator:
   """A checkpointable iterator of packed batches for one split.
 
   Args:
@@ -239,8 +244,12 @@ def make_iterator(config, split: str, *, global_batch_size: int,
     global_batch_size: rows per step over all processes; each process gets
       global_batch_size // process_count rows.
     process_index, process_count: this process's shard of the documents
-      (default: jax.process_index(), jax.process_count()). Shards are
-      disjoint and together cover the split.
+      (default: jax.process_index(), jax.process_count(), i.e. grain's
+      `ShardByJaxProcess`). Shards are disjoint and together cover the split.
+    shard_options: a `grain.sharding.ShardOptions` (e.g.
+      `grain.sharding.ShardByJaxProcess(drop_remainder=True)`) instead of
+      process_index / process_count; drop_remainder gives every shard the
+      same number of documents.
     seed: shuffle seed (default config.data.shuffle_seed). Each epoch is
       shuffled differently, deterministically.
     num_epochs: None repeats forever; an int stops after that many epochs,
@@ -258,6 +267,10 @@ def make_iterator(config, split: str, *, global_batch_size: int,
   restoring yields exactly the batches that followed. Call `close()` when
   done if num_workers > 0.
   """
+  drop_remainder = False
+  if shard_options is not None:
+    process_index, process_count = shard_options.shard_index, shard_options.shard_count
+    drop_remainder = bool(shard_options.drop_remainder)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = (jax.process_index() if process_index is None
@@ -271,5 +284,6 @@ def make_iterator(config, split: str, *, global_batch_size: int,
   ds = make_dataset(config, split,
                     local_batch_size=global_batch_size // process_count,
                     process_index=process_index, process_count=process_count,
-                    seed=seed, num_epochs=num_epochs)
+                    seed=seed, num_epochs=num_epochs,
+                    drop_remainder=drop_remainder)
   return iter(ds)

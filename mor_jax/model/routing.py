@@ -111,6 +111,7 @@ def expert_choice_stage(cfg: ModelConfig, routers, block_fn, h_BTD, index_BT, po
       g, p = gate_scores(cfg, z[..., 0])
     logits_out.append(z)
     n = cand.shape[1]
+    everyone = False
     if masked:
       if mode == "causal":
         chosen = cand_valid & passes_threshold(cfg, g, threshold) if (r > 0 or caps[0] < 1) else cand_valid
@@ -126,13 +127,18 @@ def expert_choice_stage(cfg: ModelConfig, routers, block_fn, h_BTD, index_BT, po
       w = p
     else:
       k = ks[r]
-      top_p, top_i = jax.lax.top_k(p, k)
-      order = jnp.argsort(top_i, axis=1)
-      top_i = jnp.take_along_axis(top_i, order, axis=1)
-      w = jnp.take_along_axis(top_p, order, axis=1)
-      sel = jnp.take_along_axis(cand, top_i, axis=1)
+      everyone = k == n   # capacity 1 at this recursion: the sorted top-k is the identity, skip gather/scatter
+      if everyone:
+        w, sel = p, cand
+        target = jnp.ones((B, n), jnp.float32)
+      else:
+        top_p, top_i = jax.lax.top_k(p, k)
+        order = jnp.argsort(top_i, axis=1)
+        top_i = jnp.take_along_axis(top_i, order, axis=1)
+        w = jnp.take_along_axis(top_p, order, axis=1)
+        sel = jnp.take_along_axis(cand, top_i, axis=1)
+        target = jnp.zeros((B, n), jnp.float32).at[b_idx, top_i].set(1.0)
       sel_valid = None
-      target = jnp.zeros((B, n), jnp.float32).at[b_idx, top_i].set(1.0)
       count = B * n
       weight = jnp.ones((B, n), jnp.float32)
     # auxiliary statistics over the candidates of this recursion
@@ -151,11 +157,16 @@ def expert_choice_stage(cfg: ModelConfig, routers, block_fn, h_BTD, index_BT, po
         kv0 = kv
       if masked:
         h_BTD = h_BTD + jnp.where(sel_valid, gate, 0.0)[..., None].astype(h_BTD.dtype) * out
+      elif everyone and sel is index_BT:
+        h_BTD = h_BTD + gate[..., None].astype(h_BTD.dtype) * out
       else:
         h_BTD = _scatter_add(h_BTD, sel, gate[..., None] * _take(out, sel))
     elif masked:
       out, _ = block_fn(h_BTD, index_BT, pos_BT, seg_BT, sel_valid, None)
       h_BTD = h_BTD + jnp.where(sel_valid, gate, 0.0)[..., None].astype(h_BTD.dtype) * out
+    elif everyone and sel is index_BT:
+      out, _ = block_fn(h_BTD, index_BT, pos_BT, seg_BT, None, None)
+      h_BTD = h_BTD + gate[..., None].astype(h_BTD.dtype) * out
     else:
       y = _take(h_BTD, sel)
       out, _ = block_fn(y, sel, _take(pos_BT, sel), None if seg_BT is None else _take(seg_BT, sel), None, None)

@@ -1,10 +1,16 @@
-"""Parity with the PyTorch reference: `python -m mor_jax.tools.parity FIXTURE_DIR [--tol 1e-4]`.
+"""Parity with the PyTorch reference: `python -m mor_jax.tools.parity DIR [--tol 1e-4]`.
 
 A fixture directory holds `config.json`, `weights.npz` (reference state dict),
 `inputs.npz` (`input_ids`), `outputs.npz` (expected logits, losses, routing)
 and optionally `grads.npz` (gradients of the total training loss). The tool
 builds the model from config.json, loads the weights, runs the inputs and
 prints the max abs difference per quantity; it exits 1 if any is above --tol.
+
+DIR may also be a reference training output directory (what
+`--mode=import` reads: `model.safetensors` or `pytorch_model.bin`, the HF
+`config.json`, the run's YAML) that additionally holds `inputs.npz` and
+`outputs.npz`; its weights and settings are read by
+`mor_jax.interop.importer.load_source` (`--run_config` names the YAML).
 """
 
 from __future__ import annotations
@@ -25,20 +31,47 @@ def _ce_sum(logits, tokens):
   return jnp.sum(nll), nll.size
 
 
-def compute(fixture_dir: str):
-  """Returns (ours: dict name->array, expected: dict name->array) for a fixture directory."""
-  import jax
-  import jax.numpy as jnp
+def _is_fixture(directory: str) -> bool:
+  cfg_json = os.path.join(directory, "config.json")
+  if not (os.path.isfile(cfg_json) and os.path.isfile(os.path.join(directory, "weights.npz"))):
+    return False
+  with open(cfg_json) as f:
+    meta = json.load(f)
+  return isinstance(meta.get("model"), dict) and "kind" in meta
+
+
+def _load(directory: str, run_config: str | None = None):
+  """(ModelConfig, params in the model's layout) of a fixture or a reference training output directory."""
   from mor_jax import config as C
   from mor_jax.interop import reference as ref
-  from mor_jax.model.transformer import MoRLM, abstract_variables
+  from mor_jax.model.transformer import abstract_variables
+  if _is_fixture(directory):
+    with open(os.path.join(directory, "config.json")) as f:
+      meta = json.load(f)
+    cfg = C.model_config(C.validate(ref.config_from_reference(meta), num_devices=1))
+    weights = dict(np.load(os.path.join(directory, "weights.npz")))
+    params = ref.params_from_state_dict(cfg, weights)
+    ref.check_shapes(cfg, params, abstract_variables(cfg)["params"])
+    return cfg, params
+  from mor_jax.interop import importer, layout
+  src = importer.load_source(directory, run_config=run_config)
+  cfg = C.model_config(C.validate(src.config, num_devices=1))
+  return cfg, layout.to_model_layout(cfg, importer.params_from_weights(cfg, src.state_dict))
 
-  with open(os.path.join(fixture_dir, "config.json")) as f:
-    meta = json.load(f)
-  cfg = C.model_config(C.validate(ref.config_from_reference(meta), num_devices=1))
-  weights = dict(np.load(os.path.join(fixture_dir, "weights.npz")))
-  params = ref.params_from_state_dict(cfg, weights)
-  ref.check_shapes(cfg, params, abstract_variables(cfg)["params"])
+
+def compute(fixture_dir: str, run_config: str | None = None):
+  """Returns (ours: dict name->array, expected: dict name->array) for a fixture or reference output directory."""
+  import jax
+  import jax.numpy as jnp
+  from mor_jax.interop import layout
+  from mor_jax.interop import reference as ref
+  from mor_jax.model.transformer import MoRLM
+
+  for name in ("inputs.npz", "outputs.npz"):
+    if not os.path.isfile(os.path.join(fixture_dir, name)):
+      raise SystemExit(f"error: {fixture_dir} has no {name}; parity needs the fixture-format inputs.npz "
+                       "(input_ids) and outputs.npz (logits_eval, ...) next to the weights.")
+  cfg, params = _load(fixture_dir, run_config)
   params = jax.tree.map(jnp.asarray, params)
   tokens = jnp.asarray(np.load(os.path.join(fixture_dir, "inputs.npz"))["input_ids"], jnp.int32)
   expected = dict(np.load(os.path.join(fixture_dir, "outputs.npz")))
@@ -53,7 +86,12 @@ def compute(fixture_dir: str):
     ce_sum, _ = _ce_sum(logits, tokens)
     return ce_sum / (B * T) + aux["aux_loss"], (logits, aux)
 
-  (total, (logits, aux)), grads = jax.jit(jax.value_and_grad(total_loss, has_aux=True))(params)
+  grads_path = os.path.join(fixture_dir, "grads.npz")
+  if os.path.exists(grads_path):
+    (total, (logits, aux)), grads = jax.jit(jax.value_and_grad(total_loss, has_aux=True))(params)
+  else:                          # nothing to compare gradients with: the forward pass alone compiles faster
+    logits, aux = jax.jit(model.apply)(variables, tokens)
+    total = _ce_sum(logits, tokens)[0] / (B * T) + aux["aux_loss"]
   ce_sum, n = _ce_sum(logits, tokens)
   ours = {"logits_train": logits, "logits_eval": logits, "loss_eval": ce_sum / n, "loss_train": ce_sum / (B * T),
           "total_loss_train": total}
@@ -73,10 +111,9 @@ def compute(fixture_dir: str):
     for split in ("train", "eval"):
       ours[f"router_logits_{split}_r0"] = aux["router_logits"][0]
       ours[f"token_depth_index_{split}"] = aux["depth"]
-  grads_path = os.path.join(fixture_dir, "grads.npz")
   if os.path.exists(grads_path):
     ref_grads = dict(np.load(grads_path))
-    ours_sd = ref.state_dict_from_params(cfg, jax.tree.map(np.asarray, grads))
+    ours_sd = ref.state_dict_from_params(cfg, layout.to_stacked_layout(cfg, jax.device_get(grads)))
     for path, j, keys, tr in ref.reference_layout(cfg):
       present = [k for k in keys if k in ref_grads]
       if present:
@@ -100,10 +137,15 @@ def compare(ours: dict, expected: dict):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("fixture_dir")
+  parser.add_argument("fixture_dir", help="a fixture directory or a reference training output directory")
   parser.add_argument("--tol", type=float, default=1e-4)
+  parser.add_argument("--run_config", default=None, help="the run's YAML when DIR holds several or none")
   args = parser.parse_args(argv)
-  ours, expected = compute(args.fixture_dir)
+  try:
+    ours, expected = compute(args.fixture_dir, args.run_config)
+  except ValueError as e:          # InteropError, ReferenceMappingError, ConfigError: say what is wrong
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   rows = compare(ours, expected)
   skipped = sorted(set(expected) - set(ours))
   worst = 0.0

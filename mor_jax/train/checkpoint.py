@@ -6,6 +6,13 @@ host before `save` returns, files are written in the background). `state` is
 the unreplicated TrainState; `data` the grain iterator's JSON state; `meta`
 the config, the per-step loss / learning-rate history and run facts.
 
+Several processes: every process calls `save` and `restore` (Orbax writes
+each array's shards from the processes that hold them, JSON items from
+process 0); `data` then holds every process's iterator state
+(`{"iterator": <process 0's>, "processes": [<state of process i>, ...]}`,
+gathered at save time) and each process resumes from its own. The directory
+must be on a filesystem all hosts share.
+
 Restore is verified: Orbax lists a corrupt or partial step like a good one
 and fails only when it is read, so `restore_latest` tries the newest step,
 checks what it read (step number, finite parameters), and on any failure
@@ -23,8 +30,11 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mor_jax import distributed
 
 ITEMS = ("state", "data", "meta")
 
@@ -66,8 +76,11 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state, meta: dict) -> None:
     """Starts an (asynchronous) save of `state` (unreplicated), the iterator state and `meta` at `step`."""
+    data = {"iterator": data_state}
+    if jax.process_count() > 1:                  # JSON items are written by process 0: gather every process's state
+      data["processes"] = distributed.allgather_json(data_state)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave({"iterator": data_state}),
+                              data=ocp.args.JsonSave(data),
                               meta=ocp.args.JsonSave(meta))
     self._manager.save(int(step), args=args, force=True)
     self.written.append(int(step))
@@ -94,10 +107,9 @@ class Checkpointer:
     got = int(np.asarray(jax.device_get(state.step)))
     if got != step:
       raise ValueError(f"checkpoint {step} holds a state of step {got}")
-    finite = jax.tree.map(lambda x: bool(np.all(np.isfinite(np.asarray(jax.device_get(x))))), state.params)
-    if not all(jax.tree.leaves(finite)):
+    if not _all_finite(state.params):
       raise ValueError(f"checkpoint {step} holds non-finite parameters")
-    return Restored(step=step, state=state, data=(out["data"] or {}).get("iterator"), meta=meta)
+    return Restored(step=step, state=state, data=_process_data_state(out["data"] or {}, step), meta=meta)
 
   def restore_latest(self, abstract_state, shardings, check_meta=None) -> Restored | None:
     """The newest step that restores and verifies; corrupt ones are warned about and moved aside."""
@@ -115,7 +127,44 @@ class Checkpointer:
 
   def _quarantine(self, step: int) -> None:
     src = os.path.join(self.directory, str(step))
+    if jax.process_count() > 1:                  # process 0 moves it; the others wait for that
+      if jax.process_index() == 0 and os.path.exists(src):
+        os.makedirs(self.corrupt_dir, exist_ok=True)
+        shutil.move(src, os.path.join(self.corrupt_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"))
+      distributed.barrier(f"mor_jax_quarantine_{step}")
+      self._manager.reload()
+      return
     if os.path.exists(src):
       os.makedirs(self.corrupt_dir, exist_ok=True)
       shutil.move(src, os.path.join(self.corrupt_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"))
     self._manager.reload()
+
+
+def _all_finite(tree) -> bool:
+  """True if every array in `tree` is finite (arrays spread over several processes are checked on device)."""
+  leaves = jax.tree.leaves(tree)
+  if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+    return all(bool(np.all(np.isfinite(np.asarray(jax.device_get(x))))) for x in leaves)
+  return bool(jax.device_get(_finite_on_device(leaves)))
+
+
+@jax.jit
+def _finite_on_device(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _process_data_state(data: dict, step: int):
+  """This process's iterator state from a checkpoint's `data` item (None if it cannot be resumed exactly)."""
+  n, i = jax.process_count(), jax.process_index()
+  per_process = data.get("processes")
+  if per_process is None:
+    if n == 1:
+      return data.get("iterator")
+    logging.warning("checkpoint %d was written by one process; the %d processes now running start their data "
+                    "shards from the beginning.", step, n)
+    return None
+  if len(per_process) != n:
+    logging.warning("checkpoint %d was written by %d processes, %d run now: the data shards differ, so each "
+                    "process starts its shard from the beginning.", step, len(per_process), n)
+    return None
+  return per_process[i]

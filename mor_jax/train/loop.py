@@ -38,11 +38,12 @@ import ml_collections
 import numpy as np
 
 from mor_jax import config as config_lib
+from mor_jax import distributed
 from mor_jax.train import checkpoint as ckpt_lib
 from mor_jax.train import metrics as metrics_lib
 from mor_jax.train import report as report_lib
 from mor_jax.train.optimizer import make_optimizer
-from mor_jax.train.parallel import DataParallel
+from mor_jax.train.parallel import DataParallel, DevicePrefetcher, format_bytes
 from mor_jax.train.state import abstract_state, init_state, num_params
 from mor_jax.train.step import make_eval_step, make_train_step, routing_mode_for_step
 
@@ -95,7 +96,13 @@ def _select_devices(config) -> DataParallel:
   if n < 0 or n > len(available):
     raise config_lib.ConfigError(f"config.parallel.num_devices: {n} requested but {len(available)} devices are "
                                  "available; use 0 for all of them.")
-  return DataParallel(mode, available[:n] if n else available)
+  if n and jax.process_count() > 1:
+    raise config_lib.ConfigError(f"config.parallel.num_devices: {n} with {jax.process_count()} processes; "
+                                 "multi-process runs use every device of every process (set it to 0).")
+  if mode == "pjit":
+    config_lib.resolve_mesh_shape(n or len(available), par.get("data", -1), par.get("fsdp", 1))
+  return DataParallel(mode, available[:n] if n else available, data=int(par.get("data", -1)),
+                      fsdp=int(par.get("fsdp", 1)) if mode == "pjit" else 1)
 
 
 def _check_compatible(cfg: config_lib.ModelConfig, meta: dict) -> None:
@@ -278,6 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   dp = _select_devices(config)
   config = config_lib.validate(config, num_devices=dp.num_devices)
   cfg = config_lib.model_config(config)
+  pretrained = bool(config.get("init") and config.init.get("from_path"))
+  if pretrained:                 # check init.from_path up front (skipped when the workdir will resume)
+    from mor_jax.interop import pretrained_init  # pylint: disable=g-import-not-at-top
+    pretrained_init.check_source(config, cfg, workdir)
   t = config.train
   num_steps, accum = int(t.num_steps), int(t.grad_accum_steps)
   seq_len = int(config.data.seq_len)
@@ -286,13 +297,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tx, schedule = make_optimizer(config)
 
   default_data = train_iterator is None
+  multi_process = jax.process_count() > 1
+  if multi_process and eval_iterator_fn is None and int(t.eval_batches) < 0:
+    raise config_lib.ConfigError(f"config.train.eval_batches: -1 (the whole validation split) needs one process; "
+                                 f"with {jax.process_count()} processes every process must score the same number of "
+                                 "batches: set a positive number.")
   if train_iterator is None or eval_iterator_fn is None:
     from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    if multi_process:                        # process 0 builds corpus / tokenizer / shards, the others then load them
+      if is_main:
+        data_lib.prepare(config)
+      distributed.barrier("mor_jax_prepare_data")
   if train_iterator is None:
     train_iterator = data_lib.make_iterator(config, "train", global_batch_size=int(t.total_batch_size))
   if eval_iterator_fn is None:
     def eval_iterator_fn(batch_size):
-      return data_lib.make_iterator(config, "validation", global_batch_size=batch_size, num_epochs=1)
+      # several processes: a repeating iterator, so that every process has its eval_batches batches
+      return data_lib.make_iterator(config, "validation", global_batch_size=batch_size,
+                                    num_epochs=None if multi_process else 1)
 
   # ------------------------------------------------------------ state: resume or start
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
@@ -309,13 +331,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("resuming from the checkpoint at step %d in %s", start, ckpt.directory)
   else:
     state = dp.create_state(lambda: init_state(cfg, tx, int(t.seed)))
+    if pretrained:               # fresh run only: a resumed run keeps its checkpoint (spec section 7)
+      state = pretrained_init.apply_to_state(config, cfg, state, dp)
     start = 0
     meta = {"version": META_VERSION, "name": str(config.get("name", "")),
             "history": {"step": [], "loss": [], "learning_rate": []}, "val_history": [],
             "training_time_seconds": 0.0, "checkpoints_written": [], "runs": []}
   meta["config"] = json.loads(config.to_json_best_effort())
   meta["model_config"] = json.loads(json.dumps(dataclasses.asdict(cfg)))
-  run_info = {"started": _now(), "start_step": start, "devices": dp.num_devices, "mode": dp.mode}
+  run_info = {"started": _now(), "start_step": start, "devices": dp.num_devices, "mode": dp.mode,
+              "processes": jax.process_count()}
   meta["runs"].append(run_info)
 
   # ------------------------------------------------------------ accounting
@@ -333,6 +358,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                "accumulation %d x %d devices; %s train FLOPs/token", meta["name"], f"{n_params:,}",
                dp.num_devices, device_kind, dp.mode, rows_per_step, seq_len, int(t.per_device_batch_size), accum,
                dp.num_devices, f"{flops_per_token:.3e}" if flops_per_token else "n/a")
+  state_memory = dp.state_memory(abstract)
+  logging.info("%s; train state per device: parameters %s, optimizer state %s, total %s", dp.describe(),
+               format_bytes(state_memory["params"]), format_bytes(state_memory["opt_state"]),
+               format_bytes(state_memory["total"]))
 
   writer = metrics_lib.MetricWriter(workdir, resume_step=start, enabled=is_main)
   show_bar = is_main and bool(t.get("progress_bar", True))
@@ -340,7 +369,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      rows_per_step=rows_per_step, flops_per_token=flops_per_token, peak=peak,
                      num_devices=dp.num_devices, show_bar=show_bar)
 
-  train_fn = dp.compile_train_step(make_train_step(cfg, tx, schedule, document_mask=document_mask))
+  if dp.mode == "pjit":                       # exactly the placement the step is compiled for (no-op when it is)
+    state = dp.place_state(state)
+  train_fn = dp.ahead_of_time(dp.compile_train_step(        # pjit: compiled ahead of time, memory analysis logged
+      make_train_step(cfg, tx, schedule, document_mask=document_mask),
+      dp.state_shardings(abstract) if dp.mode == "pjit" else None))
   eval_fn = dp.compile_eval_step(make_eval_step(cfg, document_mask=document_mask))
   eval_batches = int(t.eval_batches)
   eval_every = int(t.eval_every_steps)
@@ -398,6 +431,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   meta_time_base = float(meta.get("training_time_seconds", 0.0))
   t_loop = time.time()
   pending = None                              # (step, device metrics) not yet fetched
+  feed = DevicePrefetcher(train_iterator, lambda b: dp.shard_train_batch(b, accum),
+                          int(config.parallel.get("prefetch", 0)) if "parallel" in config else 0)
+  stop_flags: list = []                       # several processes: 'any process got a signal', per step (device)
   try:
     with _SignalGuard() as guard:
       if start == 0 and eval_batches != 0:
@@ -407,20 +443,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.info(message)
       tracker.start_clock()
       while step < num_steps:
-        if guard.received:
+        if multi_process:                     # all processes stop at the same step: decide on a flag two steps old
+          if len(stop_flags) > 1 and bool(dp.fetch(stop_flags.pop(0))):
+            status, message = "interrupted", f"stopped by a signal to one of the processes at step {step}"
+            break
+        elif guard.received:
           status, message = "interrupted", f"stopped by {guard.received} at step {step}"
           break
         if max_this_run and step - start >= max_this_run:
           status, message = "paused", f"train.max_steps_per_run={max_this_run} reached at step {step}; run again to continue"
           break
         try:
-          batch = next(train_iterator)
+          device_batch, data_state = next(feed)   # the iterator's state right after this batch
         except StopIteration:
           status, message = "stopped", f"the training data ran out at step {step}"
           break
-        data_state = train_iterator.get_state() if hasattr(train_iterator, "get_state") else None
-        state, metrics = train_fn(state, dp.shard_train_batch(batch, accum), routing_mode_for_step(cfg, step))
+        state, metrics = train_fn(state, device_batch, routing_mode_for_step(cfg, step))
         step += 1
+        if multi_process:
+          stop_flags.append(dp.any_process(guard.received is not None))
         if pending is not None:               # the previous step's metrics: the device is busy with this one
           tracker.process(pending[0], dp.fetch(pending[1]))
         pending = (step, metrics)
@@ -455,6 +496,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     status, message, error = "aborted", f"{type(e).__name__}: {e}", e
   finally:
     tracker.close()
+    feed.close()
     try:
       ckpt.close()
     finally:
@@ -474,6 +516,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          start=start, step=tracker.last_step, elapsed=elapsed, tracker=tracker,
                          n_params=n_params, flops_per_token=flops_per_token, peak=peak, ckpt=ckpt,
                          rows_per_step=rows_per_step, tokens_per_step=tokens_per_step, run_time=time.time() - t_loop,
+                         state_memory=state_memory,
                          epoch_tokens=_epoch_tokens(config) if default_data else None)
   if is_main:
     report_lib.write_report(workdir, report, meta["history"], meta["val_history"])
@@ -484,7 +527,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _build_report(config, meta, *, status, message, workdir, dp, start, step, elapsed, tracker, n_params,
-                  flops_per_token, peak, ckpt, rows_per_step, tokens_per_step, run_time, epoch_tokens) -> dict:
+                  flops_per_token, peak, ckpt, rows_per_step, tokens_per_step, run_time, epoch_tokens,
+                  state_memory=None) -> dict:
   t = config.train
   h = meta["history"]
   steps_this_run = max(0, step - start)
@@ -505,7 +549,9 @@ def _build_report(config, meta, *, status, message, workdir, dp, start, step, el
       "total_batch_size": rows_per_step, "per_device_batch_size": int(t.per_device_batch_size),
       "grad_accum_steps": int(t.grad_accum_steps), "seq_len": int(config.data.seq_len),
       "devices": {"count": dp.num_devices, "kind": dp.devices[0].device_kind, "platform": dp.devices[0].platform,
-                  "mode": dp.mode, "processes": jax.process_count()},
+                  "mode": dp.mode, "processes": jax.process_count(),
+                  "mesh": {"data": dp.data_size, "fsdp": dp.fsdp_size}},
+      "memory": {"state_per_device": state_memory or {}, "compiled": dict(dp.compiled_memory)},
       "checkpoints": {"directory": ckpt.directory, "written": list(meta.get("checkpoints_written", [])),
                       "kept": ckpt.all_steps()},
       "runs": meta.get("runs", []),
