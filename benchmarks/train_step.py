@@ -8,6 +8,7 @@ runs: forward, backward of CE + aux losses, global-norm clipping and AdamW
 (mor_jax.train.train_step). Prints median step time, tokens/s, model FLOPs
 per token (mor_jax.model.accounting convention), achieved GFLOP/s, the fp32
 matmul peak measured in the same process, and the reference's tokens/s.
+Each variant is timed in a fresh process (`--in_process` to time them in this one).
 Not a test: timings depend on the machine and its load.
 """
 
@@ -96,6 +97,18 @@ def time_variant(name, batch, seq, steps, warmup=3):
           "gflops": fl * batch * seq / med / 1e9, "loss": float(m["loss"])}
 
 
+def _time_in_subprocess(variant, args):
+  import subprocess
+  import tempfile
+  with tempfile.TemporaryDirectory() as d:
+    out = os.path.join(d, "row.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--in_process", "--variants", variant, "--steps",
+           str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--json", out,
+           "--reference", args.reference]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.load(open(out))["rows"][0]
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   here = os.path.dirname(os.path.abspath(__file__))
@@ -105,6 +118,9 @@ def main(argv=None):
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--json", default="", help="also write the rows to this file")
+  p.add_argument("--in_process", action="store_true",
+                 help="time all variants in this process (default: a fresh process per variant, so one variant's "
+                      "allocations and compiled programs cannot slow down the next)")
   args = p.parse_args(argv)
   ref = {}
   if os.path.exists(args.reference):
@@ -113,7 +129,10 @@ def main(argv=None):
   peak = matmul_peak()
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, fp32 matmul peak (1024^3) {peak:.1f} GFLOP/s; "
         f"batch {args.batch} x seq {args.seq}, median of {args.steps} steps")
-  rows = [time_variant(v, args.batch, args.seq, args.steps) for v in args.variants.split(",")]
+  if args.in_process:
+    rows = [time_variant(v, args.batch, args.seq, args.steps) for v in args.variants.split(",")]
+  else:
+    rows = [_time_in_subprocess(v, args) for v in args.variants.split(",")]
   print(f"{'variant':30s} {'step ms':>8s} {'tok/s':>7s} {'GFLOP/tok':>9s} {'GFLOP/s':>8s} {'%peak':>6s} "
         f"{'ref eager':>9s} {'ref sdpa':>8s} {'x ref':>6s}")
   for r in rows:

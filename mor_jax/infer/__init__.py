@@ -8,6 +8,8 @@ Public API:
   SamplingParams(temperature, top_k, top_p);  sample_logits(keys, logits, sampling)
   forward_cached(cfg, plan, variables, cache, tokens, positions, valid, threshold=) -> (h, cache, info)
   make_plan(cfg, max_len, capacity) -> CachePlan;  init_cache(cfg, plan, batch);  KVCache;  cache_stats(cache, plan)
+  Engine(cfg, variables, tokenizer, slots=, max_new_tokens=, ...).generate(prompts, max_new_tokens=[...]) / .submit + .run
+      continuous depth-wise batching (engine.py): same outputs as Generator, higher decode throughput
   main_generate(config, workdir, prompt=..., interactive=..., prompts_file=..., ...)   the generate command
   cli.define_flags(), cli.run_from_flags(config, workdir)                            main.py wiring
 
@@ -20,6 +22,7 @@ _EXPORTS = {
     "CachePlan": "cache", "KVCache": "cache", "cache_stats": "cache", "init_cache": "cache", "make_plan": "cache",
     "InferenceError": "decode", "forward_cached": "decode", "logits_fn": "decode",
     "Generation": "generate", "Generator": "generate", "SamplingParams": "generate", "sample_logits": "generate",
+    "Engine": "engine",
     "Restored": "checkpoint", "find_checkpoints": "checkpoint", "load_tokenizer": "checkpoint",
     "restore": "checkpoint",
     "main_generate": "cli",

@@ -1,0 +1,145 @@
+"""Continuous depth-wise batching engine: for the same requests, its outputs equal the plain generation path's
+(greedy and seeded sampling, token for token, with the recursions behind every token), while tokens at different
+depths share ticks, exit in the same tick, wait for a compacted first/last layer and slots are refilled from the
+queue; vanilla, token-choice and KV-sharing models; clear errors. (Non-routed recursive models take the
+vanilla path of the tick with the window caches of the routed ones.)"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.base import get_config
+from mor_jax import config as C
+from mor_jax.infer import Generator, InferenceError, SamplingParams
+from mor_jax.infer.engine import Engine
+from mor_jax.model.transformer import init_variables
+
+V, CTX, MAX_LEN = 96, 40, 32
+GREEDY = SamplingParams(temperature=0.0)
+
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
+
+def tiny(strategy="middle_cycle", R=3, mor="expert", **over):
+  c = get_config()
+  layers = 3 if strategy == "none" else (2 if strategy.startswith("middle") else 0) + R
+  c.model.update(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=layers, num_heads=4, num_kv_heads=2,
+                 max_seq_len=CTX)
+  c.data.seq_len = 16
+  c.recursion.update(strategy=strategy, num_recursions=R)
+  if mor:
+    c.mor.update(enable=True, type=mor)
+    if mor == "token":
+      c.mor.update(router_func="softmax", alpha=1.0)
+  for k, v in over.items():
+    sec, f = k.split("__")
+    c[sec][f] = v
+  return C.model_config(C.validate(c, num_devices=1))
+
+
+@functools.lru_cache(maxsize=None)
+def variables_for(cfg, seed=0):
+  """normal(0, 0.02) weights drawn with numpy; routers x300 (decisions far from the threshold, both ways) and a
+  sharper head (std 0.3) so that greedy choices are not near-ties."""
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(lambda: init_variables(cfg, jax.random.PRNGKey(0)))
+
+  def draw(path, a):
+    names = [str(getattr(k, "key", "")) for k in path]
+    if names[-1] == "scale":
+      return jnp.ones(a.shape, a.dtype)
+    if names[0] == "router_bias":
+      return jnp.asarray(rng.normal(0, 0.05, a.shape), a.dtype)
+    std = 0.3 if names[1] == "lm_head" else 0.02 * (300.0 if any(n.startswith("router") for n in names) else 1.0)
+    return jnp.asarray(rng.normal(0, std, a.shape), a.dtype)
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+_rng = np.random.default_rng(7)
+PROMPTS = [[int(x) for x in _rng.integers(1, V, n)] for n in (3, 9, 5, 2, 12, 7, 4, 6)]
+NEW = [12, 3, 9, 14, 5, 1, 10, 7]
+
+
+def plain(cfg, prompts, new, sampling=GREEDY, seed=0, row_ids=None, **kw):
+  """The plain path: one batch, the longest length for all, each output cut to its request's length (greedy and
+  seeded sampling are prefix-consistent: token i depends on the tokens before it and its own key only)."""
+  outs = Generator(cfg, variables_for(cfg), **kw).generate(prompts, max_new_tokens=max(new), sampling=sampling,
+                                                           seed=seed, max_len=MAX_LEN, row_ids=row_ids)
+  return [(o.tokens[:n], o.recursions[:n], o.prompt_recursions) for o, n in zip(outs, new)]
+
+
+def served(outs):
+  return [(o.tokens, o.recursions, o.prompt_recursions) for o in outs]
+
+
+def test_engine_equals_plain_generation_with_mixed_depths_compaction_and_refills():
+  cfg = tiny()
+  eng = Engine(cfg, variables_for(cfg), slots=3, max_len=MAX_LEN, max_new_tokens=14, entry_rows=1, exit_rows=2,
+               prefill_rows=3)
+  outs = eng.generate(PROMPTS, max_new_tokens=NEW, sampling=GREEDY)
+  assert served(outs) == plain(cfg, PROMPTS, NEW)
+  assert all(o.finish_reason == "length" and len(o.tokens) == n for o, n in zip(outs, NEW))
+  s = eng.stats
+  assert {r for o in outs for r in o.recursions} == {1, 2, 3}       # every depth occurs
+  assert s["mixed_depth_ticks"] > 0      # one block call advanced tokens at different depths
+  assert s["mixed_exit_ticks"] > 0       # tokens of different depths left in the same tick
+  assert s["entry_waits"] > 0 and s["exit_waits"] > 0               # the compacted first/last layers made some wait
+  assert s["admit_calls"] >= 4           # 8 requests through 3 slots: refilled from the queue
+  assert s["tokens"] == sum(NEW) - len(NEW)                         # the first token of each comes from the prefill
+  assert 0 < s["slot_utilisation"] <= 1
+  # seeded sampling draws the same tokens as the plain path (same per-request keys), and the engine keeps
+  # serving: new requests go into the slots the previous run left
+  sp = SamplingParams(temperature=1.0, top_k=20)
+  more = eng.generate(PROMPTS, max_new_tokens=NEW, sampling=sp, seed=3)
+  assert served(more) == plain(cfg, PROMPTS, NEW, sampling=sp, seed=3)
+  assert served(more) != served(outs)
+  # a request whose only token comes from the prefill never occupies a slot for a tick
+  one = eng.generate([[5, 6]], max_new_tokens=1, sampling=GREEDY)[0]
+  assert len(one.tokens) == 1 and eng.stats["ticks"] == 0
+
+
+CASES = {
+    "vanilla": dict(strategy="none", R=1, mor=None),
+    "token_choice": dict(strategy="cycle", R=3, mor="token"),
+    # capacities below 1 at recursion 0: some tokens run no recursion (only the KV write of recursion 0)
+    "kv_sharing": dict(mor__capacity=(0.5, 0.5, 0.25), kv_sharing__enable=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_engine_equals_plain_generation_for_other_models(name):
+  cfg = tiny(**CASES[name])
+  kw = dict(kv_capacity=(1.0, 0.4, 0.2)) if name == "token_choice" else {}   # small caches: admission binds
+  eng = Engine(cfg, variables_for(cfg), slots=3, max_len=MAX_LEN, max_new_tokens=14, prefill_rows=3, **kw)
+  outs = eng.generate(PROMPTS, max_new_tokens=NEW, sampling=GREEDY)
+  assert served(outs) == plain(cfg, PROMPTS, NEW, **kw)
+  depths = {r for o in outs for r in o.recursions}
+  if name == "kv_sharing":
+    assert 0 in depths and len(depths) >= 3
+  elif name == "token_choice":
+    assert len(depths) >= 2 and eng.stats["mixed_exit_ticks"] > 0
+  else:
+    assert depths == {cfg.recursions}
+
+
+def test_engine_state_and_errors():
+  cfg = tiny()
+  eng = Engine(cfg, variables_for(cfg), slots=2, max_len=MAX_LEN, max_new_tokens=8)
+  with pytest.raises(InferenceError, match="exceeds the model's context of 40"):
+    eng.submit([1] * 35, max_new_tokens=8)
+  with pytest.raises(InferenceError, match="at most 8"):
+    eng.submit([1, 2], max_new_tokens=9)
+  with pytest.raises(InferenceError, match="cache positions"):
+    eng.submit([1] * 30, max_new_tokens=5)
+  with pytest.raises(InferenceError, match="empty"):
+    eng.submit([], max_new_tokens=4)
+  with pytest.raises(InferenceError, match="vocabulary"):
+    eng.submit([V + 1], max_new_tokens=4)
+  with pytest.raises(InferenceError, match="one shared block per recursion"):
+    Engine(tiny(strategy="middle_sequence", R=2, mor=None), None, slots=2)
+  with pytest.raises(InferenceError, match="max_len"):
+    Engine(cfg, None, slots=2, max_len=CTX + 1)
+  assert not eng.queue and eng.kv_bytes() > 0
