@@ -70,12 +70,11 @@ import numpy as np
 
 from mor_jax.config import ModelConfig
 from mor_jax.infer import cache as cache_lib
-from mor_jax.infer import decode as decode_lib
 from mor_jax.infer.decode import InferenceError, check_supported, forward_cached, logits_fn
 from mor_jax.infer.generate import FINISH_REASONS, Generation, SamplingParams, sample_logits, sampling_arrays
 from mor_jax.model import routing
 from mor_jax.model.layers import causal_mask, rope_angles
-from mor_jax.model.recursion import Block
+from mor_jax.model.recursion import Block, stack_unrolled_params
 from mor_jax.model.transformer import MoRLM
 
 EMPTY, ENTER, BLOCK, EXIT, DONE = range(5)
@@ -104,9 +103,13 @@ class EngineLayout:
 
 def make_layout(cfg: ModelConfig, slots: int, max_len: int, max_new: int, kv_capacity="full",
                 entry_rows: int | None = None, exit_rows: int | None = None) -> EngineLayout:
+  """Shapes of an engine: its cache plan (the plain path's, `kv_capacity` 'full' / 'routed' / fractions) and the
+  recursion regions of the shared block's cache laid side by side."""
   plan = cache_lib.make_plan(cfg, max_len, kv_capacity)
   R = cfg.recursions
-  if cfg.strategy in ("sequence", "middle_sequence") or len(plan.calls) != R or any(c.recursion != r or c.layers != (0, cfg.base_depth) for r, c in enumerate(plan.calls)):
+  one_block_per_recursion = len(plan.calls) == R and all(
+      c.recursion == r and c.layers == (0, cfg.base_depth) for r, c in enumerate(plan.calls))
+  if cfg.strategy in ("sequence", "middle_sequence") or not one_block_per_recursion:
     raise InferenceError("the depth-wise batching engine needs one shared block per recursion (strategies 'none', "
                          f"'cycle', 'middle_cycle'); strategy {cfg.strategy!r} runs different layers at each depth. "
                          "Use the plain Generator for it.")
@@ -173,6 +176,8 @@ def _live(phase):
 
 
 def init_state(cfg: ModelConfig, lay: EngineLayout) -> EngineState:
+  """Empty caches and free slots. (Run it under jax.jit: the programs donate the state, and jit gives every leaf
+  its own buffer.)"""
   B, D = lay.slots, cfg.hidden_size
   n, K, E, dt = cfg.base_depth, cfg.num_kv_heads, cfg.head_dim, cfg.compute_dtype
   big = np.iinfo(np.int32).max
@@ -281,14 +286,41 @@ def _run_kv(lcfg, layer_params, kv: cache_lib.KVCache, x_M1D, pos_M, rows: _Rows
 
 
 # ----------------------------------------------------------------------------------------------- the tick
+# the model's own modules, reached through MoRLM.apply(method=...)
+def _embed(m, tokens):
+  return m.embed(tokens)
+
+
+def _final_norm(m, x):
+  return m.final_norm(x)
+
+
+def _expert_router(m, x, r):
+  return m.routers[r](x)
+
+
+def _token_router(m, x):
+  return m.router(x)
+
+
+def _layer_cfg(cfg: ModelConfig) -> ModelConfig:
+  return dataclasses.replace(cfg, scan_layers=True, remat_policy="none")   # as forward_cached: same numbers
+
+
+def _block_params(params) -> dict:
+  """The shared block's parameters in the scanned layout {'layers': stacked on axis 0}."""
+  bp = params["block"]
+  return bp if "layers" in bp else stack_unrolled_params(bp)
+
+
 def _unique(params, name):
   return {"layers": jax.tree.map(lambda a: a[None], params[name])}
 
 
 def _routers(cfg, model, variables, x_B1D):
   """Expert-choice router logits of every recursion: [B, R] float32."""
-  return jnp.stack([model.apply(variables, x_B1D, r, method=decode_lib._expert_router)[:, 0, 0]  # pylint: disable=protected-access
-                    for r in range(cfg.recursions)], axis=-1)
+  return jnp.stack([model.apply(variables, x_B1D, r, method=_expert_router)[:, 0, 0] for r in range(cfg.recursions)],
+                   axis=-1)
 
 
 def _admit(lay: EngineLayout, stage_len, r_B, slots=None):
@@ -305,7 +337,7 @@ def _admit(lay: EngineLayout, stage_len, r_B, slots=None):
 def tick(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, threshold, sp, eos_id) -> EngineState:
   """One step of the engine: entry phase, one batched block pass at mixed depths, exit phase."""
   model = MoRLM(cfg)
-  lcfg = decode_lib._layer_cfg(cfg)  # pylint: disable=protected-access
+  lcfg = _layer_cfg(cfg)
   params = variables["params"]
   R, B = cfg.recursions, lay.slots
   expert = cfg.mor_enable and cfg.mor_type == "expert"
@@ -321,7 +353,7 @@ def tick(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, thresh
     st, cache = st_cache
     sel = enter.sel
     tok, pos = enter.take(st.token), enter.take(st.pos)
-    x = model.apply(variables, tok[:, None], method=decode_lib._embed)  # pylint: disable=protected-access
+    x = model.apply(variables, tok[:, None], method=_embed)
     first = cache.first
     if cfg.has_middle:
       x, first = _run_kv(lcfg, _unique(params, "first"), first, x, pos, enter, sel)
@@ -330,7 +362,7 @@ def tick(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, thresh
     h0 = x[:, 0]
     target, gate = zero, jnp.zeros(tok.shape, jnp.float32)
     if expert:
-      z = model.apply(variables, x, 0, method=decode_lib._expert_router)[:, 0, 0]  # pylint: disable=protected-access
+      z = model.apply(variables, x, 0, method=_expert_router)[:, 0, 0]
       g, p = routing.gate_scores(cfg, z)
       want = routing.passes_threshold(cfg, g, threshold) if cfg.capacities[0] < 1 else jnp.ones_like(sel)
       gate = jnp.ones_like(p) if cfg.gating == "identity" else p
@@ -339,7 +371,7 @@ def tick(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, thresh
       else:
         run = apply = sel & want & admit0
     elif token_choice:
-      z = model.apply(variables, x, method=decode_lib._token_router)[:, 0]  # pylint: disable=protected-access
+      z = model.apply(variables, x, method=_token_router)[:, 0]
       p = cfg.alpha * (jax.nn.softmax(z, -1) if cfg.router_func == "softmax" else jax.nn.sigmoid(z))
       bias = variables.get("router_bias", {}).get("bias") if cfg.balancing == "loss_free" else None
       target = jnp.argmax(p + (0.0 if bias is None else bias), axis=-1).astype(jnp.int32)
@@ -371,9 +403,9 @@ def tick(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, thresh
     b = jnp.arange(B)
     length = cache.stage_len[region, b]
     whole = len(lay.capacity) == 1 and lay.window == lay.width
-    out, k, v, idx = _cached_layers(lcfg, decode_lib._block_params(params), cache.stage_k, cache.stage_v,  # pylint: disable=protected-access
-                                    cache.stage_index, st.h[:, None], st.pos, off_M=None if whole else off,
-                                    len_M=length, write_M=write, window=lay.window)
+    out, k, v, idx = _cached_layers(lcfg, _block_params(params), cache.stage_k, cache.stage_v, cache.stage_index,
+                                    st.h[:, None], st.pos, off_M=None if whole else off, len_M=length, write_M=write,
+                                    window=lay.window)
     stage_len = cache.stage_len.at[region, b].add(write.astype(jnp.int32))
     cache = cache.replace(stage_k=k, stage_v=v, stage_index=idx, stage_len=stage_len)
     out = out[:, 0]
@@ -418,7 +450,7 @@ def tick(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, thresh
     last = cache.last
     if cfg.has_middle:
       x, last = _run_kv(lcfg, _unique(params, "last"), last, x, pos, leave, sel)
-    hn = model.apply(variables, x, method=decode_lib._final_norm)  # pylint: disable=protected-access
+    hn = model.apply(variables, x, method=_final_norm)
     logits = logits_fn(cfg, variables, hn[:, 0])
     count = leave.take(st.count)
     keys = jax.vmap(jax.random.fold_in)(leave.take(st.keys), count)
@@ -682,7 +714,8 @@ class Engine:
         row_ids = np.zeros((Bp,), np.int32)
         for i, (r, b) in enumerate(zip(take, slots_used)):
           tokens[i, :len(r.prompt_tokens)] = r.prompt_tokens
-          lengths[i], slots_arr[i], limits[i], reqs[i], row_ids[i] = len(r.prompt_tokens), b, r.max_new_tokens, r.id, r.row_id
+          lengths[i], slots_arr[i], limits[i] = len(r.prompt_tokens), b, r.max_new_tokens
+          reqs[i], row_ids[i] = r.id, r.row_id
           owner[b] = r
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(row_ids))
         ta = time.perf_counter()
