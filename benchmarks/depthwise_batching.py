@@ -28,7 +28,8 @@ ceil(c_r * max_len) entries, so its KV memory follows the capacities). Also prin
 mean recursions per generated token, slot utilisation (the fraction of block rows that did useful work: engine =
 applied block rows / (ticks x slots); batched = generated tokens / (decode steps x B)), the engine's exit/entry
 waits, the ideal speedup from routing alone L / (2 + d x mean recursions) (layer applications per token, head
-excluded), whether the engine's tokens equal batched decoding's token for token, and the distribution of
+excluded), CPU time per generated token (all threads; less sensitive than wall clock to other processes on a
+shared machine), whether the engine's tokens equal batched decoding's token for token, and the distribution of
 recursion depths per generated token. The engine's first/last-layer sub-batch is 1.2 x B / the mean recursions
 that batched decoding measured on the warm-up requests (`--exit_rows`).
 
@@ -181,7 +182,7 @@ def run_batched(cfg, variables, wl: Workload, B: int, max_len: int, kv_capacity:
   thr, sp, eos = jnp.float32(threshold), sampling_arrays(SamplingParams(temperature=0.0)), jnp.int32(-1)
   base = jax.random.PRNGKey(0)
   tokens_out, rec_out, steps = {}, {}, 0
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   for a in range(0, len(wl.prompts), B):
     idx = list(range(a, min(a + B, len(wl.prompts))))
     P = _bucket(max(len(wl.prompts[i]) for i in idx))
@@ -200,11 +201,11 @@ def run_batched(cfg, variables, wl: Workload, B: int, max_len: int, kv_capacity:
     for j, i in enumerate(idx):
       tokens_out[i] = out[j, :count[j]].tolist()
       rec_out[i] = rec[j, :count[j]].tolist()
-  wall = time.perf_counter() - t0
+  wall, cpu = time.perf_counter() - t0, time.process_time() - c0
   gen = sum(len(t) for t in tokens_out.values())
   recs = [r for i in rec_out for r in rec_out[i][1:]]   # recursions of the decoded tokens' positions
   return {"wall_s": wall, "generated_tokens": gen, "tok_s": gen / wall, "mean_recursions": float(np.mean(recs)),
-          "slot_utilisation": gen / max(1, steps * B), "tokens": [tokens_out[i] for i in range(len(wl.prompts))],
+          "cpu_ms_per_token": 1e3 * cpu / gen, "slot_utilisation": gen / max(1, steps * B), "tokens": [tokens_out[i] for i in range(len(wl.prompts))],
           "recursions": [rec_out[i] for i in range(len(wl.prompts))]}
 
 
@@ -215,15 +216,15 @@ def run_engine(cfg, variables, wl: Workload, B: int, max_len: int, kv_capacity: 
   refill = refill_min or max(1, B // 8)
   eng = Engine(cfg, variables, slots=B, max_len=max_len, max_new_tokens=max(wl.new_tokens), threshold=threshold,
                kv_capacity=kv_capacity, entry_rows=rows, exit_rows=rows, refill_min=refill, prefill_rows=refill)
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   outs = eng.generate(wl.prompts, max_new_tokens=wl.new_tokens, sampling=SamplingParams(temperature=0.0),
                       stop_at_eos=False)
-  wall = time.perf_counter() - t0
+  wall, cpu = time.perf_counter() - t0, time.process_time() - c0
   s = eng.stats
   gen = sum(len(o.tokens) for o in outs)
   recs = [r for o in outs for r in o.recursions[1:]]
   return {"wall_s": wall, "generated_tokens": gen, "tok_s": gen / wall, "mean_recursions": float(np.mean(recs)),
-          "slot_utilisation": s["slot_utilisation"], "ticks": s["ticks"], "admit_s": s["admit_s"],
+          "cpu_ms_per_token": 1e3 * cpu / gen, "slot_utilisation": s["slot_utilisation"], "ticks": s["ticks"], "admit_s": s["admit_s"],
           "exit_waits_per_tick": s["exit_waits"] / max(1, s["ticks"]),
           "entry_waits_per_tick": s["entry_waits"] / max(1, s["ticks"]),
           "mixed_depth_ticks": s["mixed_depth_ticks"] / max(1, s["ticks"]), "tokens_per_tick": s["tokens_per_tick"],
@@ -325,11 +326,11 @@ def main(argv=None):
     print(f"memory budget {budget / 2**20:.1f} MiB (vanilla at batch {args.budget_batch}): batches {bs}", flush=True)
 
   results = []
-  header = ("| setting | model | mode | batch | tok/s | vs (a) | mean rec/token | ideal (routing) | slot util "
-            "| exit waits/tick | = batched |")
-  print(header + "\n|" + " --- |" * 11, flush=True)
+  header = ("| setting | model | mode | batch | tok/s | vs (a) | vs (a') | CPU ms/token | mean rec/token "
+            "| ideal (routing) | slot util | exit waits/tick | = batched |")
+  print(header + "\n|" + " --- |" * 13, flush=True)
   for setting, batches, mor_capacity in settings:
-    base_tok_s = None
+    base_tok_s = base_engine = None
     for name, (_, cfg, variables, _) in models.items():
       B = batches[name]
       rows = None
@@ -347,22 +348,23 @@ def main(argv=None):
       plain, eng = best["batched"], best["engine"]
       same = sum(a == b for a, b in zip(plain["tokens"], eng["tokens"])) / len(wl.prompts)
       if name == "vanilla":
-        base_tok_s = plain["tok_s"]
+        base_tok_s, base_engine = plain["tok_s"], eng["tok_s"]
       d = cfg.base_depth
       for mode, r in (("batched", plain), ("engine", eng)):
         label = {("vanilla", "batched"): "(a)", ("vanilla", "engine"): "(a')"}.get(
             (name, mode), "(b)" if mode == "batched" else "(c)")
         ideal = LAYERS / (LAYERS if name == "vanilla" else 2 + d * r["mean_recursions"])
         rel = r["tok_s"] / base_tok_s if base_tok_s else float("nan")
-        waits = f"{r['exit_waits_per_tick']:.2f}" if "exit_waits_per_tick" in r else "-"
-        print(f"| {setting} | {name} | {label} {mode} | {B} | {r['tok_s']:,.0f} | {rel:.2f}x | "
-              f"{r['mean_recursions']:.2f} / {cfg.recursions} | {ideal:.2f}x | {r['slot_utilisation']:.2f} | {waits} | "
-              f"{same:.0%} |" if mode == "engine" else
-              f"| {setting} | {name} | {label} {mode} | {B} | {r['tok_s']:,.0f} | {rel:.2f}x | "
-              f"{r['mean_recursions']:.2f} / {cfg.recursions} | {ideal:.2f}x | {r['slot_utilisation']:.2f} | - | - |",
-              flush=True)
+        rel_e = r["tok_s"] / base_engine if base_engine else float("nan")
+        engine = mode == "engine"
+        waits = f"{r['exit_waits_per_tick']:.2f}" if engine else "-"
+        same_s = f"{same:.0%}" if engine else "-"
+        print(f"| {setting} | {name} | {label} {mode} | {B} | {r['tok_s']:,.0f} | {rel:.2f}x | {rel_e:.2f}x | "
+              f"{r['cpu_ms_per_token']:.2f} | {r['mean_recursions']:.2f} / {cfg.recursions} | {ideal:.2f}x | "
+              f"{r['slot_utilisation']:.2f} | {waits} | {same_s} |", flush=True)
         results.append({"setting": setting, "model": name, "mode": mode, "label": label, "batch": B,
-                        "kv_capacity": cap, "vs_vanilla_batched": rel, "ideal_routing_speedup": ideal,
+                        "kv_capacity": cap, "vs_vanilla_batched": rel, "vs_vanilla_engine": rel_e,
+                        "ideal_routing_speedup": ideal,
                         "engine_equals_batched": same, "depth_histogram": depth_histogram(r["recursions"],
                                                                                           cfg.recursions),
                         **{k: v for k, v in r.items() if k not in ("tokens", "recursions")}})

@@ -15,6 +15,8 @@
 # Needs jax with CUDA, flax, optax, orbax-checkpoint, absl, numpy, PyYAML (the GPU image has them) and
 # ml_collections: installed from ./.whl/ (carried) when missing; `pip install -r requirements-gpu.txt` is tried
 # only where jax itself is missing (it needs network access).
+# MODE=sweep: instead, an MFU sweep (scan vs unrolled layers, batch 32, cuBLAS-only GEMMs, seq 2048, MoR), with a
+# device-kernel profile of the first two runs (train_throughput.py --profile).
 # Dry run on CPU: GPU_CHECK_ALLOW_CPU=1 EXTRA_ARGS="--tiny --steps 1 --warmup 1" BUDGET_S=0 bash benchmarks/gpu_check.sh
 set -u
 OUT="${OUT:-/tmp/mor_gpu_check}"
@@ -66,10 +68,24 @@ bench() {   # name, time limit (s), then train_throughput.py arguments
 }
 left() { echo $(( ${BUDGET_S:-450} - ($(date +%s) - T0) )); }
 
-bench seq1024 180 --variants rec2 --seq 1024 --batch 16 --steps 10 --warmup 2
-bench seq2048 180 --variants rec2 --seq 2048 --batch 8 --steps 10 --warmup 2
-if [ "$(left)" -gt 120 ]; then bench mor1024 110 --variants mor_expert --seq 1024 --batch 16 --steps 10 --warmup 2; fi
-if [ "$(left)" -gt 100 ]; then bench b32_1024 $(( $(left) - 10 )) --variants rec2 --seq 1024 --batch 32 --steps 10 --warmup 2; fi
+if [ "${MODE:-check}" = sweep ]; then
+  # MFU sweep: where the step's time goes (device-kernel profile) and which settings raise MFU.
+  # Each run only starts when its time limit still fits in BUDGET_S.
+  sweep() { local name=$1 limit=$2; shift 2
+    if [ "$(left)" -gt "$limit" ]; then bench "$name" "$limit" "$@"; else log "skip $name (budget)"; fi; }
+  sweep scan_b16 100 --variants rec2 --seq 1024 --batch 16 --steps 10 --warmup 2 --scan on --profile "$OUT/prof"
+  sweep unroll_b16 130 --variants rec2 --seq 1024 --batch 16 --steps 10 --warmup 2 --scan off --profile "$OUT/prof_unroll"
+  sweep unroll_b32 130 --variants rec2 --seq 1024 --batch 32 --steps 10 --warmup 2 --scan off
+  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" sweep unroll_b16_cublas 130 --variants rec2 --seq 1024 --batch 16 \
+    --steps 10 --warmup 2 --scan off
+  sweep unroll_s2048 130 --variants rec2 --seq 2048 --batch 8 --steps 10 --warmup 2 --scan off
+  sweep unroll_mor 130 --variants mor_expert --seq 1024 --batch 16 --steps 10 --warmup 2 --scan off
+else
+  bench seq1024 180 --variants rec2 --seq 1024 --batch 16 --steps 10 --warmup 2
+  bench seq2048 180 --variants rec2 --seq 2048 --batch 8 --steps 10 --warmup 2
+  if [ "$(left)" -gt 120 ]; then bench mor1024 110 --variants mor_expert --seq 1024 --batch 16 --steps 10 --warmup 2; fi
+  if [ "$(left)" -gt 100 ]; then bench b32_1024 $(( $(left) - 10 )) --variants rec2 --seq 1024 --batch 32 --steps 10 --warmup 2; fi
+fi
 
 $PY - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
 import glob, json, os, sys

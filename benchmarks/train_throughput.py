@@ -86,6 +86,8 @@ def make_config(args, variant: str, n_devices: int):
   c.model.remat_policy = args.remat
   if args.scan is not None:
     c.model.scan_layers = args.scan == "on"
+  if args.scan_unroll is not None:
+    c.model.scan_unroll = args.scan_unroll
   c.model.max_seq_len = max(int(c.model.max_seq_len), args.seq)
   c.data.seq_len = args.seq
   c.parallel.update(mode="pjit", data=-1, fsdp=args.fsdp)
@@ -131,6 +133,7 @@ def run_variant(args, variant: str) -> dict:
     state, m = step(state, batch, "topk")
   jax.block_until_ready((state, m))
   step_s = (time.perf_counter() - t) / args.steps
+  profile = profile_steps(args.profile, lambda s: step(s, batch, "topk"), state, variant) if args.profile else None
   fpt = float(accounting.flops_per_token(cfg, args.seq)["train"])
   tokens_per_s = rows * args.seq / step_s
   tflops_dev = tokens_per_s * fpt / len(devices) / 1e12
@@ -142,7 +145,7 @@ def run_variant(args, variant: str) -> dict:
       "device_kind": kind, "devices": len(devices), "processes": jax.process_count(),
       "mesh": {"data": dp.data_size, "fsdp": dp.fsdp_size}, "dtype": args.dtype,
       "attention_impl": args.attention, "attention": _attention_label(cfg), "remat": args.remat,
-      "per_device_batch": args.batch, "seq_len": args.seq, "step_s": step_s, "tokens_per_s": tokens_per_s,
+      "scan_layers": cfg.scan_layers, "scan_unroll": cfg.scan_unroll, "per_device_batch": args.batch, "seq_len": args.seq, "step_s": step_s, "tokens_per_s": tokens_per_s,
       "tokens_per_s_per_device": tokens_per_s / len(devices), "train_flops_per_token": fpt,
       "tflops_per_device": tflops_dev, "peak_tflops_per_device": peak / 1e12 if peak else None,
       "mfu": tflops_dev * 1e12 / peak if peak else None,
@@ -150,7 +153,59 @@ def run_variant(args, variant: str) -> dict:
       "peak_memory_source": "allocator" if peak_bytes is not None else "xla_memory_analysis",
       "compiled_memory": mem, "compile_s": compile_s, "loss": float(m["loss"]),
       "params": int(sum(x.size for x in jax.tree.leaves(abstract.params))),
+      **({"profile": profile} if profile else {}),
   }
+
+
+def _kernel_kind(name: str) -> str:
+  n = name.lower()
+  if any(k in n for k in ("gemm", "cutlass", "nvjet", "cublas", "matmul", "xmma", "sm90_", "triton_dot")):
+    return "matmul"
+  if any(k in n for k in ("flash", "cudnn", "fmha", "sdpa", "attention")):
+    return "attention"
+  if any(k in n for k in ("memcpy", "memset", "copy")):
+    return "copy"
+  if "reduce" in n or "scatter" in n or "sort" in n:
+    return "reduce/scatter/sort"
+  return "elementwise/fusion"
+
+
+def profile_steps(out_dir: str, run_step, state, variant: str, steps: int = 3) -> dict:
+  """Traces `steps` steps with jax.profiler and summarises device time per kernel (where the step's time goes)."""
+  import glob, gzip, collections  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  d = os.path.join(out_dir, variant)
+  with jax.profiler.trace(d, create_perfetto_trace=True):
+    for _ in range(steps):
+      state, m = run_step(state)
+    jax.block_until_ready((state, m))
+  files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+  if not files:
+    return {"error": "no trace written"}
+  trace = json.load(gzip.open(files[0]))
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  pname = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  dev = {pid for pid, n in pname.items() if "gpu" in n.lower() or "device" in n.lower() and "cpu" not in n.lower()}
+  per = collections.Counter()
+  count = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in dev and "dur" in e:
+      per[e["name"]] += e["dur"]
+      count[e["name"]] += 1
+  total = sum(per.values())
+  if not total:
+    return {"error": "no device events", "processes": sorted(set(pname.values()))[:20]}
+  kinds = collections.Counter()
+  for n, us in per.items():
+    kinds[_kernel_kind(n)] += us
+  summary = {"device_ms_per_step": total / 1e3 / steps,
+             "by_kind_pct": {k: round(100 * v / total, 1) for k, v in kinds.most_common()},
+             "top": [{"kernel": n[:140], "ms_per_step": round(us / 1e3 / steps, 3), "calls_per_step": count[n] // steps,
+                      "pct": round(100 * us / total, 1)} for n, us in per.most_common(30)]}
+  print(f"  profile ({variant}): device time {summary['device_ms_per_step']:.1f} ms/step; by kind "
+        + ", ".join(f"{k} {v}%" for k, v in summary["by_kind_pct"].items()), flush=True)
+  for r in summary["top"][:20]:
+    print(f"    {r['ms_per_step']:8.3f} ms {r['calls_per_step']:4d}x {r['pct']:5.1f}%  {r['kernel'][:110]}", flush=True)
+  return summary
 
 
 def _attention_label(cfg) -> str:
@@ -191,11 +246,13 @@ def main(argv=None):
                  help="model.attention_impl (default: auto on accelerators; dot_product on CPU, to run the GPU path)")
   p.add_argument("--remat", default="none", choices=C.REMAT_POLICIES)
   p.add_argument("--scan", default=None, choices=("on", "off"), help="nn.scan over the shared block (config default)")
+  p.add_argument("--scan_unroll", type=int, default=None, help="model.scan_unroll (config default 0: auto)")
   p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp axis size (-1: all devices)")
   p.add_argument("--tiny", action="store_true", help="the configs' :tiny dims (CPU); default on CPU")
   p.add_argument("--full", action="store_true", help="full-size model even on CPU (slow)")
   p.add_argument("--json", default="", help="write the rows here (updated after every variant)")
   p.add_argument("--no_hugepages", action="store_true")
+  p.add_argument("--profile", default="", help="also trace 3 steps into this folder and print device time per kernel")
   args = p.parse_args(argv)
   on_cpu = jax.default_backend() == "cpu"
   if on_cpu and not args.full:

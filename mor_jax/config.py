@@ -41,6 +41,7 @@ class ModelConfig:
   dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = True
+  scan_unroll: int = 1           # layers per loop iteration of the scan (resolved; see resolve_scan_unroll)
   attention_impl: str = "auto"   # auto | custom | dot_product (see mor_jax/model/fused_attention.py)
   # sharing
   strategy: str = "none"
@@ -130,6 +131,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _fail("model.num_kv_heads", f"num_kv_heads {m.num_kv_heads} must divide num_heads {m.num_heads} (grouped-query attention).")
   if m.dtype not in ("float32", "bfloat16"):
     _fail("model.dtype", f"unknown compute dtype {m.dtype!r}; use 'float32' or 'bfloat16'.")
+  if int(m.get("scan_unroll", 0)) < 0:
+    _fail("model.scan_unroll", f"must be >= 0 (0: auto, n: layers per loop iteration), got {m.scan_unroll}.")
   if m.remat_policy not in REMAT_POLICIES:
     _fail("model.remat_policy", f"unknown policy {m.remat_policy!r}; choose one of {REMAT_POLICIES}.")
   if m.get("attention_impl", "auto") not in ATTENTION_IMPLS:
@@ -280,6 +283,21 @@ def resolve_mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple
   return data, fsdp
 
 
+def resolve_scan_unroll(scan_unroll: int, backend: str | None = None) -> int:
+  """model.scan_unroll 0 (auto): a loop on CPU, fully unrolled on GPU/TPU.
+
+  Unrolling changes only the compiled program, never the parameter layout (the
+  scanned layers' parameters stay stacked), so a checkpoint moves freely between
+  machines. Measured (H100, smollm360_rec2, bf16, 16 x 1024): MFU 29.7% as a
+  loop, 40.2% unrolled (XLA fuses across layers and drops the per-iteration
+  residual copies); on CPU the loop is faster and compiles much faster.
+  """
+  if scan_unroll > 0:
+    return scan_unroll
+  import jax  # pylint: disable=import-outside-toplevel  (only here: the config module stays jax-free)
+  return 1 if (backend or jax.default_backend()) == "cpu" else 1_000_000   # lax.scan caps it at the length
+
+
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """Builds the frozen ModelConfig from a validated config."""
   m, r, mor = config.model, config.recursion, config.mor
@@ -289,6 +307,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       rope_theta=float(m.rope_theta), rms_eps=float(m.rms_eps), max_seq_len=int(m.max_seq_len),
       tie_embeddings=bool(m.tie_embeddings), init_std=float(m.init_std), dtype=str(m.dtype),
       remat_policy=str(m.remat_policy), scan_layers=bool(m.scan_layers),
+      scan_unroll=resolve_scan_unroll(int(m.get("scan_unroll", 0))),
       attention_impl=str(m.get("attention_impl", "auto")),
       strategy=str(r.strategy), num_recursions=int(r.num_recursions),
       mor_enable=bool(mor.enable), mor_type=str(mor.type), router_type=str(mor.router_type),

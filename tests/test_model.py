@@ -224,6 +224,25 @@ def test_scan_matches_unrolled(kind):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
 
 
+def test_scan_unroll_changes_the_program_not_the_params_or_numbers():
+  loop = tiny("middle_cycle", 2, "expert", model__scan_unroll=1)
+  full = tiny("middle_cycle", 2, "expert", model__scan_unroll=8)
+  assert (loop.scan_unroll, full.scan_unroll) == (1, 8)
+  p = init_variables(loop, jax.random.PRNGKey(0))["params"]
+  assert jax.tree.structure(p) == jax.tree.structure(init_variables(full, jax.random.PRNGKey(0))["params"])
+  hlo = lambda cfg: jax.jit(lambda q: MoRLM(cfg).apply({"params": q}, tokens())[0]).lower(p).as_text()
+  assert hlo(loop).count("stablehlo.while") > hlo(full).count("stablehlo.while")   # the layer loop is gone
+  l0, g0 = _loss_and_grads(loop, p, tokens())
+  l1, g1 = _loss_and_grads(full, p, tokens())
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+  # auto: a loop on CPU (fast to compile and run there), unrolled on accelerators
+  assert C.resolve_scan_unroll(0, "cpu") == 1 and C.resolve_scan_unroll(0, "gpu") > 100
+  assert C.resolve_scan_unroll(3, "gpu") == 3
+  with pytest.raises(C.ConfigError, match="model.scan_unroll"):
+    tiny(model__scan_unroll=-1)
+
+
 def test_bf16_compute_close_to_fp32():
   f32 = tiny("middle_cycle", 2, "expert")
   b16 = tiny("middle_cycle", 2, "expert", model__dtype="bfloat16")

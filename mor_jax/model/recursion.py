@@ -55,7 +55,8 @@ class Block(nn.Module):
       cache = (cache[0], cache[1], jnp.broadcast_to(cache[2], (self.depth,) + cache[2].shape))
     if cfg.scan_layers:
       scanned = nn.scan(layer_class(cfg, True), variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=self.depth)
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=self.depth,
+                        unroll=min(cfg.scan_unroll, self.depth))
       return scanned(cfg, self.repeats, name="layers")(x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv, cache)
     cls = layer_class(cfg, False)
     kvs = []
