@@ -9,6 +9,11 @@ runs: forward, backward of CE + aux losses, global-norm clipping and AdamW
 per token (mor_jax.model.accounting convention), achieved GFLOP/s, the fp32
 matmul peak measured in the same process, and the reference's tokens/s.
 Each variant is timed in a fresh process (`--in_process` to time them in this one).
+`--calibrate` also times the PyTorch step of cpu_speed.json right after each
+variant it can build (vanilla and recursive; benchmarks/torch_calibration.py,
+needs torch + transformers) and prints our speed against PyTorch's on this
+machine at this time: a shared VM's speed drifts by tens of percent over a day,
+so the stored reference alone cannot tell a regression from a slow hour.
 Not a test: timings depend on the machine and its load.
 """
 
@@ -109,6 +114,18 @@ def _time_in_subprocess(variant, args):
     return json.load(open(out))["rows"][0]
 
 
+def _torch_in_subprocess(variant, args):
+  import subprocess
+  import tempfile
+  with tempfile.TemporaryDirectory() as d:
+    out = os.path.join(d, "torch.json")
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_calibration.py"),
+           "--variants", variant, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+           "--json", out]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.load(open(out))[0]
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   here = os.path.dirname(os.path.abspath(__file__))
@@ -121,6 +138,8 @@ def main(argv=None):
   p.add_argument("--in_process", action="store_true",
                  help="time all variants in this process (default: a fresh process per variant, so one variant's "
                       "allocations and compiled programs cannot slow down the next)")
+  p.add_argument("--calibrate", action="store_true",
+                 help="time PyTorch's step (sdpa) on this machine next to each variant it can build")
   args = p.parse_args(argv)
   ref = {}
   if os.path.exists(args.reference):
@@ -133,6 +152,14 @@ def main(argv=None):
     rows = [time_variant(v, args.batch, args.seq, args.steps) for v in args.variants.split(",")]
   else:
     rows = [_time_in_subprocess(v, args) for v in args.variants.split(",")]
+  if args.calibrate:
+    rows_by = {r["variant"]: r for r in rows}
+    for v in ("vanilla", "recursive_middle_cycle_rec2"):
+      if v in rows_by:   # jax again, then torch, back to back, so both see the same machine
+        again = _time_in_subprocess(v, args) if not args.in_process else time_variant(v, args.batch, args.seq, args.steps)
+        torch_row = _torch_in_subprocess(v, args)
+        rows_by[v]["torch_now_tokens_per_s"] = torch_row["tokens_per_s"]
+        rows_by[v]["repeat_tokens_per_s"] = again["tokens_per_s"]
   print(f"{'variant':30s} {'step ms':>8s} {'tok/s':>7s} {'GFLOP/tok':>9s} {'GFLOP/s':>8s} {'%peak':>6s} "
         f"{'ref eager':>9s} {'ref sdpa':>8s} {'x ref':>6s}")
   for r in rows:
@@ -141,6 +168,11 @@ def main(argv=None):
     print(f"{r['variant']:30s} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:7.0f} {r['train_flops_per_token'] / 1e9:9.4f} "
           f"{r['gflops']:8.1f} {100 * r['gflops'] / peak:5.1f}% {rr.get('eager', float('nan')):9.0f} "
           f"{rr.get('sdpa', float('nan')):8.0f} {(r['tokens_per_s'] / best) if best else float('nan'):6.2f}")
+  for r in rows:
+    if "torch_now_tokens_per_s" in r:
+      print(f"same machine, back to back: {r['variant']}: jax {r['repeat_tokens_per_s']:.0f} tok/s, then PyTorch "
+            f"(sdpa) {r['torch_now_tokens_per_s']:.0f} tok/s -> x torch now "
+            f"{r['repeat_tokens_per_s'] / r['torch_now_tokens_per_s']:.2f}")
   by = {r["variant"]: r for r in rows}
   a, b = by.get("mor_expert_rec2_cap1-0.5"), by.get("recursive_middle_cycle_rec2")
   if a and b:

@@ -9,6 +9,8 @@ E head dim, F ffn width.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -69,18 +71,26 @@ class Kernel(nn.Module):
     return self.param("kernel", nn.initializers.normal(self.init_std), self.shape, jnp.float32)
 
 
-def fused_projections(x_BTD, widths: dict, cfg: ModelConfig) -> list:
+def fused_projections(x_BTD, widths: dict, cfg: ModelConfig, norm_scale=None, split: bool = True):
   """Several bias-free projections of the same input as ONE matmul.
 
   The kernels stay separate parameters named as nn.Dense would name them
   (`<name>/kernel`), so checkpoints and the reference mapping are unchanged;
   they are concatenated for the call, which gives one larger matmul forward
   and one each for dX and dW backward instead of one per projection.
+  With `norm_scale`, x is the un-normalised residual stream and the RMSNorm
+  in front of the projections is part of the same call (see _norm_linear).
+  Returns one output per projection, or (split=False) their concatenation.
   """
   D = x_BTD.shape[-1]
   dt = cfg.compute_dtype
   w = jnp.concatenate([Kernel((D, n), cfg.init_std, name=name)() for name, n in widths.items()], axis=1)
-  y = linear_dot_general(x_BTD.astype(dt), w.astype(dt), (((x_BTD.ndim - 1,), (0,)), ((), ())))
+  if norm_scale is not None:
+    y = _norm_linear(x_BTD.astype(dt), norm_scale, w.astype(dt), cfg.rms_eps)
+  else:
+    y = linear_dot_general(x_BTD.astype(dt), w.astype(dt), (((x_BTD.ndim - 1,), (0,)), ((), ())))
+  if not split:
+    return y
   outs, start = [], 0
   for n in widths.values():
     outs.append(y[..., start:start + n])
@@ -89,15 +99,105 @@ def fused_projections(x_BTD, widths: dict, cfg: ModelConfig) -> list:
 
 
 class RMSNorm(nn.Module):
-  """x * rsqrt(mean(x^2) + eps) in float32, cast back, times a learned scale."""
+  """x * rsqrt(mean(x^2) + eps) in float32, cast back, times a learned scale.
+
+  `scale_only=True` returns just the scale parameter, for a caller that fuses
+  the normalisation into its projection (`fused_projections(norm_scale=...)`).
+  """
   eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, scale_only: bool = False):
     scale = self.param("scale", nn.initializers.ones, (x_BTD.shape[-1],), jnp.float32)
-    x32 = x_BTD.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return y.astype(x_BTD.dtype) * scale.astype(x_BTD.dtype)
+    if scale_only:
+      return scale
+    return _rms_normalise(x_BTD, scale, self.eps)
+
+
+def _rms_normalise(x_BTD, scale, eps):
+  x32 = x_BTD.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return y.astype(x_BTD.dtype) * scale.astype(x_BTD.dtype)
+
+
+def fuse_norms_and_activations() -> bool:
+  """Whether layers use the fused norm->projection and SwiGLU->down-projection VJPs below.
+
+  They exist for XLA:CPU, where training is bound by memory traffic: the scan
+  over layers stacks every residual of the backward pass, and these two
+  functions keep only their inputs (x and its rstd; the gate/up output)
+  instead of four to six activations of the same size, recomputing the cheap
+  elementwise parts in the backward pass. GPUs keep XLA's own fusion.
+  """
+  return jax.default_backend() == "cpu"
+
+
+def _mm(x, w):
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _weight_grad(x, g):
+  """x^T g over all leading axes, with the transpose materialised (fast form on XLA:CPU, see _linear_bwd)."""
+  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  return jnp.dot(jax.lax.optimization_barrier(x2.T), g2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _norm_linear(x, scale, w, eps):
+  """RMSNorm(x; scale) @ w, whose backward pass recomputes the normalised x from x and rstd."""
+  return _mm(_rms_normalise(x, scale, eps), w)
+
+
+def _norm_linear_fwd(x, scale, w, eps):
+  x32 = x.astype(jnp.float32)
+  rstd = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  n = (x32 * rstd).astype(x.dtype) * scale.astype(x.dtype)
+  return _mm(n, w), (x, rstd, scale, w)
+
+
+def _norm_linear_bwd(eps, res, g):
+  del eps
+  x, rstd, scale, w = res
+  xhat = x.astype(jnp.float32) * rstd
+  n = xhat.astype(x.dtype) * scale.astype(x.dtype)
+  dw = _weight_grad(n, g).astype(w.dtype)
+  dn = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  lead = tuple(range(x.ndim - 1))
+  dscale = jnp.sum(dn * xhat.astype(x.dtype).astype(jnp.float32), axis=lead).astype(scale.dtype)
+  dxhat = dn * scale.astype(jnp.float32)
+  dx = rstd * (dxhat - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+  return dx.astype(x.dtype), dscale, dw
+
+
+_norm_linear.defvjp(_norm_linear_fwd, _norm_linear_bwd)
+
+
+@jax.custom_vjp
+def _swiglu_down(gu, w):
+  """(silu(g) * u) @ w for gu = [g, u]; the backward pass recomputes the activation from gu."""
+  n = w.shape[0]
+  return _mm(nn.silu(gu[..., :n]) * gu[..., n:], w)
+
+
+def _swiglu_down_fwd(gu, w):
+  return _swiglu_down(gu, w), (gu, w)
+
+
+def _swiglu_down_bwd(res, dy):
+  gu, w = res
+  n = w.shape[0]
+  g, u = gu[..., :n], gu[..., n:]
+  h = nn.silu(g) * u
+  dw = _weight_grad(h, dy).astype(w.dtype)
+  dh = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  g32, u32 = g.astype(jnp.float32), u.astype(jnp.float32)
+  sg = jax.nn.sigmoid(g32)
+  dg = dh * u32 * sg * (1 + g32 * (1 - sg))
+  du = dh * g32 * sg
+  return jnp.concatenate([dg, du], axis=-1).astype(gu.dtype), dw
+
+
+_swiglu_down.defvjp(_swiglu_down_fwd, _swiglu_down_bwd)
 
 
 def rope_angles(positions_BT, head_dim: int, theta: float):
@@ -147,11 +247,11 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv=None, cache=None):
+  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv=None, cache=None, norm_scale=None):
     cfg = self.cfg
     H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     B, T, _ = x_BTD.shape
-    q, k, v = fused_projections(x_BTD, {"q_proj": H * E, "k_proj": K * E, "v_proj": K * E}, cfg)
+    q, k, v = fused_projections(x_BTD, {"q_proj": H * E, "k_proj": K * E, "v_proj": K * E}, cfg, norm_scale)
     q, k, v = q.reshape(B, T, H, E), k.reshape(B, T, K, E), v.reshape(B, T, K, E)
     q = apply_rope(q, cos_BTE, sin_BTE)
     k = apply_rope(k, cos_BTE, sin_BTE)
@@ -314,10 +414,17 @@ class MLP(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, norm_scale=None):
     cfg = self.cfg
-    g, u = fused_projections(x_BTD, {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}, cfg)
-    return dense(cfg.hidden_size, cfg, "down_proj")(nn.silu(g) * u)
+    F = cfg.intermediate_size
+    widths = {"gate_proj": F, "up_proj": F}
+    if norm_scale is None and not fuse_norms_and_activations():
+      g, u = fused_projections(x_BTD, widths, cfg)
+      return dense(cfg.hidden_size, cfg, "down_proj")(nn.silu(g) * u)
+    # one [g, u] array into the fused SwiGLU/down VJP (same parameters as above)
+    gu = fused_projections(x_BTD, widths, cfg, norm_scale, split=False)
+    w = Kernel((F, cfg.hidden_size), cfg.init_std, name="down_proj")()
+    return _swiglu_down(gu, w.astype(cfg.compute_dtype))
 
 
 class DecoderLayer(nn.Module):
@@ -338,10 +445,16 @@ class DecoderLayer(nn.Module):
     norm1 = RMSNorm(cfg.rms_eps, name="input_norm")
     norm2 = RMSNorm(cfg.rms_eps, name="post_attn_norm")
     kvs = []
+    fused = fuse_norms_and_activations()
     for _ in range(self.repeats):
-      h, kv = attn(norm1(x_BTD), cos_BTE, sin_BTE, mask_BTS, shared_kv, cache)
-      x_BTD = x_BTD + h
-      x_BTD = x_BTD + mlp(norm2(x_BTD))
+      if fused:   # the norms run inside the projections' VJPs (same parameters, less saved for backward)
+        h, kv = attn(x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv, cache, norm_scale=norm1(x_BTD, scale_only=True))
+        x_BTD = x_BTD + h
+        x_BTD = x_BTD + mlp(x_BTD, norm_scale=norm2(x_BTD, scale_only=True))
+      else:
+        h, kv = attn(norm1(x_BTD), cos_BTE, sin_BTE, mask_BTS, shared_kv, cache)
+        x_BTD = x_BTD + h
+        x_BTD = x_BTD + mlp(norm2(x_BTD))
       kvs.append(kv)
     if self.repeats == 1:
       return x_BTD, kvs[0]
