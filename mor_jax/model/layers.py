@@ -320,11 +320,17 @@ def _masked_fwd(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
   q = _bar(_rows(q_BTHE, K)[0])                                                   # B K GT E
   kT = _bar(k_BSKE.transpose(0, 2, 3, 1))                                         # B K E S
   v = _bar(v_BSKE.transpose(0, 2, 1, 3))                                          # B K S E
+  s = _masked_scores(q, kT, mask_BTS, G)
+  lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
+  o = jnp.matmul(jnp.exp(s - lse).astype(v.dtype), v)                             # B K GT E
+  return _unrows(o[None], T), (q, kT, v, mask_BTS, lse)   # probabilities recomputed backward (see _causal_fwd)
+
+
+def _masked_scores(q, kT, mask_BTS, G):
+  B, K, GT, E = q.shape
+  T, S = GT // G, kT.shape[-1]
   s = jnp.matmul(q, kT, preferred_element_type=jnp.float32) * (E ** -0.5)
-  s = jnp.where(mask_BTS[:, None, None], s.reshape(B, K, G, T, S), NEG_INF).reshape(B, K, G * T, S)
-  p = jax.nn.softmax(s, axis=-1)
-  o = jnp.matmul(p.astype(v.dtype), v)                                            # B K GT E
-  return _unrows(o[None], T), (q, kT, v, p)
+  return jnp.where(mask_BTS[:, None, None], s.reshape(B, K, G, T, S), NEG_INF).reshape(B, K, G * T, S)
 
 
 @jax.custom_vjp
@@ -333,9 +339,10 @@ def _masked_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
 
 
 def _masked_bwd(res, do_BTHE):
-  q, kT, v, p = res
+  q, kT, v, mask_BTS, lse = res
   K, E, T = q.shape[1], q.shape[-1], do_BTHE.shape[1]
   dt = q.dtype
+  p = jnp.exp(_masked_scores(q, kT, mask_BTS, q.shape[2] // T) - lse)
   do = _bar(_rows(do_BTHE, K)[0]).astype(dt)
   dv = jnp.matmul(_bar(p.transpose(0, 1, 3, 2)).astype(dt), do)                   # B K S E (sums the G heads)
   dp = jnp.matmul(do, _bar(v.transpose(0, 1, 3, 2)), preferred_element_type=jnp.float32)
@@ -357,26 +364,39 @@ def causal_blocks(T: int) -> int:
   return nb
 
 
+def _causal_scores(q_i, kT, i: int, Tb: int):
+  """Masked scores [B, K, G*Tb, S] of query block i against key blocks 0..i (float32)."""
+  B, K, GTb, E = q_i.shape
+  G, S = GTb // Tb, (i + 1) * Tb
+  s = jnp.matmul(q_i, kT[..., :S], preferred_element_type=jnp.float32) * (E ** -0.5)
+  m = jnp.concatenate([jnp.ones((Tb, i * Tb), bool), jnp.tril(jnp.ones((Tb, Tb), bool))], axis=1)
+  return jnp.where(m, s.reshape(B, K, G, Tb, S), NEG_INF).reshape(B, K, GTb, S)
+
+
 def _causal_fwd(q_BTHE, k_BSKE, v_BSKE):
+  """Forward over query blocks; keeps only each row's log-sum-exp for the backward pass.
+
+  The backward pass recomputes the probabilities from q, k and the
+  log-sum-exp (one more small matmul per block) instead of reading stored
+  ones: on CPU the stored probabilities were the largest residual of the
+  layer scan (84 MB a step on the benchmark model), written, zero-initialised
+  and read again every step.
+  """
   B, T, H, E = q_BTHE.shape
   K = k_BSKE.shape[2]
-  G = H // K
   nb = causal_blocks(T)
   Tb = T // nb
   q = _bar(_rows(q_BTHE, K, nb))                                                  # nb B K GTb E
   kT = _bar(k_BSKE.transpose(0, 2, 3, 1))                                         # B K E S
   v = _bar(v_BSKE.transpose(0, 2, 1, 3))                                          # B K S E
-  tri = jnp.tril(jnp.ones((Tb, Tb), bool))
-  outs, ps = [], []
+  outs, lses = [], []
   for i in range(nb):                  # query block i sees key blocks 0..i
-    S = (i + 1) * Tb
-    s = jnp.matmul(q[i], kT[..., :S], preferred_element_type=jnp.float32) * (E ** -0.5)
-    m = jnp.concatenate([jnp.ones((Tb, i * Tb), bool), tri], axis=1)
-    s = jnp.where(m, s.reshape(B, K, G, Tb, S), NEG_INF).reshape(B, K, G * Tb, S)
-    p = jax.nn.softmax(s, axis=-1)
-    outs.append(jnp.matmul(p.astype(v.dtype), v[:, :, :S]))
-    ps.append(p)
-  return _unrows(jnp.stack(outs), T), (q, kT, v, tuple(ps))
+    s = _causal_scores(q[i], kT, i, Tb)
+    lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - lse)
+    outs.append(jnp.matmul(p.astype(v.dtype), v[:, :, :(i + 1) * Tb]))
+    lses.append(lse)
+  return _unrows(jnp.stack(outs), T), (q, kT, v, jnp.stack(lses))
 
 
 @jax.custom_vjp
@@ -385,7 +405,7 @@ def _causal_attention(q_BTHE, k_BSKE, v_BSKE):
 
 
 def _causal_bwd(res, do_BTHE):
-  q, kT, v, ps = res
+  q, kT, v, lses = res
   nb, E, T = q.shape[0], q.shape[-1], do_BTHE.shape[1]
   Tb = T // nb
   dt = q.dtype
@@ -395,8 +415,9 @@ def _causal_bwd(res, do_BTHE):
   dqs = []
   dk = jnp.zeros(k.shape, jnp.float32)
   dv = jnp.zeros(v.shape, jnp.float32)
-  for i, p in enumerate(ps):
+  for i in range(nb):
     S = (i + 1) * Tb
+    p = jnp.exp(_causal_scores(q[i], kT, i, Tb) - lses[i])
     dv = dv.at[:, :, :S].add(jnp.matmul(_bar(p.transpose(0, 1, 3, 2)).astype(dt), do[i]))
     dp = jnp.matmul(do[i], vT[..., :S], preferred_element_type=jnp.float32)
     ds = _softmax_bwd(p, dp, E ** -0.5).astype(dt)
