@@ -71,6 +71,7 @@ import numpy as np
 from mor_jax.config import ModelConfig
 from mor_jax.infer import cache as cache_lib
 from mor_jax.infer.decode import InferenceError, check_supported, forward_cached, logits_fn
+from mor_jax.infer.decode import _embed, _expert_router, _final_norm, _token_router  # pylint: disable=protected-access
 from mor_jax.infer.generate import FINISH_REASONS, Generation, SamplingParams, sample_logits, sampling_arrays
 from mor_jax.model import routing
 from mor_jax.model.layers import causal_mask, rope_angles
@@ -286,21 +287,7 @@ def _run_kv(lcfg, layer_params, kv: cache_lib.KVCache, x_M1D, pos_M, rows: _Rows
 
 
 # ----------------------------------------------------------------------------------------------- the tick
-# the model's own modules, reached through MoRLM.apply(method=...)
-def _embed(m, tokens):
-  return m.embed(tokens)
-
-
-def _final_norm(m, x):
-  return m.final_norm(x)
-
-
-def _expert_router(m, x, r):
-  return m.routers[r](x)
-
-
-def _token_router(m, x):
-  return m.router(x)
+# the model's own modules are reached through MoRLM.apply(method=...) with decode.py's accessors
 
 
 def _layer_cfg(cfg: ModelConfig) -> ModelConfig:
