@@ -51,10 +51,10 @@ VARIANTS = {
 }
 
 
-def make_config(strategy, R, mor, capacity, batch, seq):
+def make_config(strategy, R, mor, capacity, batch, seq, batch_groups=0):
   c = base.get_config()
   c.model.update(vocab_size=8192, hidden_size=256, intermediate_size=688, num_layers=8, num_heads=8, num_kv_heads=4,
-                 max_seq_len=2048, dtype="float32")
+                 max_seq_len=2048, dtype="float32", batch_groups=batch_groups)
   c.recursion.update(strategy=strategy, num_recursions=R)
   if mor:
     c.mor.update(enable=True, type=mor, capacity=capacity)
@@ -78,9 +78,9 @@ def matmul_peak(n=1024, reps=10):
   return 2 * n ** 3 / best / 1e9
 
 
-def time_variant(name, batch, seq, steps, warmup=3):
+def time_variant(name, batch, seq, steps, warmup=3, batch_groups=0):
   strategy, R, mor, cap, _ = VARIANTS[name]
-  config = make_config(strategy, R, mor, cap, batch, seq)
+  config = make_config(strategy, R, mor, cap, batch, seq, batch_groups)
   cfg = C.model_config(config)
   tx, schedule = make_optimizer(config)
   state = jax.jit(lambda: init_state(cfg, tx, 0))()
@@ -109,7 +109,7 @@ def _time_in_subprocess(variant, args):
     out = os.path.join(d, "row.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--in_process", "--variants", variant, "--steps",
            str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--json", out,
-           "--reference", args.reference]
+           "--reference", args.reference, "--batch_groups", str(args.batch_groups)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.load(open(out))["rows"][0]
 
@@ -135,6 +135,8 @@ def main(argv=None):
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--json", default="", help="also write the rows to this file")
+  p.add_argument("--batch_groups", type=int, default=0,
+                 help="model.batch_groups (0 auto: 2 on CPU; 1 times the layers without batch groups)")
   p.add_argument("--in_process", action="store_true",
                  help="time all variants in this process (default: a fresh process per variant, so one variant's "
                       "allocations and compiled programs cannot slow down the next)")
@@ -147,16 +149,19 @@ def main(argv=None):
       ref.setdefault(row["variant"], {})[row["attn_implementation"]] = row["train_tokens_per_s"]
   peak = matmul_peak()
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, fp32 matmul peak (1024^3) {peak:.1f} GFLOP/s; "
-        f"batch {args.batch} x seq {args.seq}, median of {args.steps} steps")
+        f"batch {args.batch} x seq {args.seq}, median of {args.steps} steps, "
+        f"model.batch_groups {args.batch_groups or 'auto'} -> {C.resolve_batch_groups(args.batch_groups)}")
   if args.in_process:
-    rows = [time_variant(v, args.batch, args.seq, args.steps) for v in args.variants.split(",")]
+    rows = [time_variant(v, args.batch, args.seq, args.steps, batch_groups=args.batch_groups)
+            for v in args.variants.split(",")]
   else:
     rows = [_time_in_subprocess(v, args) for v in args.variants.split(",")]
   if args.calibrate:
     rows_by = {r["variant"]: r for r in rows}
     for v in ("vanilla", "recursive_middle_cycle_rec2"):
       if v in rows_by:   # jax again, then torch, back to back, so both see the same machine
-        again = _time_in_subprocess(v, args) if not args.in_process else time_variant(v, args.batch, args.seq, args.steps)
+        again = (_time_in_subprocess(v, args) if not args.in_process
+                 else time_variant(v, args.batch, args.seq, args.steps, batch_groups=args.batch_groups))
         torch_row = _torch_in_subprocess(v, args)
         rows_by[v]["torch_now_tokens_per_s"] = torch_row["tokens_per_s"]
         rows_by[v]["repeat_tokens_per_s"] = again["tokens_per_s"]

@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.remat_policy = "none"      # none | full | dots | dots_no_batch | save_attn_out
   m.scan_layers = True         # nn.scan over the shared block's layers, params stacked (False: unrolled modules, per-layer params)
   m.scan_unroll = 0            # scanned layers per loop iteration: 0 auto (loop on CPU, fully unrolled on GPU/TPU: +35% tokens/s on H100), n fixed
+  m.batch_groups = 0          # independent batch groups per layer: 0 auto (2 on CPU, where they run side by side on the cores; 1 on GPU/TPU), n fixed
   m.attention_impl = "auto"    # auto (dot_product on GPU/TPU, custom on CPU) | custom (hand-written VJP, fastest on CPU) | dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPU for causal masks, XLA otherwise)
 
   # ---------------------------------------------------- parameter sharing

@@ -42,6 +42,7 @@ class ModelConfig:
   remat_policy: str = "none"
   scan_layers: bool = True
   scan_unroll: int = 1           # layers per loop iteration of the scan (resolved; see resolve_scan_unroll)
+  batch_groups: int = 1          # independent batch groups per layer (resolved; see resolve_batch_groups)
   attention_impl: str = "auto"   # auto | custom | dot_product (see mor_jax/model/fused_attention.py)
   # sharing
   strategy: str = "none"
@@ -133,6 +134,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _fail("model.dtype", f"unknown compute dtype {m.dtype!r}; use 'float32' or 'bfloat16'.")
   if int(m.get("scan_unroll", 0)) < 0:
     _fail("model.scan_unroll", f"must be >= 0 (0: auto, n: layers per loop iteration), got {m.scan_unroll}.")
+  if int(m.get("batch_groups", 0)) < 0:
+    _fail("model.batch_groups", f"must be >= 0 (0: auto, n: independent batch groups per layer), got {m.batch_groups}.")
   if m.remat_policy not in REMAT_POLICIES:
     _fail("model.remat_policy", f"unknown policy {m.remat_policy!r}; choose one of {REMAT_POLICIES}.")
   if m.get("attention_impl", "auto") not in ATTENTION_IMPLS:
@@ -298,6 +301,24 @@ def resolve_scan_unroll(scan_unroll: int, backend: str | None = None) -> int:
   return 1 if (backend or jax.default_backend()) == "cpu" else 1_000_000   # lax.scan caps it at the length
 
 
+def resolve_batch_groups(batch_groups: int, backend: str | None = None) -> int:
+  """model.batch_groups 0 (auto): 2 on CPU, 1 on GPU/TPU.
+
+  XLA:CPU runs each small matmul of a layer on one core and runs independent
+  operations side by side, so a layer's forward pass, a chain of dependent
+  matmuls, keeps one of two cores idle. Splitting the batch into independent
+  groups inside each layer gives the runtime two chains to overlap (forward
+  utilisation 0.55 -> 0.85 on the 2-core benchmark machine, steps 5-8%
+  faster). Every row is still computed exactly as before (attention and
+  routing are per sequence), only the weight-gradient sums are split in two.
+  Accelerators parallelise each matmul themselves and keep one group.
+  """
+  if batch_groups > 0:
+    return batch_groups
+  import jax  # pylint: disable=import-outside-toplevel
+  return 2 if (backend or jax.default_backend()) == "cpu" else 1
+
+
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """Builds the frozen ModelConfig from a validated config."""
   m, r, mor = config.model, config.recursion, config.mor
@@ -308,6 +329,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       tie_embeddings=bool(m.tie_embeddings), init_std=float(m.init_std), dtype=str(m.dtype),
       remat_policy=str(m.remat_policy), scan_layers=bool(m.scan_layers),
       scan_unroll=resolve_scan_unroll(int(m.get("scan_unroll", 0))),
+      batch_groups=resolve_batch_groups(int(m.get("batch_groups", 0))),
       attention_impl=str(m.get("attention_impl", "auto")),
       strategy=str(r.strategy), num_recursions=int(r.num_recursions),
       mor_enable=bool(mor.enable), mor_type=str(mor.type), router_type=str(mor.router_type),

@@ -224,6 +224,31 @@ def test_scan_matches_unrolled(kind):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
 
 
+def test_batch_groups_change_the_program_not_the_params_or_numbers():
+  toks = tokens(B=4)
+  # 'sequence' repeats a layer (kv stacked per repeat); expert-choice with KV sharing passes shared kv in
+  for args, over, groups in ((("sequence", 2, None), {}, 4),
+                             (("middle_cycle", 2, "expert"), {"kv_sharing__enable": True}, 2)):
+    one, split = tiny(*args, model__batch_groups=1, **over), tiny(*args, model__batch_groups=groups, **over)
+    assert (one.batch_groups, split.batch_groups) == (1, groups)
+    p = init_variables(one, jax.random.PRNGKey(0))["params"]
+    assert jax.tree.structure(p) == jax.tree.structure(init_variables(split, jax.random.PRNGKey(0))["params"])
+    dots = lambda cfg: jax.jit(lambda q: MoRLM(cfg).apply({"params": q}, toks)[0]).lower(p).as_text().count("dot_general")
+    assert dots(split) > dots(one)   # each layer's matmuls run once per group
+    l0, g0 = _loss_and_grads(one, p, toks)
+    l1, g1 = _loss_and_grads(split, p, toks)
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+  # a batch the groups do not divide runs as gcd(batch, groups) groups (here one)
+  np.testing.assert_allclose(_loss_and_grads(split, p, tokens(B=3))[0], _loss_and_grads(one, p, tokens(B=3))[0],
+                             rtol=1e-6)
+  # auto: two groups on CPU, one on accelerators; a negative value is refused by name
+  assert C.resolve_batch_groups(0, "cpu") == 2 and C.resolve_batch_groups(0, "gpu") == 1
+  assert C.resolve_batch_groups(3, "gpu") == 3
+  with pytest.raises(C.ConfigError, match="model.batch_groups"):
+    tiny(model__batch_groups=-1)
+
+
 def test_scan_unroll_changes_the_program_not_the_params_or_numbers():
   loop = tiny("middle_cycle", 2, "expert", model__scan_unroll=1)
   full = tiny("middle_cycle", 2, "expert", model__scan_unroll=8)

@@ -10,6 +10,7 @@ E head dim, F ffn width.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -453,7 +454,8 @@ class DecoderLayer(nn.Module):
 
   `repeats` > 1 applies the same layer several times in a row (the
   'sequence' sharing strategy); its (k, v) are then stacked on a leading
-  repeat axis.
+  repeat axis. Without a decode cache the batch runs as `cfg.batch_groups`
+  independent groups (see config.resolve_batch_groups).
   """
   cfg: ModelConfig
   repeats: int = 1
@@ -465,6 +467,22 @@ class DecoderLayer(nn.Module):
     mlp = MLP(cfg, name="mlp")
     norm1 = RMSNorm(cfg.rms_eps, name="input_norm")
     norm2 = RMSNorm(cfg.rms_eps, name="post_attn_norm")
+    B = x_BTD.shape[0]
+    groups = math.gcd(B, cfg.batch_groups)
+    if groups == 1 or cache is not None:
+      return self._apply(attn, mlp, norm1, norm2, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv, cache)
+    # independent batch groups (see config.resolve_batch_groups): same rows, same parameters
+    rows = B // groups
+    def part(a, g):   # rows of group g (arrays broadcast over the batch stay whole)
+      return a if a is None or a.shape[0] != B else jax.lax.slice_in_dim(a, g * rows, (g + 1) * rows, axis=0)
+    outs = [self._apply(attn, mlp, norm1, norm2, part(x_BTD, g), part(cos_BTE, g), part(sin_BTE, g),
+                        part(mask_BTS, g), jax.tree.map(lambda a, g=g: part(a, g), shared_kv), None)
+            for g in range(groups)]
+    kv_axis = 0 if self.repeats == 1 else 1   # repeats stack kv on a leading axis
+    return (jnp.concatenate([o[0] for o in outs], axis=0),
+            jax.tree.map(lambda *a: jnp.concatenate(a, axis=kv_axis), *[o[1] for o in outs]))
+
+  def _apply(self, attn, mlp, norm1, norm2, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv, cache):
     kvs = []
     fused = fuse_norms_and_activations()
     for _ in range(self.repeats):
