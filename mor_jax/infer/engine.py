@@ -71,6 +71,7 @@ import numpy as np
 from mor_jax.config import ModelConfig
 from mor_jax.infer import cache as cache_lib
 from mor_jax.infer.decode import InferenceError, check_supported, forward_cached, logits_fn
+# the model's own modules, reached through MoRLM.apply(method=...)
 from mor_jax.infer.decode import _embed, _expert_router, _final_norm, _token_router  # pylint: disable=protected-access
 from mor_jax.infer.generate import FINISH_REASONS, Generation, SamplingParams, sample_logits, sampling_arrays
 from mor_jax.model import routing
@@ -287,7 +288,6 @@ def _run_kv(lcfg, layer_params, kv: cache_lib.KVCache, x_M1D, pos_M, rows: _Rows
 
 
 # ----------------------------------------------------------------------------------------------- the tick
-# the model's own modules are reached through MoRLM.apply(method=...) with decode.py's accessors
 
 
 def _layer_cfg(cfg: ModelConfig) -> ModelConfig:
