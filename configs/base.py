@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.scan_layers = True         # nn.scan over the shared block's layers, params stacked (False: unrolled modules, per-layer params)
   m.scan_unroll = 0            # scanned layers per loop iteration: 0 auto (loop on CPU, fully unrolled on GPU/TPU: +35% tokens/s on H100), n fixed
   m.batch_groups = 0          # independent batch groups per layer: 0 auto (2 on CPU, where they run side by side on the cores; 1 on GPU/TPU), n fixed
+  m.loss_chunk_tokens = 0      # training/validation loss: head + cross entropy over chunks of this many tokens: 0 auto (512 on CPU, where chunks run side by side on the cores; whole batch on GPU/TPU), n fixed
   m.attention_impl = "auto"    # auto (dot_product on GPU/TPU, custom on CPU) | custom (hand-written VJP, fastest on CPU) | dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPU for causal masks, XLA otherwise)
 
   # ---------------------------------------------------- parameter sharing

@@ -43,6 +43,7 @@ class ModelConfig:
   scan_layers: bool = True
   scan_unroll: int = 1           # layers per loop iteration of the scan (resolved; see resolve_scan_unroll)
   batch_groups: int = 1          # independent batch groups per layer (resolved; see resolve_batch_groups)
+  loss_chunk_tokens: int = 0     # tokens per head + cross-entropy chunk in the loss, 0 = whole batch (resolved; see resolve_loss_chunk_tokens)
   attention_impl: str = "auto"   # auto | custom | dot_product (see mor_jax/model/fused_attention.py)
   # sharing
   strategy: str = "none"
@@ -136,6 +137,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _fail("model.scan_unroll", f"must be >= 0 (0: auto, n: layers per loop iteration), got {m.scan_unroll}.")
   if int(m.get("batch_groups", 0)) < 0:
     _fail("model.batch_groups", f"must be >= 0 (0: auto, n: independent batch groups per layer), got {m.batch_groups}.")
+  if int(m.get("loss_chunk_tokens", 0)) < 0:
+    _fail("model.loss_chunk_tokens", f"must be >= 0 (0: auto, n: tokens per head + cross-entropy chunk), "
+          f"got {m.loss_chunk_tokens}.")
   if m.remat_policy not in REMAT_POLICIES:
     _fail("model.remat_policy", f"unknown policy {m.remat_policy!r}; choose one of {REMAT_POLICIES}.")
   if m.get("attention_impl", "auto") not in ATTENTION_IMPLS:
@@ -319,6 +323,23 @@ def resolve_batch_groups(batch_groups: int, backend: str | None = None) -> int:
   return 2 if (backend or jax.default_backend()) == "cpu" else 1
 
 
+def resolve_loss_chunk_tokens(loss_chunk_tokens: int, backend: str | None = None) -> int:
+  """model.loss_chunk_tokens 0 (auto): chunks of 512 tokens on CPU, the whole batch (0) on GPU/TPU.
+
+  The training loss runs the vocabulary head and the cross entropy per chunk
+  of tokens (`MoRLM.loss_terms`). On CPU the head's matmul and the
+  vocabulary-wide softmax passes are otherwise one long operation on one core
+  while the other waits; independent chunks run side by side. Measured on the
+  2-core benchmark machine (interleaved A/B, 4 chunks of 512 tokens against
+  one [2048, 8192] head): training steps 1.05x (vanilla) and 1.10x (MoR
+  expert R=2) faster. The sums are the same up to float rounding.
+  """
+  if loss_chunk_tokens > 0:
+    return loss_chunk_tokens
+  import jax  # pylint: disable=import-outside-toplevel
+  return 512 if (backend or jax.default_backend()) == "cpu" else 0
+
+
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """Builds the frozen ModelConfig from a validated config."""
   m, r, mor = config.model, config.recursion, config.mor
@@ -330,6 +351,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       remat_policy=str(m.remat_policy), scan_layers=bool(m.scan_layers),
       scan_unroll=resolve_scan_unroll(int(m.get("scan_unroll", 0))),
       batch_groups=resolve_batch_groups(int(m.get("batch_groups", 0))),
+      loss_chunk_tokens=resolve_loss_chunk_tokens(int(m.get("loss_chunk_tokens", 0))),
       attention_impl=str(m.get("attention_impl", "auto")),
       strategy=str(r.strategy), num_recursions=int(r.num_recursions),
       mor_enable=bool(mor.enable), mor_type=str(mor.type), router_type=str(mor.router_type),

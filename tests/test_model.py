@@ -250,6 +250,44 @@ def test_batch_groups_change_the_program_not_the_params_or_numbers():
     tiny(model__batch_groups=-1)
 
 
+def test_loss_chunks_change_the_program_not_the_numbers():
+  """MoRLM.loss_terms over token chunks = cross entropy of the full logits: sums, counts, gradients."""
+  from mor_jax.model.losses import chunk_count, cross_entropy
+  whole = tiny("middle_cycle", 2, "expert", model__loss_chunk_tokens=10 ** 6)
+  chunked = tiny("middle_cycle", 2, "expert", model__loss_chunk_tokens=8)
+  assert (whole.loss_chunk_tokens, chunked.loss_chunk_tokens) == (10 ** 6, 8)
+  p = init_variables(whole, jax.random.PRNGKey(0))["params"]
+  toks = tokens(B=4, T=17)
+  inputs, targets = toks[:, :-1], toks[:, 1:]
+  mask = jnp.arange(16)[None, :] < jnp.array([[16], [9], [0], [12]])   # padded targets are not counted
+
+  def objective(cfg):
+    def f(q):
+      nll, count, aux = MoRLM(cfg).apply({"params": q}, inputs, targets, mask, method=MoRLM.loss_terms)
+      return nll / count + aux["aux_loss"], (nll, count)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+  (_, (nll0, n0)), g0 = objective(whole)(p)
+  (_, (nll1, n1)), g1 = objective(chunked)(p)
+  logits, _ = MoRLM(whole).apply({"params": p}, inputs)
+  nll_ref, n_ref = cross_entropy(logits, targets, mask)
+  assert float(n0) == float(n1) == float(n_ref) == 37.0
+  np.testing.assert_allclose(nll0, nll_ref, rtol=1e-6)
+  np.testing.assert_allclose(nll1, nll_ref, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+  # 64 tokens in chunks of 8: the head runs 8 times in the program
+  heads = lambda cfg: jax.jit(lambda q: MoRLM(cfg).apply({"params": q}, inputs, targets, mask,
+                                                         method=MoRLM.loss_terms)[0]).lower(p).as_text()
+  assert heads(chunked).count("x128xf32>") > heads(whole).count("x128xf32>")
+  # equal chunks: the largest divisor of the token count not above tokens / chunk
+  assert [chunk_count(64, 8), chunk_count(50, 20), chunk_count(21, 5), chunk_count(10, 0), chunk_count(10, 20)] \
+      == [8, 2, 3, 1, 1]
+  assert C.resolve_loss_chunk_tokens(0, "cpu") == 512 and C.resolve_loss_chunk_tokens(0, "gpu") == 0
+  assert C.resolve_loss_chunk_tokens(7, "gpu") == 7
+  with pytest.raises(C.ConfigError, match="model.loss_chunk_tokens"):
+    tiny(model__loss_chunk_tokens=-1)
+
+
 def test_scan_unroll_changes_the_program_not_the_params_or_numbers():
   loop = tiny("middle_cycle", 2, "expert", model__scan_unroll=1)
   full = tiny("middle_cycle", 2, "expert", model__scan_unroll=8)

@@ -28,6 +28,39 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT=None):
   return _masked_nll_sum(logits, targets_BT.astype(jnp.int32), m), count
 
 
+def chunk_count(num_tokens: int, chunk_tokens: int) -> int:
+  """How many equal chunks `chunked_cross_entropy` splits `num_tokens` into (1 = no split)."""
+  if chunk_tokens <= 0 or num_tokens <= chunk_tokens:
+    return 1
+  n = num_tokens // chunk_tokens
+  while num_tokens % n:   # equal chunks: the largest divisor of num_tokens not above num_tokens / chunk_tokens
+    n -= 1
+  return n
+
+
+def chunked_cross_entropy(logits_fn, h_BTD, targets_BT, mask_BT=None, chunk_tokens: int = 0):
+  """`cross_entropy(logits_fn(h), targets, mask)` computed over chunks of about `chunk_tokens` tokens.
+
+  `logits_fn` maps hidden states [..., D] to logits [..., V] (the head). Each
+  chunk's logits, softmax and gradient are independent of the others, so the
+  [B, T, V] logits never exist at once and a multi-core CPU runs the chunks
+  side by side (see config.resolve_loss_chunk_tokens). Same (sum, count).
+  """
+  B, T, D = h_BTD.shape
+  n = chunk_count(B * T, chunk_tokens)
+  if n == 1:
+    return cross_entropy(logits_fn(h_BTD), targets_BT, mask_BT)
+  size = B * T // n
+  h = h_BTD.reshape(n, size, D)
+  targets = targets_BT.reshape(n, size)
+  mask = None if mask_BT is None else mask_BT.reshape(n, size)
+  nll, count = jnp.float32(0.0), jnp.float32(0.0)
+  for i in range(n):   # unrolled: independent chunks the runtime can overlap
+    nll_i, count_i = cross_entropy(logits_fn(h[i]), targets[i], None if mask is None else mask[i])
+    nll, count = nll + nll_i, count + count_i
+  return nll, count
+
+
 @jax.custom_vjp
 def _masked_nll_sum(logits_BTV, targets_BT, mask_BT):
   return _nll_fwd(logits_BTV, targets_BT, mask_BT)[0]

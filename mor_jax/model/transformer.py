@@ -17,6 +17,7 @@ from flax import linen as nn
 
 from mor_jax.config import ModelConfig
 from mor_jax.model import routing
+from mor_jax.model.losses import chunked_cross_entropy
 from mor_jax.model.layers import RMSNorm, causal_mask, dense, rope_angles
 from mor_jax.model.recursion import Block, layer_class
 
@@ -98,6 +99,17 @@ class MoRLM(nn.Module):
     if self.cfg.tie_embeddings:
       return self.embed.attend(h_BTD).astype(jnp.float32)
     return self.lm_head(h_BTD).astype(jnp.float32)
+
+  def loss_terms(self, tokens_BT, targets_BT, mask_BT=None, positions_BT=None, segment_ids_BT=None, *,
+                 routing_mode: str = "topk", step=None):
+    """(sum of target NLL, number of counted targets, aux): the training loss without [B, T, V] logits.
+
+    The head and cross entropy run per chunk of `cfg.loss_chunk_tokens`
+    tokens (losses.chunked_cross_entropy); `mask_BT` selects counted targets.
+    """
+    h, aux = self.hidden(tokens_BT, positions_BT, segment_ids_BT, routing_mode=routing_mode, step=step)
+    nll, count = chunked_cross_entropy(self.logits, h, targets_BT, mask_BT, self.cfg.loss_chunk_tokens)
+    return nll, count, aux
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, routing_mode: str = "topk",
                step=None, threshold=None, inputs_embeds=None):

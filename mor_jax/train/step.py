@@ -26,7 +26,6 @@ import optax
 
 from mor_jax.config import ModelConfig
 from mor_jax.model import routing
-from mor_jax.model.losses import cross_entropy
 from mor_jax.model.transformer import MoRLM
 from mor_jax.train.state import TrainState
 
@@ -87,9 +86,9 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
 
   def objective(params, micro, micro_index):
     inputs, targets, mask, pos, seg_in = split_batch(micro, document_mask)
-    logits, aux = model.apply({"params": params, **extra}, inputs, pos, seg_in, routing_mode=routing_mode,
-                              step=state.step, rngs=_router_rngs(cfg, state, micro_index, axis_name))
-    nll, _ = cross_entropy(logits, targets, mask)
+    nll, _, aux = model.apply({"params": params, **extra}, inputs, targets, mask, pos, seg_in,
+                              routing_mode=routing_mode, step=state.step,
+                              rngs=_router_rngs(cfg, state, micro_index, axis_name), method=MoRLM.loss_terms)
     stats = _aux_stats(cfg, aux)
     return nll / count + stats["aux_loss"] / (accum * shards), (nll, stats)
 
@@ -134,8 +133,8 @@ def eval_step(state: TrainState, batch: dict, *, cfg: ModelConfig, document_mask
   model = MoRLM(cfg)
   inputs, targets, mask, pos, seg_in = split_batch(batch, document_mask)
   rngs = {"router": jax.random.fold_in(state.rng, 0x7FFFFFFF)} if cfg.rand_router else None
-  logits, _ = model.apply(state.variables(), inputs, pos, seg_in, routing_mode="topk", step=state.step, rngs=rngs)
-  nll, count = cross_entropy(logits, targets, mask)
+  nll, count, _ = model.apply(state.variables(), inputs, targets, mask, pos, seg_in, routing_mode="topk",
+                              step=state.step, rngs=rngs, method=MoRLM.loss_terms)
   out = {"nll_sum": nll, "count": count}
   if axis_name is not None:
     out = jax.lax.psum(out, axis_name)
