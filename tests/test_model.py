@@ -6,6 +6,7 @@ import importlib
 import os
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -286,6 +287,26 @@ def test_loss_chunks_change_the_program_not_the_numbers():
   assert C.resolve_loss_chunk_tokens(7, "gpu") == 7
   with pytest.raises(C.ConfigError, match="model.loss_chunk_tokens"):
     tiny(model__loss_chunk_tokens=-1)
+
+
+def test_layer_scan_keeps_weights_out_of_its_stacked_residuals():
+  """The fused projections' residuals are the layer's own kernels (forwarded by the scan), not concatenated copies."""
+  cfg = tiny("middle_cycle", 2, "expert")
+  p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
+  f = lambda q: MoRLM(cfg).apply({"params": q}, tokens(), tokens(), method=MoRLM.loss_terms)[0]
+  jaxpr = jax.make_jaxpr(lambda q: jax.vjp(f, q))(p).jaxpr
+  shapes = set()
+  def walk(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name == "scan":
+        shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jaxpr)
+  depth, D = 2, cfg.hidden_size
+  assert (depth, D, 2 * cfg.intermediate_size) not in shapes and (depth, D, D + 2 * cfg.num_kv_heads * cfg.head_dim) not in shapes
+  # the check does see the stacked residuals: the SwiGLU input [depth, rows, tokens, 2F] is one
+  assert any(sh[0] == depth and sh[-1] == 2 * cfg.intermediate_size and len(sh) == 4 for sh in shapes)
 
 
 def test_scan_unroll_changes_the_program_not_the_params_or_numbers():

@@ -50,13 +50,13 @@ def chunked_cross_entropy(logits_fn, h_BTD, targets_BT, mask_BT=None, chunk_toke
   n = chunk_count(B * T, chunk_tokens)
   if n == 1:
     return cross_entropy(logits_fn(h_BTD), targets_BT, mask_BT)
-  size = B * T // n
-  h = h_BTD.reshape(n, size, D)
-  targets = targets_BT.reshape(n, size)
-  mask = None if mask_BT is None else mask_BT.reshape(n, size)
+  # jnp.split (not indexing): its gradient is one concatenate instead of n padded adds
+  hs = jnp.split(h_BTD.reshape(B * T, D), n)
+  targets = jnp.split(targets_BT.reshape(B * T), n)
+  masks = [None] * n if mask_BT is None else jnp.split(mask_BT.reshape(B * T), n)
   nll, count = jnp.float32(0.0), jnp.float32(0.0)
   for i in range(n):   # unrolled: independent chunks the runtime can overlap
-    nll_i, count_i = cross_entropy(logits_fn(h[i]), targets[i], None if mask is None else mask[i])
+    nll_i, count_i = cross_entropy(logits_fn(hs[i]), targets[i], masks[i])
     nll, count = nll + nll_i, count + count_i
   return nll, count
 
