@@ -330,9 +330,10 @@ def resolve_loss_chunk_tokens(loss_chunk_tokens: int, backend: str | None = None
   of tokens (`MoRLM.loss_terms`). On CPU the head's matmul and the
   vocabulary-wide softmax passes are otherwise one long operation on one core
   while the other waits; independent chunks run side by side. Measured on the
-  2-core benchmark machine (interleaved A/B, 4 chunks of 512 tokens against
-  one [2048, 8192] head): training steps 1.05x (vanilla) and 1.10x (MoR
-  expert R=2) faster. The sums are the same up to float rounding.
+  2-core benchmark machine (4 chunks of 512 tokens against one [2048, 8192]
+  head, several interleaved A/B runs): training steps 1.05-1.08x (vanilla),
+  0.99-1.10x (MoR expert R=2), 1.03x (token-choice R=3). The sums are the
+  same up to float rounding.
   """
   if loss_chunk_tokens > 0:
     return loss_chunk_tokens
