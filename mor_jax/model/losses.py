@@ -42,9 +42,11 @@ def chunked_cross_entropy(logits_fn, h_BTD, targets_BT, mask_BT=None, chunk_toke
   """`cross_entropy(logits_fn(h), targets, mask)` computed over chunks of about `chunk_tokens` tokens.
 
   `logits_fn` maps hidden states [..., D] to logits [..., V] (the head). Each
-  chunk's logits, softmax and gradient are independent of the others, so the
-  [B, T, V] logits never exist at once and a multi-core CPU runs the chunks
-  side by side (see config.resolve_loss_chunk_tokens). Same (sum, count).
+  chunk's logits, softmax and gradient are independent of the others, so a
+  multi-core CPU runs the chunks side by side (see
+  config.resolve_loss_chunk_tokens). Same (sum, count). It saves no memory
+  under autodiff: every chunk's logits stay alive as a residual until the
+  backward pass.
   """
   B, T, D = h_BTD.shape
   n = chunk_count(B * T, chunk_tokens)

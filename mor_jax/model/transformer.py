@@ -102,7 +102,7 @@ class MoRLM(nn.Module):
 
   def loss_terms(self, tokens_BT, targets_BT, mask_BT=None, positions_BT=None, segment_ids_BT=None, *,
                  routing_mode: str = "topk", step=None):
-    """(sum of target NLL, number of counted targets, aux): the training loss without [B, T, V] logits.
+    """(sum of target NLL, number of counted targets, aux): the training loss's parts.
 
     The head and cross entropy run per chunk of `cfg.loss_chunk_tokens`
     tokens (losses.chunked_cross_entropy); `mask_BT` selects counted targets.
