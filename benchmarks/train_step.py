@@ -143,6 +143,9 @@ def main(argv=None):
   p.add_argument("--calibrate", action="store_true",
                  help="time PyTorch's step (sdpa) on this machine next to each variant it can build")
   args = p.parse_args(argv)
+  unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+  if unknown:
+    p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
   ref = {}
   if os.path.exists(args.reference):
     for row in json.load(open(args.reference))["results"]:

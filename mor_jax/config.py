@@ -308,13 +308,17 @@ def resolve_scan_unroll(scan_unroll: int, backend: str | None = None) -> int:
 def resolve_batch_groups(batch_groups: int, backend: str | None = None) -> int:
   """model.batch_groups 0 (auto): 2 on CPU, 1 on GPU/TPU.
 
-  XLA:CPU runs each small matmul of a layer on one core and runs independent
-  operations side by side, so a layer's forward pass, a chain of dependent
-  matmuls, keeps one of two cores idle. Splitting the batch into independent
-  groups inside each layer gives the runtime two chains to overlap (forward
-  utilisation 0.55 -> 0.85 on the 2-core benchmark machine; training steps
-  1.06-1.12x faster on four of the five benchmark variants, interleaved A/B). Every row is still computed exactly as before (attention and
-  routing are per sequence), only the weight-gradient sums are split in two.
+  XLA:CPU's runtime hands ready operations to a second worker only when
+  more than 8 are ready at once (the ThunkExecutor's split threshold in XLA's
+  source), so one chain of dependent matmuls per layer mostly runs on one
+  worker while the other core spins (the process shows ~1.85 busy cores
+  either way; even with two groups, the profiled backward pass has the MLP's
+  input-gradient matmuls starting 10-17 ms after their inputs are ready while
+  the other core runs nothing). Splitting the batch into independent groups
+  inside each layer gives the runtime two chains to run side by side:
+  training steps 1.06-1.12x faster on four of the five benchmark variants
+  (interleaved A/B). Every row is still computed exactly as before (attention
+  and routing are per sequence), only the weight-gradient sums are split in two.
   Accelerators parallelise each matmul themselves and keep one group.
   """
   if batch_groups > 0:
@@ -328,8 +332,9 @@ def resolve_loss_chunk_tokens(loss_chunk_tokens: int, backend: str | None = None
 
   The training loss runs the vocabulary head and the cross entropy per chunk
   of tokens (`MoRLM.loss_terms`). On CPU the head's matmul and the
-  vocabulary-wide softmax passes are otherwise one long operation on one core
-  while the other waits; independent chunks run side by side. Measured on the
+  vocabulary-wide softmax passes are otherwise one long chain of operations
+  that the runtime keeps on one worker (see resolve_batch_groups); independent
+  chunks run side by side. Measured on the
   2-core benchmark machine (4 chunks of 512 tokens against one [2048, 8192]
   head, several interleaved A/B runs): training steps 1.05-1.08x (vanilla),
   0.99-1.10x (MoR expert R=2), 1.03x (token-choice R=3). The sums are the

@@ -1,5 +1,6 @@
 """Model core and routing: parity with the PyTorch reference, counts, causality, equivalences."""
 
+import collections
 import functools
 import glob
 import importlib
@@ -307,6 +308,44 @@ def test_layer_scan_keeps_weights_out_of_its_stacked_residuals():
   assert (depth, D, 2 * cfg.intermediate_size) not in shapes and (depth, D, D + 2 * cfg.num_kv_heads * cfg.head_dim) not in shapes
   # the check does see the stacked residuals: the SwiGLU input [depth, rows, tokens, 2F] is one
   assert any(sh[0] == depth and sh[-1] == 2 * cfg.intermediate_size and len(sh) == 4 for sh in shapes)
+
+
+@pytest.mark.parametrize("kind", [("none", 1, None), ("middle_cycle", 2, "expert"), ("middle_cycle", 3, "token")])
+def test_gradient_program_has_no_zero_padded_slices(kind):
+  """Arrays are cut with jnp.split (q/k/v, RoPE halves, batch groups), whose gradient is a concatenate.
+
+  Slices' gradients are zero-padded arrays that are then summed; XLA:CPU fused
+  those into one loop that evaluated every padded branch for every element
+  (the q/k/v + RoPE gradient assembly was ~40 ms of thread time per step).
+  """
+  cfg = tiny(*kind)
+  assert cfg.batch_groups > 1   # the batch-group split is exercised too
+  p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
+  f = lambda q: MoRLM(cfg).apply({"params": q}, tokens(), tokens(), method=MoRLM.loss_terms)[0]
+  jaxpr = jax.make_jaxpr(jax.grad(f))(p).jaxpr
+  seen = collections.Counter()
+  def walk(jx):
+    for eqn in jx.eqns:
+      seen[eqn.primitive.name] += 1
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jaxpr)
+  assert seen["split"] > 0 and seen["pad"] == 0, dict(seen)
+
+
+def test_rope_matches_rotate_half():
+  """apply_rope (written per half) equals x * cos + rotate_half(x) * sin, values and gradients."""
+  from mor_jax.model.layers import apply_rope, rope_angles
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 8))
+  cos, sin = rope_angles(jax.random.randint(jax.random.PRNGKey(1), (2, 5), 0, 50), 8, 10000.0)
+  def textbook(x):
+    rot = jnp.concatenate([-x[..., 4:], x[..., :4]], axis=-1)
+    return x * cos[:, :, None] + rot * sin[:, :, None]
+  w = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+  np.testing.assert_allclose(apply_rope(x, cos, sin), textbook(x), atol=1e-6)
+  g1 = jax.grad(lambda x: jnp.sum(apply_rope(x, cos, sin) * w))(x)
+  g2 = jax.grad(lambda x: jnp.sum(textbook(x) * w))(x)
+  np.testing.assert_allclose(g1, g2, atol=1e-6)
 
 
 def test_scan_unroll_changes_the_program_not_the_params_or_numbers():

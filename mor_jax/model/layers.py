@@ -10,6 +10,7 @@ E head dim, F ffn width.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -95,11 +96,8 @@ def fused_projections(x_BTD, widths: dict, cfg: ModelConfig, norm_scale=None, sp
     y = linear_dot_general(x_BTD.astype(dt), w, (((x_BTD.ndim - 1,), (0,)), ((), ())))
   if not split:
     return y
-  outs, start = [], 0
-  for n in widths.values():
-    outs.append(y[..., start:start + n])
-    start += n
-  return outs
+  # jnp.split, not slices: its gradient is one concatenate, where slices' would be a sum of zero-padded arrays
+  return jnp.split(y, list(itertools.accumulate(widths.values()))[:-1], axis=-1)
 
 
 class RMSNorm(nn.Module):
@@ -234,10 +232,18 @@ def rope_angles(positions_BT, head_dim: int, theta: float):
 
 
 def apply_rope(x_BTNE, cos_BTE, sin_BTE):
-  half = x_BTNE.shape[-1] // 2
-  rot = jnp.concatenate([-x_BTNE[..., half:], x_BTNE[..., :half]], axis=-1)
-  cos, sin = cos_BTE[:, :, None, :], sin_BTE[:, :, None, :]
-  return (x_BTNE.astype(jnp.float32) * cos + rot.astype(jnp.float32) * sin).astype(x_BTNE.dtype)
+  """Rotate-half RoPE, written per half: [x1 cos - x2 sin, x2 cos + x1 sin].
+
+  The same products as x * cos + rotate_half(x) * sin (cos and sin repeat
+  over the two halves), but the halves come from jnp.split and meet in a
+  concatenate, so the gradient is a concatenate too rather than a sum of
+  zero-padded arrays (which XLA:CPU fused with the q/k/v split's gradient
+  into one slow loop over every padded branch).
+  """
+  x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
+  half = x1.shape[-1]
+  cos, sin = cos_BTE[:, :, None, :half], sin_BTE[:, :, None, :half]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNE.dtype)
 
 
 def causal_mask(q_index_BT, k_index_BS, q_segment_BT=None, k_segment_BS=None, k_valid_BS=None):
@@ -508,11 +514,12 @@ class DecoderLayer(nn.Module):
     if groups == 1 or cache is not None:
       return self._apply(attn, mlp, norm1, norm2, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv, cache)
     # independent batch groups (see config.resolve_batch_groups): same rows, same parameters
-    rows = B // groups
-    def part(a, g):   # rows of group g (arrays broadcast over the batch stay whole)
-      return a if a is None or a.shape[0] != B else jax.lax.slice_in_dim(a, g * rows, (g + 1) * rows, axis=0)
-    outs = [self._apply(attn, mlp, norm1, norm2, part(x_BTD, g), part(cos_BTE, g), part(sin_BTE, g),
-                        part(mask_BTS, g), jax.tree.map(lambda a, g=g: part(a, g), shared_kv), None)
+    def parts(a):   # each group's rows (arrays broadcast over the batch stay whole); split's gradient is a concatenate
+      return [a] * groups if a is None or a.shape[0] != B else jnp.split(a, groups, axis=0)
+    xs, coss, sins, masks = parts(x_BTD), parts(cos_BTE), parts(sin_BTE), parts(mask_BTS)
+    kv_parts = jax.tree.map(parts, shared_kv)
+    outs = [self._apply(attn, mlp, norm1, norm2, xs[g], coss[g], sins[g], masks[g],
+                        jax.tree.map(lambda l, g=g: l[g], kv_parts, is_leaf=lambda l: isinstance(l, list)), None)
             for g in range(groups)]
     kv_axis = 0 if self.repeats == 1 else 1   # repeats stack kv on a leading axis
     return (jnp.concatenate([o[0] for o in outs], axis=0),
