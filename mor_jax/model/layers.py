@@ -387,12 +387,14 @@ def _masked_bwd(res, do_BTHE):
   dt = q.dtype
   p = jnp.exp(_masked_scores(q, kT, mask_BTS, q.shape[2] // T) - lse)
   do = _bar(_rows(do_BTHE, K)[0]).astype(dt)
-  dv = jnp.matmul(_bar(p.transpose(0, 1, 3, 2)).astype(dt), do)                   # B K S E (sums the G heads)
+  doT, qT = _bar(do.transpose(0, 1, 3, 2)), _bar(q.transpose(0, 1, 3, 2))         # B K E GT
+  dvT = jnp.matmul(doT, p.astype(dt))                                             # B K E S (sums the G heads)
   dp = jnp.matmul(do, _bar(v.transpose(0, 1, 3, 2)), preferred_element_type=jnp.float32)
   ds = _softmax_bwd(p, dp).astype(dt)
   dq = jnp.matmul(ds, _bar(kT.transpose(0, 1, 3, 2)))                             # B K GT E
-  dk = jnp.matmul(_bar(ds.transpose(0, 1, 3, 2)), q)                              # B K S E
-  return _unrows(dq[None], T) * jnp.asarray(E ** -0.5, dt), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3), None
+  dkT = jnp.matmul(qT, ds)                                                        # B K E S
+  return (_unrows(dq[None], T) * jnp.asarray(E ** -0.5, dt), dkT.transpose(0, 3, 1, 2), dvT.transpose(0, 3, 1, 2),
+          None)
 
 
 _masked_attention.defvjp(lambda q, k, v, m: _masked_fwd(q, k, v, m), _masked_bwd)
@@ -453,21 +455,24 @@ def _causal_bwd(res, do_BTHE):
   Tb = T // nb
   dt = q.dtype
   do = _bar(_rows(do_BTHE, q.shape[2], nb)).astype(dt)
+  # dk and dv are built transposed ([E, S] = [E, G*Tb] @ [G*Tb, S]): transposing q and do ([G*Tb, E]) once
+  # costs far less than transposing every block's probabilities and score gradients ([G*Tb, S])
+  doT, qT = _bar(do.transpose(0, 1, 2, 4, 3)), _bar(q.transpose(0, 1, 2, 4, 3))   # nb B K E GTb
   vT = _bar(v.transpose(0, 1, 3, 2))                                              # B K E S
   k = _bar(kT.transpose(0, 1, 3, 2))                                              # B K S E
   dqs = []
-  dk = jnp.zeros(k.shape, jnp.float32)
-  dv = jnp.zeros(v.shape, jnp.float32)
+  dkT = jnp.zeros(kT.shape, jnp.float32)                                          # B K E S
+  dvT = jnp.zeros(vT.shape, jnp.float32)
   for i in range(nb):
     S = (i + 1) * Tb
     p = jnp.exp(_causal_scores(q[i], kT, i, Tb) - lses[i])
-    dv = dv.at[:, :, :S].add(jnp.matmul(_bar(p.transpose(0, 1, 3, 2)).astype(dt), do[i]))
+    dvT = dvT.at[..., :S].add(jnp.matmul(doT[i], p.astype(dt)))
     dp = jnp.matmul(do[i], vT[..., :S], preferred_element_type=jnp.float32)
     ds = _softmax_bwd(p, dp).astype(dt)
     dqs.append(jnp.matmul(ds, k[:, :, :S]))
-    dk = dk.at[:, :, :S].add(jnp.matmul(_bar(ds.transpose(0, 1, 3, 2)), q[i]))
+    dkT = dkT.at[..., :S].add(jnp.matmul(qT[i], ds))
   dq = _unrows(jnp.stack(dqs), T) * jnp.asarray(E ** -0.5, dt)
-  return dq, dk.astype(dt).transpose(0, 2, 1, 3), dv.astype(dt).transpose(0, 2, 1, 3)
+  return dq, dkT.astype(dt).transpose(0, 3, 1, 2), dvT.astype(dt).transpose(0, 3, 1, 2)
 
 
 _causal_attention.defvjp(lambda q, k, v: _causal_fwd(q, k, v), _causal_bwd)
