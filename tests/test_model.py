@@ -290,20 +290,21 @@ def test_loss_chunks_change_the_program_not_the_numbers():
     tiny(model__loss_chunk_tokens=-1)
 
 
+def _all_eqns(jaxpr):
+  """Every equation of a jaxpr, including those of nested jaxprs (scan, custom_vjp, pjit bodies)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _all_eqns(sub)
+
+
 def test_layer_scan_keeps_weights_out_of_its_stacked_residuals():
   """The fused projections' residuals are the layer's own kernels (forwarded by the scan), not concatenated copies."""
   cfg = tiny("middle_cycle", 2, "expert")
   p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
   f = lambda q: MoRLM(cfg).apply({"params": q}, tokens(), tokens(), method=MoRLM.loss_terms)[0]
   jaxpr = jax.make_jaxpr(lambda q: jax.vjp(f, q))(p).jaxpr
-  shapes = set()
-  def walk(jx):
-    for eqn in jx.eqns:
-      if eqn.primitive.name == "scan":
-        shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-  walk(jaxpr)
+  shapes = {tuple(v.aval.shape) for eqn in _all_eqns(jaxpr) if eqn.primitive.name == "scan" for v in eqn.outvars}
   depth, D = 2, cfg.hidden_size
   assert (depth, D, 2 * cfg.intermediate_size) not in shapes and (depth, D, D + 2 * cfg.num_kv_heads * cfg.head_dim) not in shapes
   # the check does see the stacked residuals: the SwiGLU input [depth, rows, tokens, 2F] is one
@@ -322,14 +323,7 @@ def test_gradient_program_has_no_zero_padded_slices(kind):
   assert cfg.batch_groups > 1   # the batch-group split is exercised too
   p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
   f = lambda q: MoRLM(cfg).apply({"params": q}, tokens(), tokens(), method=MoRLM.loss_terms)[0]
-  jaxpr = jax.make_jaxpr(jax.grad(f))(p).jaxpr
-  seen = collections.Counter()
-  def walk(jx):
-    for eqn in jx.eqns:
-      seen[eqn.primitive.name] += 1
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-  walk(jaxpr)
+  seen = collections.Counter(eqn.primitive.name for eqn in _all_eqns(jax.make_jaxpr(jax.grad(f))(p).jaxpr))
   assert seen["split"] > 0 and seen["pad"] == 0, dict(seen)
 
 

@@ -96,8 +96,16 @@ def fused_projections(x_BTD, widths: dict, cfg: ModelConfig, norm_scale=None, sp
     y = linear_dot_general(x_BTD.astype(dt), w, (((x_BTD.ndim - 1,), (0,)), ((), ())))
   if not split:
     return y
-  # jnp.split, not slices: its gradient is one concatenate, where slices' would be a sum of zero-padded arrays
-  return jnp.split(y, list(itertools.accumulate(widths.values()))[:-1], axis=-1)
+  return _split_widths(y, widths.values())
+
+
+def _split_widths(y, widths):
+  """y cut along its last axis into consecutive pieces of the given widths.
+
+  jnp.split rather than slices: its gradient is one concatenate, where slices'
+  would be a sum of zero-padded arrays.
+  """
+  return jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
 
 
 class RMSNorm(nn.Module):
@@ -179,11 +187,7 @@ def _norm_linear_bwd(eps, direct_dw, res, g):
   w = jnp.concatenate(kernels, axis=1)
   xhat = x.astype(jnp.float32) * rstd
   n = xhat.astype(x.dtype) * scale.astype(x.dtype)
-  dw = _weight_grad(n, g, direct_dw).astype(w.dtype)
-  dws, start = [], 0
-  for k in kernels:
-    dws.append(dw[:, start:start + k.shape[1]])
-    start += k.shape[1]
+  dws = _split_widths(_weight_grad(n, g, direct_dw).astype(w.dtype), [k.shape[1] for k in kernels])
   dn = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   lead = tuple(range(x.ndim - 1))
   dscale = jnp.sum(dn * xhat.astype(x.dtype).astype(jnp.float32), axis=lead).astype(scale.dtype)
