@@ -9,6 +9,9 @@ runs: forward, backward of CE + aux losses, global-norm clipping and AdamW
 per token (mor_jax.model.accounting convention), achieved GFLOP/s, the fp32
 matmul peak measured in the same process, and the reference's tokens/s.
 Each variant is timed in a fresh process (`--in_process` to time them in this one).
+`--interleave` times them in this process round-robin instead (one step of
+each variant per round), so every variant sees the same machine speed; the
+MoR/recursive step-time ratio is then the median of per-round ratios.
 `--calibrate` also times the PyTorch step of cpu_speed.json right after each
 variant it can build (vanilla and recursive; benchmarks/torch_calibration.py,
 needs torch + transformers) and prints our speed against PyTorch's on this
@@ -78,28 +81,69 @@ def matmul_peak(n=1024, reps=10):
   return 2 * n ** 3 / best / 1e9
 
 
-def time_variant(name, batch, seq, steps, warmup=3, batch_groups=0):
+def build_variant(name, batch, seq, warmup=3, batch_groups=0):
+  """Compiles the variant's train step and runs `warmup` steps; returns (step_once, info).
+
+  step_once() runs one step (donating the state) and waits for it; info holds
+  what the table needs besides the time (FLOPs per token, last loss).
+  """
   strategy, R, mor, cap, _ = VARIANTS[name]
   config = make_config(strategy, R, mor, cap, batch, seq, batch_groups)
   cfg = C.model_config(config)
   tx, schedule = make_optimizer(config)
-  state = jax.jit(lambda: init_state(cfg, tx, 0))()
+  box = {"state": jax.jit(lambda: init_state(cfg, tx, 0))()}
   step = jax.jit(make_train_step(cfg, tx, schedule), donate_argnums=0)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, batch, seq + 1), 0, cfg.vocab_size, jnp.int32)
   batch_in = {"tokens": tokens}
+  info = {"variant": name, "train_flops_per_token": flops_per_token(cfg, seq)["train"], "tokens": batch * seq}
+
+  def step_once():
+    box["state"], m = step(box["state"], batch_in)
+    info["loss"] = float(jax.block_until_ready(m["loss"]))
+
   for _ in range(warmup):
-    state, m = step(state, batch_in)
-  jax.block_until_ready(m["loss"])
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, m = step(state, batch_in)
-    jax.block_until_ready(m["loss"])
-    times.append(time.perf_counter() - t)
+    step_once()
+  return step_once, info
+
+
+def _row(info, times):
   med = float(np.median(times))
-  fl = flops_per_token(cfg, seq)["train"]
-  return {"variant": name, "step_s": med, "tokens_per_s": batch * seq / med, "train_flops_per_token": fl,
-          "gflops": fl * batch * seq / med / 1e9, "loss": float(m["loss"])}
+  fl = info["train_flops_per_token"]
+  return {"variant": info["variant"], "step_s": med, "tokens_per_s": info["tokens"] / med, "train_flops_per_token": fl,
+          "gflops": fl * info["tokens"] / med / 1e9, "loss": info["loss"], "step_s_all": [float(t) for t in times]}
+
+
+def _timed(step_once):
+  t = time.perf_counter()
+  step_once()
+  return time.perf_counter() - t
+
+
+def time_variant(name, batch, seq, steps, warmup=3, batch_groups=0):
+  step_once, info = build_variant(name, batch, seq, warmup, batch_groups)
+  return _row(info, [_timed(step_once) for _ in range(steps)])
+
+
+def time_interleaved(built, steps):
+  """Times already built steps (`build_variant`'s pairs) round-robin: round i times one step of each.
+
+  A shared VM's speed drifts by tens of percent within minutes, so variants
+  timed one after another can differ by more than their code does; here
+  every variant sees the same stretch of time. The order rotates every
+  round so that no variant always runs first. Returns one row per pair,
+  with every round's step time (for paired ratios between rows).
+  """
+  times = [[] for _ in built]
+  for i in range(steps):
+    for j in range(len(built)):
+      k = (i + j) % len(built)
+      times[k].append(_timed(built[k][0]))
+  return [_row(info, t) for (_, info), t in zip(built, times)]
+
+
+def _paired_ratio(a, b):
+  """Median over rounds of a's step time / b's step time (rows from the same interleaved run)."""
+  return float(np.median(np.array(a["step_s_all"]) / np.array(b["step_s_all"])))
 
 
 def _time_in_subprocess(variant, args):
@@ -140,6 +184,10 @@ def main(argv=None):
   p.add_argument("--in_process", action="store_true",
                  help="time all variants in this process (default: a fresh process per variant, so one variant's "
                       "allocations and compiled programs cannot slow down the next)")
+  p.add_argument("--interleave", action="store_true",
+                 help="time all variants in this process round-robin, one step of each per round, so that they "
+                      "all see the same machine speed (see time_interleaved); ratios between variants are then "
+                      "taken per round")
   p.add_argument("--calibrate", action="store_true",
                  help="time PyTorch's step (sdpa) on this machine next to each variant it can build")
   args = p.parse_args(argv)
@@ -154,7 +202,10 @@ def main(argv=None):
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, fp32 matmul peak (1024^3) {peak:.1f} GFLOP/s; "
         f"batch {args.batch} x seq {args.seq}, median of {args.steps} steps, "
         f"model.batch_groups {args.batch_groups or 'auto'} -> {C.resolve_batch_groups(args.batch_groups)}")
-  if args.in_process:
+  if args.interleave:
+    rows = time_interleaved([build_variant(n, args.batch, args.seq, batch_groups=args.batch_groups)
+                             for n in args.variants.split(",")], args.steps)
+  elif args.in_process:
     rows = [time_variant(v, args.batch, args.seq, args.steps, batch_groups=args.batch_groups)
             for v in args.variants.split(",")]
   else:
@@ -186,7 +237,11 @@ def main(argv=None):
   if a and b:
     t_ratio = a["step_s"] / b["step_s"]
     f_ratio = a["train_flops_per_token"] / b["train_flops_per_token"]
-    print(f"MoR R=2 / recursive R=2: step-time ratio {t_ratio:.3f}, FLOPs ratio {f_ratio:.3f} "
+    how = "medians"
+    if args.interleave:   # same rounds: the ratio of each round's two steps, then its median
+      t_ratio = _paired_ratio(a, b)
+      how = "median of per-round ratios"
+    print(f"MoR R=2 / recursive R=2: step-time ratio {t_ratio:.3f} ({how}), FLOPs ratio {f_ratio:.3f} "
           f"(step/FLOPs = {t_ratio / f_ratio:.3f}; within 10% when between 0.9 and 1.1)")
   if args.json:
     json.dump({"peak_gflops": peak, "rows": rows}, open(args.json, "w"), indent=1)
