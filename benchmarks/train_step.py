@@ -85,6 +85,23 @@ def matmul_peak(n=1024, reps=10):
   return 2 * n ** 3 / best / 1e9
 
 
+def machine_info():
+  """The CPU this run timed on: stored rows and runs from other VMs are only comparable on the same kind."""
+  info = {"utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "cores": os.cpu_count(), "cpu": "?", "isa": "?"}
+  try:
+    text = open("/proc/cpuinfo").read()
+  except OSError:
+    return info
+  for line in text.splitlines():
+    if line.startswith("model name"):
+      info["cpu"] = line.split(":", 1)[1].strip()
+    elif line.startswith("flags"):
+      flags = set(line.split(":", 1)[1].split())
+      info["isa"] = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+      break
+  return info
+
+
 def build_variant(name, batch, seq, warmup=3, batch_groups=0):
   """Compiles the variant's train step and runs `warmup` steps; returns (step_once, info).
 
@@ -203,6 +220,8 @@ def main(argv=None):
     for row in json.load(open(args.reference))["results"]:
       ref.setdefault(row["variant"], {})[row["attn_implementation"]] = row["train_tokens_per_s"]
   peak = matmul_peak()
+  machine = machine_info()
+  print(f"{machine['utc']} UTC, {machine['cpu']} ({machine['isa']}, {machine['cores']} cores)")
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, fp32 matmul peak (1024^3) {peak:.1f} GFLOP/s; "
         f"batch {args.batch} x seq {args.seq}, median of {args.steps} steps, "
         f"model.batch_groups {args.batch_groups or 'auto'} -> {C.resolve_batch_groups(args.batch_groups)}")
@@ -252,7 +271,7 @@ def main(argv=None):
       print(f"MoR R=2 / recursive R=2: step-time ratio {t_ratio:.3f} ({how}), FLOPs ratio {f_ratio:.3f} "
             f"(step/FLOPs = {t_ratio / f_ratio:.3f}; within 10% when between 0.9 and 1.1)")
   if args.json:
-    json.dump({"peak_gflops": peak, "rows": rows, "mor_r2_over_recursive_r2": ratios}, open(args.json, "w"),
+    json.dump({"machine": machine, "peak_gflops": peak, "rows": rows, "mor_r2_over_recursive_r2": ratios}, open(args.json, "w"),
               indent=1)
 
 
