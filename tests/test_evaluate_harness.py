@@ -1,6 +1,7 @@
 """The lm-evaluation-harness adapter: loglikelihood against the model's own token log-probabilities, rolling
 windows, and the shipped local multiple-choice task through lm_eval.simple_evaluate (offline)."""
 
+import functools
 import json
 import os
 import shutil
@@ -33,10 +34,17 @@ def lm(wd):
   return harness.MoRJaxLM(workdir=wd["dir"], batch_size=4)
 
 
+@functools.lru_cache(maxsize=None)
+def _causal_logits(cfg):
+  """The plain model's forward with causal routing, jitted (one compile per sequence length: run op by op,
+  the direct sums below took most of this module's time)."""
+  return jax.jit(lambda variables, t: MoRLM(cfg).apply(variables, t, routing_mode="causal")[0])
+
+
 def _direct_logprob_sum(cfg, variables, ids, n_scored):
   """sum log p of the last n_scored tokens of `ids`, from one unpadded forward pass with causal routing."""
   t = jnp.asarray([ids], jnp.int32)
-  logits, _ = MoRLM(cfg).apply(variables, t[:, :-1], routing_mode="causal")
+  logits = _causal_logits(cfg)(variables, t[:, :-1])
   logp = np.asarray(jax.nn.log_softmax(logits[0]), np.float64)
   tgt = logp[np.arange(len(ids) - 1), np.asarray(ids[1:])]
   return float(tgt[-n_scored:].sum())
@@ -62,7 +70,7 @@ def test_loglikelihood_equals_direct_sum(wd, lm):
   # is_greedy agrees with argmax of the direct logits for a one-token continuation
   ids = tok.encode("thou art the")
   t = jnp.asarray([ids], jnp.int32)
-  logits, _ = MoRLM(wd["cfg"]).apply(wd["variables"], t, routing_mode="causal")
+  logits = _causal_logits(wd["cfg"])(wd["variables"], t)
   best = int(jnp.argmax(logits[0, -1]))
   (_, greedy), = lm.score_tokens([(ids, [best])])
   assert greedy
@@ -100,6 +108,11 @@ def task_dir(tmp_path_factory):
   return task_dir
 
 
+@pytest.fixture(scope="module")
+def direct_mc_accuracy(wd, lm, task_dir):
+  return _direct_mc_accuracy(wd, lm, task_dir)
+
+
 def _direct_mc_accuracy(wd, lm, task_dir):
   """argmax over choices of log p(" " + choice | question), computed from the model directly."""
   docs = [json.loads(l) for l in open(task_dir / "tiny_mc.jsonl")]
@@ -113,14 +126,14 @@ def _direct_mc_accuracy(wd, lm, task_dir):
   return hits / len(docs)
 
 
-def test_local_multiple_choice_task_through_simple_evaluate(wd, lm, task_dir):
+def test_local_multiple_choice_task_through_simple_evaluate(wd, task_dir, direct_mc_accuracy):
   from lm_eval.tasks import TaskManager
   tm = TaskManager(include_path=str(task_dir), include_defaults=False)   # skip indexing ~10k stock tasks
   res = lm_eval.simple_evaluate(model="mor_jax", model_args={"workdir": wd["dir"], "batch_size": 4},
                                 tasks=["mor_tiny_mc"], num_fewshot=0, task_manager=tm, bootstrap_iters=0,
                                 log_samples=False)
   acc = res["results"]["mor_tiny_mc"]["acc,none"]
-  assert acc == pytest.approx(_direct_mc_accuracy(wd, lm, task_dir))
+  assert acc == pytest.approx(direct_mc_accuracy)
 
 
 def _pth_installed():
@@ -129,7 +142,7 @@ def _pth_installed():
   return any(os.path.exists(os.path.join(d, "mor_jax_lm_eval.pth")) for d in dirs)
 
 
-def test_lm_eval_cli_knows_mor_jax(wd, lm, task_dir, tmp_path):
+def test_lm_eval_cli_knows_mor_jax(wd, task_dir, direct_mc_accuracy, tmp_path):
   """`lm_eval run --model mor_jax ...` in a fresh interpreter: the installed .pth hook registers the model.
 
   Without an installed package (a plain checkout), the same hook is installed by hand first; a non-editable
@@ -153,7 +166,7 @@ def test_lm_eval_cli_knows_mor_jax(wd, lm, task_dir, tmp_path):
   results = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "out") for f in fs if f.startswith("results")]
   assert results, out.stdout[-2000:]
   acc = json.load(open(results[0]))["results"]["mor_tiny_mc"]["acc,none"]
-  assert acc == pytest.approx(_direct_mc_accuracy(wd, lm, task_dir))
+  assert acc == pytest.approx(direct_mc_accuracy)
 
 
 def test_hook_registers_lazily():

@@ -237,7 +237,7 @@ def test_batch_groups_change_the_program_not_the_params_or_numbers():
     assert jax.tree.structure(p) == jax.tree.structure(init_variables(split, jax.random.PRNGKey(0))["params"])
     dots = lambda cfg: jax.jit(lambda q: MoRLM(cfg).apply({"params": q}, toks)[0]).lower(p).as_text().count("dot_general")
     assert dots(split) > dots(one)   # each layer's matmuls run once per group
-    logits = lambda cfg, t: MoRLM(cfg).apply({"params": p}, t)[0]
+    logits = lambda cfg, t: jax.jit(lambda q, t: MoRLM(cfg).apply({"params": q}, t)[0])(p, t)
     np.testing.assert_allclose(logits(split, toks), logits(one, toks), atol=1e-5)   # row by row, in order
     l0, g0 = _loss_and_grads(one, p, toks)
     l1, g1 = _loss_and_grads(split, p, toks)
@@ -271,7 +271,7 @@ def test_loss_chunks_change_the_program_not_the_numbers():
 
   (_, (nll0, n0)), g0 = objective(whole)(p)
   (_, (nll1, n1)), g1 = objective(chunked)(p)
-  logits, _ = MoRLM(whole).apply({"params": p}, inputs)
+  logits, _ = jax.jit(lambda q: MoRLM(whole).apply({"params": q}, inputs))(p)
   nll_ref, n_ref = cross_entropy(logits, targets, mask)
   assert float(n0) == float(n1) == float(n_ref) == 37.0
   np.testing.assert_allclose(nll0, nll_ref, rtol=1e-6)
