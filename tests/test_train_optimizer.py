@@ -89,8 +89,8 @@ def test_init_variables_equals_the_training_states_initial_params():
   """A notebook's `init_variables(cfg, key)` gives bit for bit the parameters a training run starts from
   (both are compiled programs; an op-by-op init differed from the jitted one in the last bit)."""
   from mor_jax.model.transformer import init_variables
-  cfg = C.model_config(C.validate(tiny(), num_devices=1))
-  tx, _ = optimizer.make_optimizer(C.validate(tiny(), num_devices=1))
+  config = C.validate(tiny(), num_devices=1)
+  cfg, (tx, _) = C.model_config(config), optimizer.make_optimizer(config)
   st = jax.jit(lambda: S.init_state(cfg, tx, 3))()
   init_key = jax.random.split(jax.random.PRNGKey(3))[0]
   params = init_variables(cfg, init_key)["params"]
