@@ -10,9 +10,17 @@
 
 Config fields can be overridden on the command line: --config.train.num_steps=100.
 Everything below is importable: `mor_jax.train.train_and_evaluate(config, workdir)` does the same from a notebook.
+
+Exit codes of --mode=train (docs/run-safety.md):
+  0   the run is complete (or was already complete)
+  75  interrupted (SIGTERM/SIGINT) or paused (train.max_steps_per_run): a checkpoint was saved, run the same
+      command again to continue (EX_TEMPFAIL)
+  1   an error: bad config, workdir locked by another run, checkpoints of another model or unreadable,
+      non-finite loss, a checkpoint that could not be written (disk full), the training data ran out
 """
 
 import logging as pylogging
+import os
 import sys
 
 from absl import app
@@ -24,12 +32,16 @@ from mor_jax import runtime
 from mor_jax.infer import cli as infer_cli
 
 MODES = ("train", "eval", "generate", "info", "prepare", "import", "export_hf")
+EXIT_OK, EXIT_ERROR, EXIT_AGAIN = 0, 1, 75
+# report status -> exit code of --mode=train
+STATUS_EXIT = {"completed": EXIT_OK, "interrupted": EXIT_AGAIN, "paused": EXIT_AGAIN}
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, TensorBoard events and the report.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.DEFINE_integer("eval_batches", None, "eval: validation batches to score (default: the whole split).")
-flags.DEFINE_string("import_from", None, "import: a PyTorch-reference training output or Hugging Face Llama directory.")
+flags.DEFINE_string("import_from", None, "import: a PyTorch-reference training output or Hugging Face Llama directory, "
+                    "or a llama.cpp .gguf file of a Llama-architecture model (weights, tokenizer, chat template).")
 flags.DEFINE_string("import_run_config", None, "import: the run's YAML (recursive/mor/kv_sharing settings), when the "
                     "directory holds several or none.")
 flags.DEFINE_string("export_to", None, "export_hf: the Hugging Face directory to write.")
@@ -38,11 +50,51 @@ FLAGS = flags.FLAGS
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops Orbax's and TFDS's routine INFO lines (each save, each dataset open); warnings still show."""
+  """Drops Orbax's and TFDS's routine INFO lines (each save, each dataset open); warnings still show, without
+  Orbax's tracebacks (a failed save is reported in one line by mor_jax.checkpoint)."""
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or not any(
-        name in record.pathname for name in ("orbax", "tensorflow_datasets"))
+    library = any(name in record.pathname for name in ("orbax", "tensorflow_datasets"))
+    if library and record.exc_info:
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= pylogging.WARNING or not library
+
+
+def run_training(config, workdir: str) -> int:
+  """--mode=train: the run, one line for the user, and the exit code (see the module docstring)."""
+  from mor_jax import checkpoint
+  from mor_jax import config as config_lib
+  from mor_jax import train
+  from mor_jax.data import DataError
+  try:
+    report = train.train_and_evaluate(config, workdir)
+  except (checkpoint.CheckpointError, config_lib.ConfigError, DataError, train.NonFiniteLossError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_ERROR
+  except OSError as e:           # e.g. the workdir cannot be written
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    return EXIT_ERROR
+  code = STATUS_EXIT.get(report["status"], EXIT_ERROR)
+  again = "; run the same command again to continue" if code == EXIT_AGAIN else ""
+  print(f"{report['status']}: step {report['steps_completed']}/{report['num_steps']}{again}; report in "
+        f"{os.path.join(workdir, 'report.md')}" + (f" ({report['message']})" if code == EXIT_ERROR else ""))
+  return code
+
+
+def check_config_path(argv: list[str]) -> str | None:
+  """The one-line error for a --config file that does not exist (absl would say 'Failed loading config file')."""
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith("--config="):
+      value = arg.split("=", 1)[1]
+    else:
+      continue
+    path = value.split(":", 1)[0]
+    if not os.path.isfile(path):
+      what = "is a directory" if os.path.isdir(path) else "does not exist"
+      return f"error: --config: {path} {what}; pass a config file such as configs/shakespeare_mor.py."
+  return None
 
 
 def main(argv):
@@ -65,10 +117,7 @@ def main(argv):
   elif FLAGS.mode == "train":
     if not FLAGS.workdir:
       raise app.UsageError("--workdir is required for --mode=train.")
-    from mor_jax import train
-    report = train.train_and_evaluate(config, FLAGS.workdir)
-    print(f"{report['status']}: step {report['steps_completed']}/{report['num_steps']}; report in "
-          f"{FLAGS.workdir}/report.md")
+    return run_training(config, FLAGS.workdir)
   elif FLAGS.mode == "generate":
     from mor_jax.infer.decode import InferenceError
     try:
@@ -99,6 +148,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  if (config_error := check_config_path(sys.argv[1:])) is not None:
+    sys.exit(config_error)
   runtime.use_huge_pages()  # see mor_jax/runtime.py (page faults cost 20-30% of a CPU step otherwise)
   logging.set_verbosity(logging.INFO)
   sys.exit(app.run(main))

@@ -41,9 +41,8 @@ LABELS = {"vanilla": "vanilla L=8", "rec2": "recursive R=2", "rec3": "recursive 
 
 
 def model_config(args, spec):
-  from configs import base  # pylint: disable=g-import-not-at-top
   from mor_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  c = base.get_config()
+  c = config_lib.defaults()
   c.model.update(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_layers=8,
                  num_heads=args.heads, num_kv_heads=args.kv_heads, max_seq_len=args.prompt_len + args.new_tokens)
   c.data.seq_len = args.prompt_len
@@ -86,7 +85,8 @@ def measure(args, cfg, variables, batch):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mor_jax.infer import cache as cache_lib  # pylint: disable=g-import-not-at-top
-  from mor_jax.infer.generate import SamplingParams, _programs, sampling_arrays  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.generate import _programs  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.sampling import SamplingParams, sampling_arrays  # pylint: disable=g-import-not-at-top
   P, N = args.prompt_len, args.new_tokens
   S = P + N
   plan = cache_lib.make_plan(cfg, S, "full")
@@ -127,7 +127,8 @@ def measure(args, cfg, variables, batch):
 
 def _plan_kv_bytes(cfg, plan, batch):
   import numpy as np  # pylint: disable=g-import-not-at-top
-  per_entry_layer = 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
+  from mor_jax.kernels.policy import for_decoding  # pylint: disable=g-import-not-at-top
+  per_entry_layer = 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(for_decoding().compute_dtype).itemsize
   n = sum(l * c for l, c in zip(plan.stage_layers, plan.stage_capacity))
   if plan.has_middle:
     n += 2 * plan.max_len

@@ -142,7 +142,7 @@ def make_workload(args, config, vocab: int) -> Workload:
   stream = None
   if not args.random:
     try:
-      from mor_jax.data import corpora  # pylint: disable=g-import-not-at-top
+      from mor_jax.data import corpus as corpora  # pylint: disable=g-import-not-at-top
       from mor_jax.infer import load_tokenizer  # pylint: disable=g-import-not-at-top
       tok = load_tokenizer(config)
       info = corpora.build_corpus(config)
@@ -175,7 +175,8 @@ def _bucket(n, minimum=16):
 def run_batched(cfg, variables, wl: Workload, B: int, max_len: int, kv_capacity: str, threshold: float):
   """Ordinary batched decoding (the plain generation path): batches of B in arrival order."""
   from mor_jax.infer import cache as cache_lib  # pylint: disable=g-import-not-at-top
-  from mor_jax.infer.generate import SamplingParams, _programs, sampling_arrays  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.generate import _programs  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.sampling import SamplingParams, sampling_arrays  # pylint: disable=g-import-not-at-top
   plan = cache_lib.make_plan(cfg, max_len, kv_capacity)
   prefill, decode = _programs(cfg, plan)
   n_out = max(wl.new_tokens)
@@ -212,7 +213,7 @@ def run_batched(cfg, variables, wl: Workload, B: int, max_len: int, kv_capacity:
 def run_engine(cfg, variables, wl: Workload, B: int, max_len: int, kv_capacity: str, threshold: float, rows,
                refill_min):
   from mor_jax.infer.engine import Engine  # pylint: disable=g-import-not-at-top
-  from mor_jax.infer.generate import SamplingParams  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
   refill = refill_min or max(1, B // 8)
   eng = Engine(cfg, variables, slots=B, max_len=max_len, max_new_tokens=max(wl.new_tokens), threshold=threshold,
                kv_capacity=kv_capacity, entry_rows=rows, exit_rows=rows, refill_min=refill, prefill_rows=refill)

@@ -30,8 +30,8 @@ NEEDS = {"cpu_model_x10": 40_000, "l40s_reference": 10_600,
 
 
 def _config(args, pretokenized, workers):
-  from configs import base  # pylint: disable=g-import-not-at-top
-  c = base.get_config()
+  from mor_jax.config import defaults  # pylint: disable=g-import-not-at-top
+  c = defaults()
   c.data.data_dir = args.data_dir
   c.data.seq_len = args.seq_len
   c.data.pretokenized = pretokenized

@@ -24,10 +24,9 @@ over its own number of steps (the default job's optimiser: AdamW 3e-3, warm-up `
 floor 0.1 x peak), the same data order (`--seed` also seeds the initialisation) and batch.
 
 Everything is the library's code, called in-process: the config is built from `configs/shakespeare_mor.py` and
-checked by `mor_jax.config.validate`; `mor_jax.train.init_state` / `make_optimizer` / `make_train_step` (jitted,
-one device, no gradient accumulation) train; `mor_jax.data.make_iterator` feeds packed batches;
-`mor_jax.train.make_eval_step` gives the validation curve (top-k routing, as during training) at `--eval_points`
-points of each run; at the end `mor_jax.evaluate.evaluate_nll` scores the same validation batches with top-k
+checked by `mor_jax.config.validate`; `mor_jax.train.Trainer` trains each run (one device, no gradient
+accumulation, in a temporary workdir) on `mor_jax.data.make_iterator`'s packed batches and gives the validation
+curve (top-k routing, as during training, through a hook) at `--eval_points` points of each run; at the end `mor_jax.evaluate.evaluate_nll` scores the same validation batches with top-k
 (training) routing and with causal threshold routing (what generation does). Vanilla and recursive models have no
 router: both numbers are the same by construction (only top-k is computed and reported in both columns).
 
@@ -47,9 +46,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,7 +60,6 @@ if __name__ == "__main__":
   runtime.use_huge_pages()  # see mor_jax/runtime.py
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 # name -> (label, recursion strategy, R, MoR type or None)
@@ -89,7 +87,7 @@ def build_config(name: str, args, num_steps: int = 1):
     c.mor.enable = False
   elif mor_type == "expert":
     c.mor.update(enable=True, type="expert", router_type="linear", router_func="sigmoid", alpha=0.1,
-                 sampling="aux_loss", aux_coeff=1e-3, capacity=(), cap_warmup_steps=0)
+                 expert_router_loss="bce", aux_coeff=1e-3, capacity_fractions=(), cap_warmup_steps=0)
   else:
     c.mor.update(enable=True, type="token", router_type="linear", router_func="softmax", alpha=1.0,
                  balancing="loss", bal_coeff=0.1, bal_warmup_steps=0)
@@ -126,61 +124,55 @@ def val_batches(config, rows: int, n: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- one run
+def _chunks(batches: list[dict]):
+  """`f(rows) -> batches of `rows` rows` over the fixed validation sequences (the trainer's eval_iterator_fn)."""
+  seqs = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  n = len(seqs["tokens"])
+  return lambda rows: ({k: v[i:i + rows] for k, v in seqs.items()} for i in range(0, n, rows))
+
+
 def train_run(name: str, args, steps: int, vbatches: list[dict], fpt: float, log) -> dict:
-  from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
   from mor_jax.evaluate import evaluate_nll  # pylint: disable=g-import-not-at-top
   from mor_jax.model import accounting  # pylint: disable=g-import-not-at-top
-  from mor_jax.train import init_state, make_eval_step, make_optimizer, make_train_step, routing_mode_for_step  # pylint: disable=g-import-not-at-top
+  from mor_jax.train import Hook, Trainer, read_metrics  # pylint: disable=g-import-not-at-top
 
-  config, cfg = validated(build_config(name, args, steps))
-  tx, schedule = make_optimizer(config)
+  c = build_config(name, args, steps)
+  c.parallel.num_devices = 1                   # one device, no gradient accumulation
+  c.train.update(eval_every_steps=0, eval_sequences=-1, save_every_steps=0, save_interval=0.0, keep_checkpoints=1,
+                 log_every_steps=args.log_every)
+  config, cfg = validated(c)
   tokens_per_step = args.batch * args.seq_len
-  t0 = time.time()
-  state = jax.jit(lambda: init_state(cfg, tx, int(config.train.seed)))()
-  step_fn = jax.jit(make_train_step(cfg, tx, schedule), static_argnames=("routing_mode",), donate_argnums=(0,))
-  eval_fn = jax.jit(make_eval_step(cfg))
-  vdev = [{k: jnp.asarray(v) for k, v in b.items()} for b in vbatches]
-
-  def val_topk(st) -> float:
-    nll = count = 0.0
-    for b in vdev:
-      out = jax.device_get(eval_fn(st, b))
-      nll += float(out["nll_sum"])
-      count += float(out["count"])
-    return nll / count
-
   points = sorted({int(round(steps * i / args.eval_points)) for i in range(1, args.eval_points + 1)})
-  curve = [{"step": 0, "flops": 0.0, "tokens": 0, "val_nll_topk": val_topk(state)}]
-  it = data_lib.make_iterator(config, "train", global_batch_size=args.batch)
-  train_s = eval_s = 0.0
-  losses = []
-  t_train = time.time()
-  try:
-    for step in range(steps):
-      batch = next(it)
-      batch = {k: jnp.asarray(np.asarray(v)[None]) for k, v in batch.items()}   # [accum=1, rows, T+1]
-      state, metrics = step_fn(state, batch, routing_mode=routing_mode_for_step(cfg, step))
-      if step + 1 in points or (step + 1) % args.log_every == 0:
-        m = jax.device_get(metrics)
-        losses.append([step + 1, float(m["loss"])])
-        if not math.isfinite(float(m["loss"])):
-          raise FloatingPointError(f"{name}: non-finite loss at step {step + 1}")
-      if step + 1 in points:
-        train_s += time.time() - t_train
-        te = time.time()
-        v = val_topk(state)
-        eval_s += time.time() - te
-        curve.append({"step": step + 1, "flops": (step + 1) * tokens_per_step * fpt,
-                      "tokens": (step + 1) * tokens_per_step, "val_nll_topk": v,
-                      "train_loss": float(m["loss"])})
-        log(f"  {name} step {step + 1}/{steps}: train loss {float(m['loss']):.4f}, val NLL (top-k) {v:.4f}, "
-            f"{train_s:.0f}s training")
-        t_train = time.time()
-  finally:
-    close = getattr(it, "close", None)
-    if callable(close):
-      close()
-  train_s += time.time() - t_train
+  curve, clock = [], {"eval": 0.0}
+
+  class Curve(Hook):
+    """Validation NLL (top-k) at step 0 and the eval points, with the train loss of that step."""
+
+    def on_eval(self, trainer, step, val_loss):
+      loss = trainer.meta["history"]["loss"][-1] if step else None
+      curve.append({"step": step, "flops": step * tokens_per_step * fpt, "tokens": step * tokens_per_step,
+                    "val_nll_topk": val_loss, **({"train_loss": loss} if step else {})})
+      if step:
+        log(f"  {name} step {step}/{steps}: train loss {loss:.4f}, val NLL (top-k) {val_loss:.4f}")
+
+  class TimedTrainer(Trainer):
+    def evaluate(self, step):
+      t = time.time()
+      try:
+        return super().evaluate(step)
+      finally:
+        clock["eval"] += time.time() - t
+
+  workdir = tempfile.mkdtemp(prefix=f"isoflop-{name}-")   # a fresh workdir (an existing one would be resumed)
+  t0 = time.time()
+  trainer = TimedTrainer(c, workdir, eval_iterator_fn=_chunks(vbatches), hooks=[Curve()], eval_at=points.__contains__)
+  trainer.run()
+  state = trainer.state
+  eval_s = clock["eval"]
+  train_s = time.time() - t0 - eval_s
+  losses = [[r["step"], r["loss"]] for r in read_metrics(workdir) if "loss" in r]
+  shutil.rmtree(workdir, ignore_errors=True)
   te = time.time()
   modes = ("topk", "causal") if cfg.mor_enable else ("topk",)
   final = evaluate_nll(cfg, state.variables(), vbatches, modes=modes, step=int(state.step))
@@ -190,7 +182,7 @@ def train_run(name: str, args, steps: int, vbatches: list[dict], fpt: float, log
   return {
       "name": name, "label": RUNS[name][0], "strategy": cfg.strategy, "recursions": cfg.recursions,
       "mor": cfg.mor_type if cfg.mor_enable else None, "base_depth": cfg.base_depth,
-      "capacities": list(cfg.capacities) if cfg.mor_enable and cfg.mor_type == "expert" else None,
+      "capacities": list(cfg.selected_fractions) if cfg.mor_enable and cfg.mor_type == "expert" else None,
       "unique_params": int(counts["total"]), "params": counts,
       "train_flops_per_token": fpt, "flops_breakdown": accounting.flops_per_token(cfg, args.seq_len),
       "steps": steps, "tokens_seen": steps * tokens_per_step, "train_flops": steps * tokens_per_step * fpt,

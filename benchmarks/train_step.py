@@ -43,7 +43,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import base  # noqa: E402
+from mor_jax.config import defaults  # noqa: E402
+from mor_jax.kernels import policy as policy_lib  # noqa: E402
 from mor_jax import config as C  # noqa: E402
 from mor_jax.model.accounting import flops_per_token  # noqa: E402
 from mor_jax.train import init_state, make_optimizer, make_train_step  # noqa: E402
@@ -59,12 +60,13 @@ VARIANTS = {
 
 
 def make_config(strategy, R, mor, capacity, batch, seq, batch_groups=0):
-  c = base.get_config()
+  c = defaults()
   c.model.update(vocab_size=8192, hidden_size=256, intermediate_size=688, num_layers=8, num_heads=8, num_kv_heads=4,
-                 max_seq_len=2048, dtype="float32", batch_groups=batch_groups)
+                 max_seq_len=2048)
+  c.execution.update(dtype="float32", batch_groups=batch_groups)
   c.recursion.update(strategy=strategy, num_recursions=R)
   if mor:
-    c.mor.update(enable=True, type=mor, capacity=capacity)
+    c.mor.update(enable=True, type=mor, capacity_fractions=capacity)
     if mor == "token":
       c.mor.update(router_func="softmax", alpha=1.0, balancing="loss")
   c.data.seq_len = seq
@@ -113,7 +115,8 @@ def build_variant(name, batch, seq, warmup=3, batch_groups=0):
   cfg = C.model_config(config)
   tx, schedule = make_optimizer(config)
   box = {"state": jax.jit(lambda: init_state(cfg, tx, 0))()}
-  step = jax.jit(make_train_step(cfg, tx, schedule), donate_argnums=0)
+  policy = policy_lib.resolve(config, jax.default_backend())
+  step = jax.jit(make_train_step(cfg, tx, schedule, policy=policy), donate_argnums=0)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, batch, seq + 1), 0, cfg.vocab_size, jnp.int32)
   batch_in = {"tokens": tokens}
   info = {"variant": name, "train_flops_per_token": flops_per_token(cfg, seq)["train"], "tokens": batch * seq}
@@ -201,7 +204,7 @@ def main(argv=None):
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--json", default="", help="also write the rows to this file")
   p.add_argument("--batch_groups", type=int, default=0,
-                 help="model.batch_groups (0 auto: 2 on CPU; 1 times the layers without batch groups)")
+                 help="execution.batch_groups (0 auto: 2 on CPU; 1 times the layers without batch groups)")
   p.add_argument("--in_process", action="store_true",
                  help="time all variants in this process (default: a fresh process per variant, so one variant's "
                       "allocations and compiled programs cannot slow down the next)")
@@ -224,7 +227,8 @@ def main(argv=None):
   print(f"{machine['utc']} UTC, {machine['cpu']} ({machine['isa']}, {machine['cores']} cores)")
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, fp32 matmul peak (1024^3) {peak:.1f} GFLOP/s; "
         f"batch {args.batch} x seq {args.seq}, median of {args.steps} steps, "
-        f"model.batch_groups {args.batch_groups or 'auto'} -> {C.resolve_batch_groups(args.batch_groups)}")
+        f"execution.batch_groups {args.batch_groups or 'auto'} -> "
+        f"{policy_lib.resolve_batch_groups(args.batch_groups, jax.default_backend())}")
   if args.interleave:
     rows = time_interleaved([build_variant(n, args.batch, args.seq, batch_groups=args.batch_groups)
                              for n in args.variants.split(",")], args.steps)

@@ -49,6 +49,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mor_jax import config as C  # noqa: E402
+from mor_jax.kernels import policy as policy_lib  # noqa: E402
 from mor_jax.model import accounting  # noqa: E402
 from mor_jax.train import metrics as metrics_lib  # noqa: E402
 from mor_jax.train import parallel  # noqa: E402
@@ -81,13 +82,11 @@ def load_config(path: str, arg: str):
 def make_config(args, variant: str, n_devices: int):
   arg = ",".join(filter(None, [VARIANTS[variant], "tiny" if args.tiny else ""]))
   c = load_config(args.config, arg)
-  c.model.dtype = args.dtype
-  c.model.attention_impl = args.attention
-  c.model.remat_policy = args.remat
+  c.execution.update(dtype=args.dtype, attention_impl=args.attention, remat_policy=args.remat)
   if args.scan is not None:
     c.model.scan_layers = args.scan == "on"
   if args.scan_unroll is not None:
-    c.model.scan_unroll = args.scan_unroll
+    c.execution.scan_unroll = args.scan_unroll
   c.model.max_seq_len = max(int(c.model.max_seq_len), args.seq)
   c.data.seq_len = args.seq
   c.parallel.update(mode="pjit", data=-1, fsdp=args.fsdp)
@@ -112,11 +111,13 @@ def run_variant(args, variant: str) -> dict:
   devices = jax.devices()
   config = make_config(args, variant, len(devices))
   cfg = C.model_config(config)
+  policy = policy_lib.resolve(config, jax.default_backend())
   tx, schedule = make_optimizer(config)
   dp = parallel.DataParallel("pjit", devices, fsdp=args.fsdp)
   abstract = abstract_state(cfg, tx, 0)
   state = dp.create_state(lambda: init_state(cfg, tx, 0))
-  step = dp.ahead_of_time(dp.compile_train_step(make_train_step(cfg, tx, schedule), dp.state_shardings(abstract)))
+  step = dp.ahead_of_time(dp.compile_train_step(make_train_step(cfg, tx, schedule, policy=policy),
+                                                  dp.state_shardings(abstract)))
   rows = args.batch * len(devices)
   rng = np.random.default_rng(0)
   host = {"tokens": rng.integers(0, cfg.vocab_size, (rows // jax.process_count(), args.seq + 1), dtype=np.int32)}
@@ -144,8 +145,8 @@ def run_variant(args, variant: str) -> dict:
       "variant": variant, "config": f"{os.path.relpath(args.config, REPO)}:{VARIANTS[variant]}",
       "device_kind": kind, "devices": len(devices), "processes": jax.process_count(),
       "mesh": {"data": dp.data_size, "fsdp": dp.fsdp_size}, "dtype": args.dtype,
-      "attention_impl": args.attention, "attention": _attention_label(cfg), "remat": args.remat,
-      "scan_layers": cfg.scan_layers, "scan_unroll": cfg.scan_unroll, "per_device_batch": args.batch, "seq_len": args.seq, "step_s": step_s, "tokens_per_s": tokens_per_s,
+      "attention_impl": args.attention, "attention": _attention_label(cfg, policy), "remat": args.remat,
+      "scan_layers": cfg.scan_layers, "scan_unroll": policy.scan_unroll, "per_device_batch": args.batch, "seq_len": args.seq, "step_s": step_s, "tokens_per_s": tokens_per_s,
       "tokens_per_s_per_device": tokens_per_s / len(devices), "train_flops_per_token": fpt,
       "tflops_per_device": tflops_dev, "peak_tflops_per_device": peak / 1e12 if peak else None,
       "mfu": tflops_dev * 1e12 / peak if peak else None,
@@ -208,12 +209,11 @@ def profile_steps(out_dir: str, run_step, state, variant: str, steps: int = 3) -
   return summary
 
 
-def _attention_label(cfg) -> str:
+def _attention_label(cfg, policy) -> str:
   from mor_jax.model import fused_attention  # pylint: disable=g-import-not-at-top
-  impl = fused_attention.resolve(cfg.attention_impl)
-  if impl == "custom":
-    return "custom"
-  return "dot_product/" + fused_attention.implementation(cfg.compute_dtype, cfg.head_dim, True)
+  if policy.attention != "cudnn":
+    return policy.attention
+  return "dot_product/" + fused_attention.implementation(policy.compute_dtype, cfg.head_dim, True, "gpu")
 
 
 def gib(n):
@@ -243,10 +243,10 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--attention", default=None, choices=("auto", "custom", "dot_product"),
-                 help="model.attention_impl (default: auto on accelerators; dot_product on CPU, to run the GPU path)")
+                 help="execution.attention_impl (default: auto on accelerators; dot_product on CPU, to run the GPU path)")
   p.add_argument("--remat", default="none", choices=C.REMAT_POLICIES)
   p.add_argument("--scan", default=None, choices=("on", "off"), help="nn.scan over the shared block (config default)")
-  p.add_argument("--scan_unroll", type=int, default=None, help="model.scan_unroll (config default 0: auto)")
+  p.add_argument("--scan_unroll", type=int, default=None, help="execution.scan_unroll (config default 0: auto)")
   p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp axis size (-1: all devices)")
   p.add_argument("--tiny", action="store_true", help="the configs' :tiny dims (CPU); default on CPU")
   p.add_argument("--full", action="store_true", help="full-size model even on CPU (slow)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from configs import base
+from mor_jax.config import defaults
 
 SHAPES = {
     # name: hidden, layers, heads, kv heads, ffn, tied embeddings
@@ -39,11 +39,12 @@ def make(size: str, *, strategy: str = "none", recursions: int = 1, num_layers: 
   """A full-scale SmolLM config (FineWeb-Edu-style local corpus, SmolLM tokenizer)."""
   opts = parse(arg)
   hidden, layers, heads, kv, ffn, tied = SHAPES[size]
-  c = base.get_config()
+  c = defaults()
   c.name = f"smollm-{size}"
   c.model.update(vocab_size=49152, hidden_size=hidden, intermediate_size=ffn, num_layers=num_layers or layers,
                  num_heads=heads, num_kv_heads=kv, rope_theta=10000.0, rms_eps=1e-5, max_seq_len=2048,
-                 tie_embeddings=tied if tie is None else tie, init_std=0.02, dtype="bfloat16")
+                 tie_embeddings=tied if tie is None else tie, init_std=0.02)
+  c.execution.dtype = "bfloat16"
   if "rec" in opts:
     recursions = int(opts["rec"])
     strategy = opts.get("sharing", "middle_cycle")
@@ -67,9 +68,9 @@ def make(size: str, *, strategy: str = "none", recursions: int = 1, num_layers: 
   c.data.tokenizer_path = SMOLLM_TOKENIZER
   c.data.seq_len = 1024
   if "fp32" in opts:
-    c.model.dtype = "float32"
+    c.execution.dtype = "float32"
   if "bf16" in opts:
-    c.model.dtype = "bfloat16"
+    c.execution.dtype = "bfloat16"
   if "tiny" in opts:
     shrink_to_tiny(c)
   return c
@@ -81,9 +82,9 @@ def shrink_to_tiny(c):
   body = 2 * R if c.recursion.strategy != "none" else 4
   c.name += "-tiny"
   c.model.update(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
-                 num_layers=body + (2 if c.recursion.strategy.startswith("middle_") else 0), max_seq_len=256,
-                 dtype="float32")
+                 num_layers=body + (2 if c.recursion.strategy.startswith("middle_") else 0), max_seq_len=256)
+  c.execution.dtype = "float32"
   c.data.corpus = "shakespeare"
   c.data.seq_len = 64
   c.train.update(num_steps=4, total_batch_size=8, per_device_batch_size=1, warmup_steps=1, log_every_steps=1,
-                 eval_every_steps=4, eval_batches=1)
+                 eval_every_steps=4, eval_sequences=1)

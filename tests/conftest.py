@@ -1,4 +1,11 @@
-"""Test setup: 4 simulated CPU devices (set before jax is imported) and the repo root on sys.path."""
+"""Test setup: 4 simulated CPU devices (set before jax is imported), the repo root on sys.path, and skips that
+fail in CI.
+
+In CI (environment variable CI=true; .ci/run installs every optional extra) a skipped test is a failure: a skip
+there means a check did not run, e.g. the lm-eval or transformers tests because an extra failed to install. A
+skip that depends only on the machine (root for a tmpfs, a file outside the repository) is declared on the test
+with `@pytest.mark.environment("why")` and stays a skip.
+"""
 
 import os
 import sys
@@ -7,6 +14,49 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
+
+
+def _in_ci() -> bool:
+  return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "environment(why): the test may skip on machines without `why` (root, a file outside the "
+      "repository); in CI such a skip stays a skip, any other skip fails")
+
+
+def _skip_reason(report) -> str:
+  longrepr = report.longrepr
+  if isinstance(longrepr, tuple) and len(longrepr) == 3:
+    return str(longrepr[2])
+  return str(longrepr)
+
+
+def _fail_skip(report, what: str) -> None:
+  """Turns a skip report into a failure that says why (CI installs everything the tests use)."""
+  reason = _skip_reason(report)
+  report.outcome = "failed"
+  report.longrepr = (f"{what} was skipped in CI ({reason}). CI (CI=true) installs requirements-test.txt, so "
+                     "every test must run there: fix the install, or mark a skip that depends only on the "
+                     "machine with @pytest.mark.environment(\"why\").")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  report = outcome.get_result()
+  if (_in_ci() and report.skipped and not hasattr(report, "wasxfail")
+      and item.get_closest_marker("environment") is None):
+    _fail_skip(report, item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+  outcome = yield
+  report = outcome.get_result()
+  if _in_ci() and report.skipped:          # e.g. a module-level pytest.importorskip("lm_eval")
+    _fail_skip(report, collector.nodeid)
 
 
 @pytest.fixture(scope="module")

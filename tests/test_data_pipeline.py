@@ -3,7 +3,10 @@
 import collections
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import grain
@@ -11,10 +14,10 @@ from etils import epath
 import numpy as np
 import pytest
 
-from configs import base
 from mor_jax.data import (DataError, make_iterator, prepare,
                           tokenizer_path_for)
-from mor_jax.data import corpora
+from mor_jax.data import corpus as corpora
+from tiny import tiny_config
 
 WORDS = ("the quick brown fox jumps over lazy dogs while seven wizards quietly "
          "hum jazz vexing bold nymphs and a sphinx of black quartz judges "
@@ -34,14 +37,9 @@ def _local_config(tmp_path, n_docs=40, **data):
         words = [WORDS[j] for j in rng.integers(0, len(WORDS), n)]
         f.write(json.dumps({"text": f"{i} " + " ".join(words)}) + "\n")
     (d / "val.jsonl").write_text(json.dumps({"text": "held out"}) + "\n")
-  c = base.get_config()
-  c.data.corpus = "local"
-  c.data.path = str(d)
-  c.data.val_files = ("val.jsonl",)
-  c.data.data_dir = str(tmp_path / "prepared")
-  c.data.seq_len = 15  # rows of 16 tokens
-  c.data.prefetch = 0
-  c.model.vocab_size = 300
+  c = tiny_config(vocab=300, seq_len=15,     # rows of 16 tokens
+                  data__corpus="local", data__path=str(d), data__val_files=("val.jsonl",),
+                  data__data_dir=str(tmp_path / "prepared"), data__prefetch=0)
   for k, v in data.items():
     setattr(c.data, k, v)
   return c
@@ -50,10 +48,7 @@ def _local_config(tmp_path, n_docs=40, **data):
 @pytest.fixture(scope="module")
 def shakespeare(tmp_path_factory):
   """The embedded default corpus, built once, with the network cut off."""
-  c = base.get_config()
-  c.data.data_dir = str(tmp_path_factory.mktemp("shakespeare"))
-  c.model.vocab_size = 512
-  c.data.seq_len = 64
+  c = tiny_config(vocab=512, seq_len=64, data__data_dir=str(tmp_path_factory.mktemp("shakespeare")))
   mp = pytest.MonkeyPatch()
 
   def no_network(*args, **kwargs):
@@ -312,3 +307,62 @@ def test_iterator_argument_errors(tmp_path):
   with pytest.raises(DataError, match="fewer than the 2 processes"):
     make_iterator(c, "validation", global_batch_size=2, process_index=0,
                   process_count=2)
+
+
+_CHILD = """
+import pathlib, sys, time
+from test_data_pipeline import _local_config
+from mor_jax.data import make_iterator
+c = _local_config(pathlib.Path(sys.argv[1]), num_workers=2, prefetch=2)
+it = make_iterator(c, "train", global_batch_size=2, process_index=0, process_count=1)
+next(it)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def _children(pid):
+  """Pids of the live (not zombie) processes whose parent is `pid`."""
+  out = []
+  for name in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{name}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+      continue
+    if fields[0] != "Z" and int(fields[1]) == pid:
+      out.append(int(name))
+  return out
+
+
+def _alive(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
+def test_no_orphaned_workers_after_parent_is_killed(tmp_path):
+  """kill -9 of a process iterating with num_workers=2: its grain workers and resource tracker are gone 10 s later."""
+  prepare(_local_config(tmp_path))           # build here: the child only starts its workers
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]))
+  child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path)], stdout=subprocess.PIPE, env=env,
+                           text=True)
+  spawned = []
+  try:
+    assert child.stdout.readline().strip() == "ready", "the child did not start iterating"
+    spawned = _children(child.pid)
+    assert len(spawned) >= 2, spawned            # 2 grain workers (+ multiprocessing's resource tracker)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in spawned):
+      time.sleep(0.2)
+    assert not [p for p in spawned if _alive(p)], "orphaned after the parent's kill -9"
+  finally:
+    for p in [child.pid] + spawned:
+      if _alive(p):
+        os.kill(p, signal.SIGKILL)

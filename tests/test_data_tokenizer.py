@@ -5,12 +5,13 @@ import pickle
 
 import pytest
 
-from configs import base
 from mor_jax.data import (DataError, get_tokenizer, load_tokenizer,
                           tokenizer_path_for)
 from mor_jax.data import tokenizer as tokenizer_lib
+from tiny import tiny_config
 
-SMOLLM = "/work/shared/tokenizers/smollm"
+SMOLLM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tokenizers",
+                      "smollm")   # the repository's copy of the SmolLM tokenizer
 WORDS = ("the quick brown fox jumps over lazy dogs while seven wizards quietly "
          "hum jazz vexing bold nymphs and a sphinx of black quartz judges "
          "my vow").split()
@@ -29,10 +30,7 @@ def _corpus_texts(n=60):
 
 
 def _config(tmp_path, vocab=300, **data):
-  c = base.get_config()
-  c.data.data_dir = str(tmp_path / "prepared")
-  c.data.corpus = "local"
-  c.model.vocab_size = vocab
+  c = tiny_config(vocab=vocab, data__data_dir=str(tmp_path / "prepared"), data__corpus="local")
   for k, v in data.items():
     setattr(c.data, k, v)
   return c
@@ -62,7 +60,6 @@ def test_trained_bpe_round_trip_and_specials():
   assert tok2.encode(text) == tok.encode(text) and tok2.eos_id == tok.eos_id
 
 
-@pytest.mark.skipif(not os.path.isdir(SMOLLM), reason="no shared tokenizer")
 def test_smollm_tokenizer(tmp_path):
   c = _config(tmp_path, vocab=49152, tokenizer_path=SMOLLM)
   tok = get_tokenizer(c)
@@ -79,7 +76,6 @@ def test_smollm_tokenizer(tmp_path):
   assert (again.eos_id, again.bos_id) == (0, 0)
 
 
-@pytest.mark.skipif(not os.path.isdir(SMOLLM), reason="no shared tokenizer")
 def test_vocab_mismatch_is_a_clear_error(tmp_path):
   c = _config(tmp_path, vocab=32000, tokenizer_path=SMOLLM)
   with pytest.raises(ValueError, match=r"49152.*32000.*vocab_size=49152"):

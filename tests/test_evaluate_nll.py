@@ -124,7 +124,7 @@ def test_nll_both_modes_match_direct_computation_and_device_counts(wd):
   assert r4["num_devices"] == 4 and r1["num_devices"] == 1 and r4["batches"] == 3
   assert r4["gap"] == pytest.approx(r4["causal"]["nll"] - r4["topk"]["nll"])
   # top-k at capacities (1, 0.5): 1.5 recursions per token by construction; causal routing differs
-  assert r4["topk"]["mean_recursions"] == pytest.approx(sum(cfg.capacities))
+  assert r4["topk"]["mean_recursions"] == pytest.approx(sum(cfg.selected_fractions))
   assert r4["causal"]["mean_recursions"] != pytest.approx(r4["topk"]["mean_recursions"])
   assert abs(r4["gap"]) > 1e-4
 

@@ -15,12 +15,12 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from configs.base import get_config
+from mor_jax.config import defaults as get_config
 from mor_jax import config as C
 from mor_jax.data.tokenizer import train_bpe
 from mor_jax.infer import Generator, InferenceError, SamplingParams, load_tokenizer, main_generate, restore
 from mor_jax.model.transformer import init_variables
-from mor_jax.train.checkpoint import Checkpointer
+from mor_jax.checkpoint import Checkpointer
 from mor_jax.train.state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

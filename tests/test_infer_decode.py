@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.base import get_config
-from mor_jax import config as C
 from mor_jax.infer import cache as cache_lib
 from mor_jax.infer.decode import InferenceError, check_supported, forward_cached, logits_fn
 from mor_jax.model.transformer import MoRLM, init_variables
+from tiny import tiny_model_config
 
 V, B, T, P, MAX_LEN = 96, 2, 16, 7, 24
 
@@ -21,20 +20,9 @@ pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def tiny(strategy="none", R=1, mor=None, depth=2, **over):
-  c = get_config()
-  layers = 3 if strategy == "none" else (2 if strategy.startswith("middle") else 0) + R * depth
-  c.model.update(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=layers, num_heads=4, num_kv_heads=2,
-                 max_seq_len=32)
-  c.data.seq_len = 16
-  c.recursion.strategy, c.recursion.num_recursions = strategy, R
-  if mor:
-    c.mor.enable, c.mor.type = True, mor
-    if mor == "token":
-      c.mor.router_func, c.mor.alpha = "softmax", 1.0
-  for k, v in over.items():
-    sec, f = k.split("__")
-    c[sec][f] = v
-  return C.model_config(C.validate(c, num_devices=1))
+  """tests/tiny.py's model with this file's vocabulary and context (vanilla: 3 layers)."""
+  return tiny_model_config(strategy, R, mor, depth=depth, vocab=V, max_seq_len=32,
+                           num_layers=3 if strategy == "none" else None, **over)
 
 
 @functools.lru_cache(maxsize=None)

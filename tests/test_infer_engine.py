@@ -11,11 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.base import get_config
-from mor_jax import config as C
 from mor_jax.infer import Generator, InferenceError, SamplingParams
 from mor_jax.infer.engine import Engine
 from mor_jax.model.transformer import init_variables
+from tiny import tiny_model_config
 
 V, CTX, MAX_LEN = 96, 40, 32
 GREEDY = SamplingParams(temperature=0.0)
@@ -24,20 +23,9 @@ pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def tiny(strategy="middle_cycle", R=3, mor="expert", **over):
-  c = get_config()
-  layers = 3 if strategy == "none" else (2 if strategy.startswith("middle") else 0) + R
-  c.model.update(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=layers, num_heads=4, num_kv_heads=2,
-                 max_seq_len=CTX)
-  c.data.seq_len = 16
-  c.recursion.update(strategy=strategy, num_recursions=R)
-  if mor:
-    c.mor.update(enable=True, type=mor)
-    if mor == "token":
-      c.mor.update(router_func="softmax", alpha=1.0)
-  for k, v in over.items():
-    sec, f = k.split("__")
-    c[sec][f] = v
-  return C.model_config(C.validate(c, num_devices=1))
+  """tests/tiny.py's model (block of one layer) with this file's vocabulary and context (vanilla: 3 layers)."""
+  return tiny_model_config(strategy, R, mor, vocab=V, max_seq_len=CTX, num_layers=3 if strategy == "none" else None,
+                           **over)
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,7 +93,7 @@ CASES = {
     "vanilla": dict(strategy="none", R=1, mor=None),
     "token_choice": dict(strategy="cycle", R=3, mor="token"),
     # capacities below 1 at recursion 0: some tokens run no recursion (only the KV write of recursion 0)
-    "kv_sharing": dict(mor__capacity=(0.5, 0.5, 0.25), kv_sharing__enable=True),
+    "kv_sharing": dict(mor__capacity_fractions=(0.5, 0.5, 0.25), kv_sharing__enable=True),
 }
 
 

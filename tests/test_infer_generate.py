@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.base import get_config
-from mor_jax import config as C
 from mor_jax.infer import Generator, InferenceError, SamplingParams, sample_logits
-from mor_jax.infer.generate import sampling_arrays
+from mor_jax.infer.sampling import sampling_arrays
 from mor_jax.model.transformer import MoRLM, init_variables
+from tiny import tiny_model_config
 
 V, CTX = 96, 24
 
@@ -34,16 +33,8 @@ class CharTokenizer:
 
 
 def tiny(**over):
-  c = get_config()
-  c.model.update(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
-                 max_seq_len=CTX)
-  c.data.seq_len = 16
-  c.recursion.update(strategy="middle_cycle", num_recursions=2)
-  c.mor.update(enable=True, type="expert")
-  for k, v in over.items():
-    sec, f = k.split("__")
-    c[sec][f] = v
-  return C.model_config(C.validate(c, num_devices=1))
+  """tests/tiny.py's expert-choice middle_cycle R=2 model with this file's vocabulary and context."""
+  return tiny_model_config("middle_cycle", 2, "expert", vocab=V, max_seq_len=CTX, **over)
 
 
 @functools.lru_cache(maxsize=None)

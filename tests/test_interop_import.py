@@ -1,4 +1,4 @@
-"""--mode=import: reference training output directories (built here from the fixtures in ../shared/refdata in the
+"""--mode=import: reference training output directories (built here from the fixtures in tests/refdata in the
 format the PyTorch reference writes: model.safetensors with de-duplicated shared tensors, HF config.json, run YAML)
 reproduce the reference logits through the written Orbax checkpoint; clear errors; the parity tool on such a
 directory; an MoR export read back. No torch needed."""
@@ -19,13 +19,11 @@ from mor_jax.interop.hf import InteropError
 from mor_jax.tools import parity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFDATA = os.path.join(os.path.dirname(ROOT), "shared", "refdata")
+REFDATA = os.path.join(ROOT, "tests", "refdata")
 RECURSIVE = "02_recursive_middle_cycle_rec2"
 MOR = "06s_mor_expert_middle_cycle_rec2_linear_sharedattn"
 
-pytestmark = [pytest.mark.usefixtures("fast_compilation"),
-              pytest.mark.skipif(not os.path.isdir(os.path.join(REFDATA, MOR)),
-                                 reason=f"reference fixtures not found in {REFDATA}")]
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def reference_dir(name, dst, *, weights=None, hf_overrides=None, run=True, io=True):
@@ -218,3 +216,59 @@ def test_weight_formats(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)
   with pytest.raises(InteropError, match="torch is not installed.*pip install torch"):
     hf.read_state_dict(d)
+
+
+TOKEN = "08_mor_token_middle_cycle_rec3_softmax_bal"
+LOSS_FREE_BIAS = np.array([0.0, 0.001, -0.0005], np.float32)   # small: the fixture's random router is near-uniform
+
+
+def _loss_free_model():
+  """Fixture 08 as a loss-free balanced model: (cfg, weights + a non-zero router bias, our variables built directly)."""
+  import jax.numpy as jnp
+  from mor_jax import config as C
+  from mor_jax.interop import layout, reference as ref
+  meta = json.load(open(os.path.join(REFDATA, TOKEN, "config.json")))
+  meta["router"]["balancing"] = "loss_free"
+  cfg = C.model_config(C.validate(ref.config_from_reference(meta), num_devices=1))
+  weights = fixture_weights(TOKEN)
+  weights["model.layers.1.router_bias"] = LOSS_FREE_BIAS        # the reference's key (a buffer of the MoR layer)
+  params = layout.to_model_layout(cfg, ref.params_from_state_dict(cfg, weights))
+  return cfg, weights, {"params": params, "router_bias": {"bias": jnp.asarray(LOSS_FREE_BIAS)}}
+
+
+def test_loss_free_router_bias_is_imported_and_routes_as_the_source(tmp_path):
+  from mor_jax.model.transformer import MoRLM
+  cfg, weights, direct = _loss_free_model()
+  tokens = np.load(os.path.join(REFDATA, TOKEN, "inputs.npz"))["input_ids"]
+  want_logits, want_aux = MoRLM(cfg).apply(direct, tokens)
+  _, unbiased = MoRLM(cfg).apply({**direct, "router_bias": {"bias": np.zeros(3, np.float32)}}, tokens)
+  depth = np.asarray(want_aux["depth"])
+  assert (depth != np.asarray(unbiased["depth"])).any() and len(set(depth.ravel().tolist())) >= 2  # the bias matters
+  # a reference training output directory with the bias: run YAML says loss_free
+  d = reference_dir(TOKEN, str(tmp_path / "run"), weights=dict(weights), run=False, io=False)
+  run_cfg = json.load(open(os.path.join(REFDATA, TOKEN, "config.json")))["reference_cfg"]
+  run_cfg["mor"]["token"]["balancing"] = "loss_free"
+  with open(os.path.join(d, "run.yaml"), "w") as f:
+    yaml.safe_dump(run_cfg, f)
+  np.savez(os.path.join(d, "inputs.npz"), input_ids=tokens)
+  # outputs as the reference reports them: logits, depths, and balancing_loss 0 (it computes none when loss-free)
+  np.savez(os.path.join(d, "outputs.npz"), logits_eval=np.asarray(want_logits), token_depth_index_eval=depth,
+           balancing_loss=np.float32(0.0))
+  r = importer.import_reference(d, str(tmp_path / "w"), log=lambda _: None)
+  assert r.max_diff is not None and r.max_diff <= 1e-5, r.max_diff
+  restored = infer_ckpt.restore(str(tmp_path / "w"))
+  np.testing.assert_array_equal(np.asarray(restored.variables["router_bias"]["bias"]), LOSS_FREE_BIAS)
+  logits, aux = MoRLM(restored.cfg).apply(restored.variables, tokens)
+  np.testing.assert_array_equal(np.asarray(aux["depth"]), depth)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-5, rtol=0)
+  # the parity tool loads the bias too, and does not compare the balancing loss the reference does not compute
+  ours, expected = parity.compute(d)
+  rows = dict(parity.compare(ours, expected))
+  assert "balancing_loss" not in rows
+  assert rows["token_depth_index_eval"] == 0 and rows["logits_eval"] <= 1e-5
+  # a loss-free config whose state dict has no bias is refused, naming the key
+  del weights["model.layers.1.router_bias"]
+  d2 = reference_dir(TOKEN, str(tmp_path / "run2"), weights=weights, run=False, io=False)
+  shutil.copyfile(os.path.join(d, "run.yaml"), os.path.join(d2, "run.yaml"))
+  with pytest.raises(InteropError, match="model.layers.1.router_bias"):
+    importer.import_reference(d2, str(tmp_path / "w2"), log=lambda _: None)

@@ -1,10 +1,12 @@
 """Model core and routing: parity with the PyTorch reference, counts, causality, equivalences."""
 
 import collections
+import dataclasses
 import functools
-import glob
 import importlib
+import logging
 import os
+import pathlib
 
 import jax
 import jax.extend
@@ -12,43 +14,52 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.base import get_config
 from mor_jax import config as C
+from mor_jax.config import defaults as get_config
+from mor_jax.kernels import cpu_attention, policy as policy_lib
+from mor_jax.kernels.policy import ExecPolicy
+from mor_jax.model.attention import attend
 from mor_jax.model.recursion import stack_unrolled_params
 from mor_jax.model.transformer import MoRLM, init_variables
 from mor_jax.tools import parity
+from tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
-REFDATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "refdata")
-FIXTURES = sorted(glob.glob(os.path.join(REFDATA, "0*")))
+REFDATA = os.path.join(os.path.dirname(__file__), "refdata")   # the repository's copy of the reference fixtures
+FIXTURES = ["01_vanilla", "02_recursive_middle_cycle_rec2", "03_recursive_cycle_rec2", "04_recursive_sequence_rec2",
+            "05_recursive_middle_sequence_rec3", "06s_mor_expert_middle_cycle_rec2_linear_sharedattn",
+            "07s_mor_expert_middle_cycle_rec3_mlp_zloss_sharedattn", "08_mor_token_middle_cycle_rec3_softmax_bal",
+            "09s_mor_expert_middle_cycle_rec3_kvshare_sharedattn"]   # a missing one fails its test
 
 
-def tiny(strategy="none", R=1, mor=None, **over):
-  c = get_config()
-  c.model.update(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2 + 2 * R if strategy.startswith("middle") else (4 if strategy == "none" else 2 * R),
-                 num_heads=4, num_kv_heads=2, max_seq_len=64)
-  c.data.seq_len = 16
-  c.recursion.strategy, c.recursion.num_recursions = strategy, R
-  if mor:
-    c.mor.enable, c.mor.type = True, mor
-    if mor == "token":
-      c.mor.router_func, c.mor.alpha = "softmax", 1.0
-  for k, v in over.items():
-    sec, f = k.split("__")
-    c[sec][f] = v
-  return C.model_config(C.validate(c, num_devices=1))
+def tiny_cfg(strategy="none", R=1, mor=None, **over):
+  """tests/tiny.py's model with a 2-layer shared block (4 layers for vanilla), validated."""
+  return C.validate(tiny_config(strategy, R, mor, depth=2, num_layers=4 if strategy == "none" else None, **over),
+                    num_devices=1)
+
+
+def tiny(*args, **over):
+  """The architecture of `tiny_cfg(...)`."""
+  return C.model_config(tiny_cfg(*args, **over))
+
+
+CPU = policy_lib.resolve(get_config(), "cpu")   # what CPU training runs: custom kernels, 2 batch groups, loss chunks
+
+
+def cpu(**over) -> ExecPolicy:
+  return dataclasses.replace(CPU, **over)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_apply(cfg):
-  return jax.jit(MoRLM(cfg).apply, static_argnames=("routing_mode",))
+def _jitted_apply(cfg, policy):
+  return jax.jit(MoRLM(cfg, policy).apply, static_argnames=("routing_mode",))
 
 
-def run(cfg, variables, toks, **kw):
+def run(cfg, variables, toks, policy=CPU, **kw):
   """Jitted model.apply (eager flax is slow on CPU)."""
-  return _jitted_apply(cfg)(variables, toks, **kw)
+  return _jitted_apply(cfg, policy)(variables, toks, **kw)
 
 
 def tokens(B=2, T=16, V=128, seed=0):
@@ -56,8 +67,7 @@ def tokens(B=2, T=16, V=128, seed=0):
 
 
 # ------------------------------------------------------------------ parity
-@pytest.mark.skipif(not FIXTURES, reason="../shared/refdata not present")
-@pytest.mark.parametrize("fixture", [os.path.basename(f) for f in FIXTURES])
+@pytest.mark.parametrize("fixture", FIXTURES)
 def test_reference_parity(fixture):
   ours, expected = parity.compute(os.path.join(REFDATA, fixture))
   rows = dict(parity.compare(ours, expected))
@@ -74,8 +84,6 @@ def test_reference_parity(fixture):
 def test_parity_tool_fails_on_wrong_weights(tmp_path):
   """The tool must exit non-zero when the numbers do not match."""
   src = os.path.join(REFDATA, "01_vanilla")
-  if not os.path.isdir(src):
-    pytest.skip("refdata missing")
   for f in os.listdir(src):
     data = open(os.path.join(src, f), "rb").read()
     open(tmp_path / f, "wb").write(data)
@@ -135,7 +143,7 @@ def test_flops_sanity_close_to_6n():
 
 # --------------------------------------------------------------- causality
 def _grad_wrt_future(cfg, mode, t=5):
-  model = MoRLM(cfg)
+  model = MoRLM(cfg, CPU)
   v = init_variables(cfg, jax.random.PRNGKey(0))
   toks = tokens()
   emb = v["params"]["embed"]["embedding"][toks]
@@ -165,7 +173,6 @@ def test_expert_topk_mode_depends_on_future():
   shown by perturbing the future; causal mode is unaffected by the same change.
   """
   cfg = tiny("middle_cycle", 3, "expert")
-  model = MoRLM(cfg)
   v = init_variables(cfg, jax.random.PRNGKey(0))
   toks = tokens()
   emb = v["params"]["embed"]["embedding"][toks]
@@ -187,23 +194,23 @@ def test_expert_causal_kv_sharing_is_causal():
 
 
 # ----------------------------------------------------- equivalent programs
-def _loss_and_grads(cfg, params, toks, mode="topk"):
+def _loss_and_grads(cfg, params, toks, mode="topk", policy=CPU):
   def f(p):
-    logits, aux = MoRLM(cfg).apply({"params": p}, toks, routing_mode=mode)
+    logits, aux = MoRLM(cfg, policy).apply({"params": p}, toks, routing_mode=mode)
     return jax.nn.log_softmax(logits).mean() + aux["aux_loss"]
   return jax.jit(jax.value_and_grad(f))(params)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_attn_out"])
-def test_remat_matches_no_remat(policy):
-  base = tiny("middle_cycle", 2, "expert")
-  rem = tiny("middle_cycle", 2, "expert", model__remat_policy=policy)
-  p = init_variables(base, jax.random.PRNGKey(0))["params"]
-  l0, g0 = _loss_and_grads(base, p, tokens())
-  l1, g1 = _loss_and_grads(rem, p, tokens())
+@pytest.mark.parametrize("remat", ["full", "save_attn_out"])
+def test_remat_matches_no_remat(remat):
+  cfg = tiny("middle_cycle", 2, "expert")
+  rem = cpu(remat_policy=remat)
+  p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
+  l0, g0 = _loss_and_grads(cfg, p, tokens())
+  l1, g1 = _loss_and_grads(cfg, p, tokens(), policy=rem)
   # two different programs: the remat one recomputes the layer in the backward pass
-  f0 = jax.jit(jax.grad(lambda q: MoRLM(base).apply({"params": q}, tokens())[0].sum())).lower(p).as_text()
-  f1 = jax.jit(jax.grad(lambda q: MoRLM(rem).apply({"params": q}, tokens())[0].sum())).lower(p).as_text()
+  f0 = jax.jit(jax.grad(lambda q: MoRLM(cfg, CPU).apply({"params": q}, tokens())[0].sum())).lower(p).as_text()
+  f1 = jax.jit(jax.grad(lambda q: MoRLM(cfg, rem).apply({"params": q}, tokens())[0].sum())).lower(p).as_text()
   assert f0 != f1
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
@@ -231,63 +238,61 @@ def test_batch_groups_change_the_program_not_the_params_or_numbers():
   # 'sequence' repeats a layer (kv stacked per repeat); expert-choice with KV sharing passes shared kv in
   for args, over, groups in ((("middle_cycle", 2, "expert"), {"kv_sharing__enable": True}, 2),
                              (("sequence", 2, None), {}, 4)):
-    one, split = tiny(*args, model__batch_groups=1, **over), tiny(*args, model__batch_groups=groups, **over)
-    assert (one.batch_groups, split.batch_groups) == (1, groups)
-    p = init_variables(one, jax.random.PRNGKey(0))["params"]
-    assert jax.tree.structure(p) == jax.tree.structure(init_variables(split, jax.random.PRNGKey(0))["params"])
-    dots = lambda cfg: jax.jit(lambda q: MoRLM(cfg).apply({"params": q}, toks)[0]).lower(p).as_text().count("dot_general")
+    cfg = tiny(*args, **over)
+    one, split = cpu(batch_groups=1), cpu(batch_groups=groups)
+    p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
+    dots = lambda pol: jax.jit(lambda q: MoRLM(cfg, pol).apply({"params": q}, toks)[0]).lower(p).as_text().count("dot_general")
     assert dots(split) > dots(one)   # each layer's matmuls run once per group
-    logits = lambda cfg, t: jax.jit(lambda q, t: MoRLM(cfg).apply({"params": q}, t)[0])(p, t)
+    logits = lambda pol, t: jax.jit(lambda q, t: MoRLM(cfg, pol).apply({"params": q}, t)[0])(p, t)
     np.testing.assert_allclose(logits(split, toks), logits(one, toks), atol=1e-5)   # row by row, in order
-    l0, g0 = _loss_and_grads(one, p, toks)
-    l1, g1 = _loss_and_grads(split, p, toks)
+    l0, g0 = _loss_and_grads(cfg, p, toks, policy=one)
+    l1, g1 = _loss_and_grads(cfg, p, toks, policy=split)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
   # a batch the groups do not divide runs as gcd(batch, groups) groups: 6 rows, 4 groups -> 2 groups of 3
   np.testing.assert_allclose(logits(split, tokens(B=6)), logits(one, tokens(B=6)), atol=1e-5)
   # auto: two groups on CPU, one on accelerators; a negative value is refused by name
-  assert C.resolve_batch_groups(0, "cpu") == 2 and C.resolve_batch_groups(0, "gpu") == 1
-  assert C.resolve_batch_groups(3, "gpu") == 3
-  with pytest.raises(C.ConfigError, match="model.batch_groups"):
-    tiny(model__batch_groups=-1)
+  assert policy_lib.resolve_batch_groups(0, "cpu") == 2 and policy_lib.resolve_batch_groups(0, "gpu") == 1
+  assert policy_lib.resolve_batch_groups(3, "gpu") == 3
+  with pytest.raises(C.ConfigError, match="execution.batch_groups"):
+    tiny(execution__batch_groups=-1)
 
 
 def test_loss_chunks_change_the_program_not_the_numbers():
   """MoRLM.loss_terms over token chunks = cross entropy of the full logits: sums, counts, gradients."""
   from mor_jax.model.losses import chunk_count, cross_entropy
-  whole = tiny("middle_cycle", 2, "expert", model__loss_chunk_tokens=10 ** 6)
-  chunked = tiny("middle_cycle", 2, "expert", model__loss_chunk_tokens=8)
-  assert (whole.loss_chunk_tokens, chunked.loss_chunk_tokens) == (10 ** 6, 8)
-  p = init_variables(whole, jax.random.PRNGKey(0))["params"]
+  cfg = tiny("middle_cycle", 2, "expert")
+  whole, chunked = cpu(loss_chunk_tokens=10 ** 6), cpu(loss_chunk_tokens=8)
+  p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
   toks = tokens(B=4, T=17)
   inputs, targets = toks[:, :-1], toks[:, 1:]
   mask = jnp.arange(16)[None, :] < jnp.array([[16], [9], [0], [12]])   # padded targets are not counted
 
-  def objective(cfg):
+  def objective(pol):
     def f(q):
-      nll, count, aux = MoRLM(cfg).apply({"params": q}, inputs, targets, mask, method=MoRLM.loss_terms)
+      nll, count, aux = MoRLM(cfg, pol).apply({"params": q}, inputs, targets, mask, method=MoRLM.loss_terms)
       return nll / count + aux["aux_loss"], (nll, count)
     return jax.jit(jax.value_and_grad(f, has_aux=True))
 
   (_, (nll0, n0)), g0 = objective(whole)(p)
   (_, (nll1, n1)), g1 = objective(chunked)(p)
-  logits, _ = jax.jit(lambda q: MoRLM(whole).apply({"params": q}, inputs))(p)
+  logits, _ = jax.jit(lambda q: MoRLM(cfg, whole).apply({"params": q}, inputs))(p)
   nll_ref, n_ref = cross_entropy(logits, targets, mask)
   assert float(n0) == float(n1) == float(n_ref) == 37.0
   np.testing.assert_allclose(nll0, nll_ref, rtol=1e-6)
   np.testing.assert_allclose(nll1, nll_ref, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
   # 64 tokens in chunks of 8: the head runs 8 times in the program
-  heads = lambda cfg: jax.jit(lambda q: MoRLM(cfg).apply({"params": q}, inputs, targets, mask,
+  heads = lambda pol: jax.jit(lambda q: MoRLM(cfg, pol).apply({"params": q}, inputs, targets, mask,
                                                          method=MoRLM.loss_terms)[0]).lower(p).as_text()
   assert heads(chunked).count("x128xf32>") > heads(whole).count("x128xf32>")
   # equal chunks: the largest divisor of the token count not above tokens / chunk
   assert [chunk_count(64, 8), chunk_count(50, 20), chunk_count(21, 5), chunk_count(10, 0), chunk_count(10, 20)] \
       == [8, 2, 3, 1, 1]
-  assert C.resolve_loss_chunk_tokens(0, "cpu") == 512 and C.resolve_loss_chunk_tokens(0, "gpu") == 0
-  assert C.resolve_loss_chunk_tokens(7, "gpu") == 7
-  with pytest.raises(C.ConfigError, match="model.loss_chunk_tokens"):
-    tiny(model__loss_chunk_tokens=-1)
+  assert policy_lib.resolve_loss_chunk_tokens(0, "cpu") == 512 and policy_lib.resolve_loss_chunk_tokens(0, "gpu") == 0
+  assert policy_lib.resolve_loss_chunk_tokens(7, "gpu") == 7
+  with pytest.raises(C.ConfigError, match="execution.loss_chunk_tokens"):
+    tiny(execution__loss_chunk_tokens=-1)
 
 
 def _all_eqns(jaxpr):
@@ -302,7 +307,7 @@ def test_layer_scan_keeps_weights_out_of_its_stacked_residuals():
   """The fused projections' residuals are the layer's own kernels (forwarded by the scan), not concatenated copies."""
   cfg = tiny("middle_cycle", 2, "expert")
   p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
-  f = lambda q: MoRLM(cfg).apply({"params": q}, tokens(), tokens(), method=MoRLM.loss_terms)[0]
+  f = lambda q: MoRLM(cfg, CPU).apply({"params": q}, tokens(), tokens(), method=MoRLM.loss_terms)[0]
   jaxpr = jax.make_jaxpr(lambda q: jax.vjp(f, q))(p).jaxpr
   shapes = {tuple(v.aval.shape) for eqn in _all_eqns(jaxpr) if eqn.primitive.name == "scan" for v in eqn.outvars}
   depth, D = 2, cfg.hidden_size
@@ -320,9 +325,9 @@ def test_gradient_program_has_no_zero_padded_slices(kind):
   (the q/k/v + RoPE gradient assembly was ~40 ms of thread time per step).
   """
   cfg = tiny(*kind)
-  assert cfg.batch_groups > 1   # the batch-group split is exercised too
+  assert CPU.batch_groups > 1   # the batch-group split is exercised too
   p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
-  f = lambda q: MoRLM(cfg).apply({"params": q}, tokens(), tokens(), method=MoRLM.loss_terms)[0]
+  f = lambda q: MoRLM(cfg, CPU).apply({"params": q}, tokens(), tokens(), method=MoRLM.loss_terms)[0]
   seen = collections.Counter(eqn.primitive.name for eqn in _all_eqns(jax.make_jaxpr(jax.grad(f))(p).jaxpr))
   assert seen["split"] > 0 and seen["pad"] == 0, dict(seen)
 
@@ -343,31 +348,28 @@ def test_rope_matches_rotate_half():
 
 
 def test_scan_unroll_changes_the_program_not_the_params_or_numbers():
-  loop = tiny("middle_cycle", 2, "expert", model__scan_unroll=1)
-  full = tiny("middle_cycle", 2, "expert", model__scan_unroll=8)
-  assert (loop.scan_unroll, full.scan_unroll) == (1, 8)
-  p = init_variables(loop, jax.random.PRNGKey(0))["params"]
-  assert jax.tree.structure(p) == jax.tree.structure(init_variables(full, jax.random.PRNGKey(0))["params"])
-  hlo = lambda cfg: jax.jit(lambda q: MoRLM(cfg).apply({"params": q}, tokens())[0]).lower(p).as_text()
+  cfg = tiny("middle_cycle", 2, "expert")
+  loop, full = cpu(scan_unroll=1), cpu(scan_unroll=8)
+  p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
+  hlo = lambda pol: jax.jit(lambda q: MoRLM(cfg, pol).apply({"params": q}, tokens())[0]).lower(p).as_text()
   assert hlo(loop).count("stablehlo.while") > hlo(full).count("stablehlo.while")   # the layer loop is gone
-  l0, g0 = _loss_and_grads(loop, p, tokens())
-  l1, g1 = _loss_and_grads(full, p, tokens())
+  l0, g0 = _loss_and_grads(cfg, p, tokens(), policy=loop)
+  l1, g1 = _loss_and_grads(cfg, p, tokens(), policy=full)
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
   # auto: a loop on CPU (fast to compile and run there), unrolled on accelerators
-  assert C.resolve_scan_unroll(0, "cpu") == 1 and C.resolve_scan_unroll(0, "gpu") > 100
-  assert C.resolve_scan_unroll(3, "gpu") == 3
-  with pytest.raises(C.ConfigError, match="model.scan_unroll"):
-    tiny(model__scan_unroll=-1)
+  assert policy_lib.resolve_scan_unroll(0, "cpu") == 1 and policy_lib.resolve_scan_unroll(0, "gpu") > 100
+  assert policy_lib.resolve_scan_unroll(3, "gpu") == 3
+  with pytest.raises(C.ConfigError, match="execution.scan_unroll"):
+    tiny(execution__scan_unroll=-1)
 
 
 def test_bf16_compute_close_to_fp32():
-  f32 = tiny("middle_cycle", 2, "expert")
-  b16 = tiny("middle_cycle", 2, "expert", model__dtype="bfloat16")
-  v = init_variables(f32, jax.random.PRNGKey(0))
+  cfg = tiny("middle_cycle", 2, "expert")
+  v = init_variables(cfg, jax.random.PRNGKey(0))
   toks = tokens()
-  l32, _ = run(f32, v, toks)
-  l16, _ = run(b16, v, toks)
+  l32, _ = run(cfg, v, toks)
+  l16, _ = run(cfg, v, toks, policy=cpu(dtype="bfloat16"))
   assert l16.dtype == jnp.float32  # logits are returned in float32
   assert jax.tree.leaves(jax.tree.map(lambda x: x.dtype, v["params"])) == [jnp.float32] * len(jax.tree.leaves(v))
   assert float(jnp.max(jnp.abs(l32 - l16))) < 0.05
@@ -393,7 +395,7 @@ def test_capacity_warmup_mask_path_matches_topk_after_warmup():
 
 def test_causal_mode_equals_topk_when_every_token_passes():
   """Capacity 1 everywhere + threshold 0: both forms route every token through every recursion."""
-  cfg = tiny("middle_cycle", 2, "expert", mor__capacity=(1.0, 1.0))
+  cfg = tiny("middle_cycle", 2, "expert", mor__capacity_fractions=(1.0, 1.0))
   v = init_variables(cfg, jax.random.PRNGKey(0))
   a, _ = run(cfg, v, tokens(), routing_mode="topk")
   b, aux = run(cfg, v, tokens(), routing_mode="causal", threshold=0.0)
@@ -401,9 +403,9 @@ def test_causal_mode_equals_topk_when_every_token_passes():
   np.testing.assert_allclose(aux["tokens_per_recursion"], [1.0, 1.0])
 
 
-def test_token_choice_capacity_factor_drops_and_counts():
+def test_token_choice_buffer_fraction_drops_and_counts():
   exact = tiny("middle_cycle", 3, "token")
-  small = tiny("middle_cycle", 3, "token", mor__capacity_factor=0.25)
+  small = tiny("middle_cycle", 3, "token", mor__token_buffer_fraction=0.25)
   v = init_variables(exact, jax.random.PRNGKey(0))
   a, aux_a = run(exact, v, tokens())
   b, aux_b = run(small, v, tokens())
@@ -465,13 +467,18 @@ def test_mor_selects_fewer_tokens_per_recursion():
     (lambda c: c.model.update(num_kv_heads=3), "model.num_kv_heads"),
     (lambda c: c.model.update(hidden_size=64, num_heads=3), "model.num_heads"),
     (lambda c: (c.recursion.update(strategy="middle_cycle", num_recursions=2),
-                c.mor.update(enable=True, capacity=(0.5, 1.0))), "mor.capacity"),
+                c.mor.update(enable=True, capacity_fractions=(0.5, 1.0))), "mor.capacity_fractions"),
     (lambda c: (c.recursion.update(strategy="middle_cycle", num_recursions=2),
                 c.mor.update(enable=True, type="sideways")), "mor.type"),
     (lambda c: (c.recursion.update(strategy="sequence", num_recursions=2), c.mor.update(enable=True)),
      "recursion.strategy"),
     (lambda c: c.kv_sharing.update(enable=True), "kv_sharing.enable"),
-    (lambda c: c.model.update(dtype="float16"), "model.dtype"),
+    (lambda c: c.execution.update(dtype="float16"), "execution.dtype"),
+    (lambda c: c.mor.update(router_temperature=0.0), "mor.router_temperature"),
+    (lambda c: c.model.update(rope_theta=float("nan")), "model.rope_theta"),
+    (lambda c: c.mor.update(alpha=float("inf")), "mor.alpha"),
+    (lambda c: c.data.update(val_fraction=1.0), "data.val_fraction"),
+    (lambda c: c.train.update(allow_changes=("learning_rate",)), "train.allow_changes"),
     (lambda c: c.train.update(total_batch_size=30, per_device_batch_size=4), "train.total_batch_size"),
     (lambda c: c.train.update(schedule="linear-ish"), "train.schedule"),
     (lambda c: c.parallel.update(mode="ddp"), "parallel.mode"),
@@ -481,8 +488,9 @@ def test_bad_config_errors_name_the_field(edit, field):
   c.model.update(vocab_size=128, hidden_size=64, intermediate_size=64, num_layers=8, num_heads=4, num_kv_heads=2)
   c.data.seq_len = 16
   edit(c)
-  with pytest.raises(C.ConfigError, match=f"config.{field}"):
+  with pytest.raises(C.ConfigError, match=f"^config.{field}: ") as err:
     C.validate(c, num_devices=1)
+  assert "\n" not in str(err.value)
 
 
 def test_layers_not_divisible_suggests_fix():
@@ -500,8 +508,7 @@ def test_gradient_accumulation_is_derived_like_the_reference():
 @pytest.mark.parametrize("T", [64, 256])
 def test_blocked_causal_attention_matches_masked(T):
   """Local causal attention skips key blocks after each query block; it must equal the dense-mask path."""
-  from mor_jax.model import layers
-  assert layers.causal_blocks(T) == T // 64  # the blocked path is exercised for T=256
+  assert cpu_attention.causal_blocks(T) == T // 64  # the blocked path is exercised for T=256
   B, H, K, E = 2, 4, 2, 16
   ks = jax.random.split(jax.random.PRNGKey(3), 4)
   q, k, v = (jax.random.normal(ks[i], (B, T, n, E)) for i, n in enumerate((H, K, K)))
@@ -511,10 +518,12 @@ def test_blocked_causal_attention_matches_masked(T):
   def loss(fn):
     return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * g), argnums=(0, 1, 2)))(q, k, v)
 
-  blocked = loss(lambda q, k, v: layers.dot_product_attention(q, k, v, None))
-  dense = loss(lambda q, k, v: layers.dot_product_attention(q, k, v, mask))
-  for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(dense)):
+  blocked = loss(lambda q, k, v: cpu_attention.attention(q, k, v, None))
+  dense = loss(lambda q, k, v: cpu_attention.attention(q, k, v, mask))
+  plain = loss(lambda q, k, v: attend(q, k, v, mask, ExecPolicy()))   # jax.nn.dot_product_attention (XLA)
+  for a, b, c in zip(jax.tree.leaves(blocked), jax.tree.leaves(dense), jax.tree.leaves(plain)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
 
 
 def test_cross_entropy_gradient_matches_autodiff():
@@ -531,3 +540,106 @@ def test_cross_entropy_gradient_matches_autodiff():
   np.testing.assert_allclose(cross_entropy(logits, targets, mask)[0], plain(logits), rtol=1e-6)
   np.testing.assert_allclose(jax.grad(lambda l: cross_entropy(l, targets, mask)[0])(logits), jax.grad(plain)(logits),
                              rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------- execution policy, kernels
+@pytest.mark.parametrize("kind", [("middle_cycle", 2, "expert"), ("middle_cycle", 3, "token"), ("sequence", 2, None)])
+def test_cpu_kernels_compute_the_plain_model(kind):
+  """The CPU policy (custom attention, fused norm/SwiGLU kernels, batch groups, loss chunks) = the plain Llama path."""
+  cfg = tiny(*kind)
+  p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
+  toks = tokens(B=4)
+  plain = ExecPolicy()
+  np.testing.assert_allclose(run(cfg, {"params": p}, toks, policy=CPU)[0],
+                             run(cfg, {"params": p}, toks, policy=plain)[0], atol=2e-5)
+  l0, g0 = _loss_and_grads(cfg, p, toks, policy=plain)
+  l1, g1 = _loss_and_grads(cfg, p, toks, policy=CPU)
+  np.testing.assert_allclose(l0, l1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), g0, g1)
+
+
+def test_policy_is_resolved_per_backend_and_decoding_gets_a_cached_kernel(caplog):
+  c = tiny_cfg()
+  gpu, tpu = policy_lib.resolve(c, "gpu"), policy_lib.resolve(c, "tpu")
+  assert (CPU.attention, CPU.cpu_kernels, CPU.batch_groups, CPU.loss_chunk_tokens) == ("custom", True, 2, 512)
+  assert (gpu.attention, gpu.cpu_kernels, gpu.batch_groups, gpu.loss_chunk_tokens) == ("cudnn", False, 1, 0)
+  assert tpu.attention == "xla" and gpu.scan_unroll > 100 and CPU.scan_unroll == 1
+  # cuDNN's kernel takes plain causal masks only: decoding (dense cache masks) runs XLA's on GPU, not the CPU kernel
+  assert gpu.for_decoding().attention == "xla" and CPU.for_decoding().attention == "custom"
+  assert dataclasses.replace(CPU, remat_policy="full", dtype="bfloat16").for_decoding() == \
+      dataclasses.replace(CPU, batch_groups=1, loss_chunk_tokens=0, dtype="bfloat16")
+  assert policy_lib.for_decoding() == ExecPolicy()
+  assert policy_lib.resolve(tiny_cfg(execution__cpu_kernels="off"), "cpu").cpu_kernels is False
+  assert "attention custom" in CPU.describe() and "batch_groups 2" in CPU.describe()
+  # the old model.<knob> keys still work, with a warning naming the new key
+  with caplog.at_level(logging.WARNING):
+    old = tiny_cfg(model__attention_impl="dot_product", model__dtype="bfloat16")
+  assert policy_lib.resolve(old, "cpu").attention == "xla" and policy_lib.resolve(old, "cpu").dtype == "bfloat16"
+  assert "config.model.attention_impl is deprecated: renamed to config.execution.attention_impl" in caplog.text
+
+
+def test_model_modules_never_ask_for_the_backend():
+  root = pathlib.Path(__file__).parent.parent / "mor_jax"
+  for f in (root / "model").glob("*.py"):
+    assert "default_backend" not in f.read_text(), f
+  assert not [f for f in root.rglob("*.py") if "import configs" in f.read_text() or "from configs" in f.read_text()]
+
+
+# ------------------------------------------------------------ config schema
+def test_model_config_is_the_architecture_generated_from_the_schema():
+  names = {f.name for f in dataclasses.fields(C.ModelConfig)}
+  assert names == {f.arch_name for f in C.FIELDS if f.arch}
+  assert not names & {"dtype", "remat_policy", "attention_impl", "batch_groups", "loss_chunk_tokens", "scan_unroll"}
+  cfg = tiny("middle_cycle", 3, "expert", mor__router_temperature=2.0, mor__capacity_fractions=(1.0, 0.5, 0.25))
+  assert (cfg.router_temperature, cfg.capacity_fractions, cfg.mor_enable, cfg.strategy) == \
+      (2.0, (1.0, 0.5, 0.25), True, "middle_cycle")
+  assert cfg.selected_tokens(16) == (16, 8, 4) and tiny("middle_cycle", 3, "expert").selected_fractions[1] == 2 / 3
+  assert hash(cfg) == hash(dataclasses.replace(cfg))   # frozen, usable as a static argument
+  assert set(C.architecture_dict(cfg)) == names
+
+
+def test_renamed_keys_keep_working_with_a_warning(caplog):
+  old = {"mor__capacity": (1.0, 0.5), "mor__capacity_factor": 0.5, "mor__temperature": 2.0,
+         "mor__sampling": "none"}
+  with caplog.at_level(logging.WARNING):
+    cfg = tiny("middle_cycle", 2, "expert", **old)
+  assert (cfg.capacity_fractions, cfg.token_buffer_fraction, cfg.router_temperature, cfg.expert_router_loss) == \
+      ((1.0, 0.5), 0.5, 2.0, "none")
+  for o, n in (("capacity", "capacity_fractions"), ("capacity_factor", "token_buffer_fraction"),
+               ("temperature", "router_temperature"), ("sampling", "expert_router_loss")):
+    assert f"config.mor.{o} is deprecated: renamed to config.mor.{n}" in caplog.text
+  # old checkpoint metadata: the nested config and the flat model config
+  up = C.upgrade({"model": {"dtype": "bfloat16", "hidden_size": 8}, "mor": {"sampling": "aux_loss"}}, quiet=True)
+  assert up == {"model": {"hidden_size": 8}, "execution": {"dtype": "bfloat16"}, "mor": {"expert_router_loss": "bce"}}
+  flat = C.upgrade_architecture({"capacity": [1.0], "temperature": 1.0, "sampling": "aux_loss", "dtype": "float32",
+                                 "remat_policy": "none", "hidden_size": 8})
+  assert flat == {"capacity_fractions": [1.0], "router_temperature": 1.0, "expert_router_loss": "bce", "hidden_size": 8}
+
+
+def test_eval_batches_becomes_eval_sequences(caplog):
+  c = tiny_config(train__per_device_batch_size=2, train__total_batch_size=8)
+  c.train.eval_batches = 3
+  with caplog.at_level(logging.WARNING):
+    v = C.validate(c, num_devices=2)
+  assert v.train.eval_sequences == 12 and "eval_batches" not in v.train
+  assert "use config.train.eval_sequences" in caplog.text
+  assert C.validate(tiny_config(), num_devices=1).train.eval_sequences == 64
+  assert C.validate(tiny_config(train__allow_changes=("train.learning_rate",)), 1).train.allow_changes == \
+      ("train.learning_rate",)
+
+
+def test_huge_page_reexec_is_for_the_cpu_backend_only(monkeypatch):
+  from mor_jax import runtime
+  assert runtime.cpu_backend_expected({"JAX_PLATFORMS": "cpu"})
+  assert not runtime.cpu_backend_expected({"JAX_PLATFORMS": "cuda,cpu"})
+  assert not runtime.cpu_backend_expected({"JAX_PLATFORM_NAME": "tpu"})
+  monkeypatch.setattr(runtime, "_importable", lambda name: name == "jax_cuda12_plugin")
+  assert not runtime.cpu_backend_expected({})          # a CUDA jaxlib plugin: JAX would pick the GPU
+  monkeypatch.setattr(runtime, "_importable", lambda name: False)
+  assert runtime.cpu_backend_expected({})
+  calls = []
+  monkeypatch.setattr(runtime.os, "execve", lambda *a: calls.append(a))
+  for env, expect in (({"JAX_PLATFORMS": "cuda"}, 0), ({"JAX_PLATFORMS": "cpu"}, 1)):
+    monkeypatch.setattr(runtime.os, "environ", dict(env))
+    runtime.use_huge_pages()
+    assert len(calls) == expect

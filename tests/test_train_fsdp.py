@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs.base import get_config
 from mor_jax import config as C
+from mor_jax.kernels import cpu_attention, policy as policy_lib
 from mor_jax.model import fused_attention, layers
 from mor_jax.model.transformer import MoRLM, init_variables
 from mor_jax.train import optimizer, parallel, state as S, step as St
@@ -116,10 +117,11 @@ def params_for(kind):
 def forward(kind, impl, dtype="float32"):
   """Logits of one batch (MoR routing, forward only) with attention_impl `impl`."""
   cfg = model_config(kind, impl, dtype)
+  policy = policy_lib.resolve(C.validate(tiny(attention_impl=impl, dtype=dtype), 1), "cpu")
   params = params_for(kind)
   tokens = SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ, rows=2, seed=1).make_batch(0)["tokens"][:, :-1]
   mode = "topk_warmup" if kind == "warmup" else "topk"
-  return jax.jit(lambda p: MoRLM(cfg).apply({"params": p}, tokens, routing_mode=mode, step=jnp.int32(1))[0])(params)
+  return jax.jit(lambda p: MoRLM(cfg, policy).apply({"params": p}, tokens, routing_mode=mode, step=jnp.int32(1))[0])(params)
 
 
 @pytest.mark.parametrize("kind", ["expert", "token", "warmup"])
@@ -141,14 +143,15 @@ def test_fused_attention_values_and_gradients():
 
     def loss(fn, q, k, v, mask=mask, dense=dense):
       return jnp.sum(jnp.sin(fn(q, k, v, mask if fn is fused_attention.attention else dense)))
-    want = jax.jit(jax.value_and_grad(functools.partial(loss, layers.dot_product_attention), (0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.value_and_grad(functools.partial(loss, cpu_attention.attention), (0, 1, 2)))(q, k, v)
     got = jax.jit(jax.value_and_grad(functools.partial(loss, fused_attention.attention), (0, 1, 2)))(q, k, v)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_backend_choices_and_bf16_on_cpu():
-  assert fused_attention.resolve("auto", "cpu") == "custom" and fused_attention.resolve("auto", "gpu") == "dot_product"
+  assert policy_lib.resolve(get_config(), "cpu").attention == "custom"
+  assert policy_lib.resolve(get_config(), "gpu").attention == "cudnn"
   assert fused_attention.implementation(jnp.bfloat16, 64, True, backend="cpu") == "xla"
   assert fused_attention.implementation(jnp.float32, 64, True, backend="gpu") == "xla"      # cuDNN: bf16/fp16 only
   assert fused_attention.implementation(jnp.bfloat16, 64, False, backend="gpu") == "xla"    # dense masks: XLA

@@ -9,11 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs.base import get_config
 from mor_jax import config as C
 from mor_jax.train import (Checkpointer, DataParallel, NonFiniteLossError, abstract_state, make_optimizer,
                            make_schedule, read_metrics, train_and_evaluate)
 from mor_jax.train.synthetic import SyntheticIterator
+from tiny import tiny_config
 
 VOCAB, SEQ, ROWS = 128, 16, 8
 REQUIRED = ("step", "loss", "total_loss", "learning_rate", "grad_norm", "tokens_per_second")
@@ -21,15 +21,10 @@ REQUIRED = ("step", "loss", "total_loss", "learning_rate", "grad_norm", "tokens_
 
 def tiny(**train):
   """MoR expert-choice (capacity warm-up for 2 steps), 6 steps, checkpoints every 2, eval every 3."""
-  c = get_config()
+  c = tiny_config("cycle", 2, "expert", vocab=VOCAB, seq_len=SEQ, model__scan_layers=False, mor__cap_warmup_steps=2)
   c.name = "tiny-loop"
-  c.model.update(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                 max_seq_len=64, scan_layers=False)
-  c.recursion.update(strategy="cycle", num_recursions=2)
-  c.mor.update(enable=True, type="expert", cap_warmup_steps=2)
-  c.data.seq_len = SEQ
   c.train.update(dict(dict(num_steps=6, total_batch_size=ROWS, per_device_batch_size=1, warmup_steps=1,
-                           learning_rate=1e-2, log_every_steps=1, eval_every_steps=3, eval_batches=1,
+                           learning_rate=1e-2, log_every_steps=1, eval_every_steps=3, eval_sequences=4,
                            save_every_steps=2, keep_checkpoints=3, progress_bar=False), **train))
   return c
 

@@ -8,18 +8,15 @@ import numpy as np
 import optax
 import pytest
 
-from configs.base import get_config
 from mor_jax import config as C
+from mor_jax.config import defaults as get_config
 from mor_jax.train import optimizer, state as S
+from tiny import tiny_config
 
 
 def tiny(**train):
-  c = get_config()
-  c.model.update(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                 max_seq_len=64, scan_layers=False)
-  c.recursion.update(strategy="cycle", num_recursions=2)
-  c.mor.update(enable=True, type="expert", z_loss=True)
-  c.data.seq_len = 16
+  """Expert-choice MoR, a 1-layer block applied twice (cycle), unrolled layers, z-loss on."""
+  c = tiny_config("cycle", 2, "expert", model__scan_layers=False, mor__z_loss=True)
   c.train.update(dict(dict(num_steps=10, warmup_steps=2, learning_rate=1e-2), **train))
   return c
 
@@ -97,3 +94,18 @@ def test_init_variables_equals_the_training_states_initial_params():
   assert jax.tree.structure(params) == jax.tree.structure(st.params)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(st.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("learning_rate", -1e-3), ("learning_rate", float("nan")), ("learning_rate", float("inf")),
+    ("beta2", 1.0), ("eps", 0.0), ("weight_decay", -0.1), ("grad_clip", float("nan")), ("min_lr_ratio", 1.5),
+    ("warmup_steps", 11), ("num_steps", 0), ("eval_sequences", -2)])
+def test_bad_optimizer_values_are_refused_by_name(field, value):
+  """A negative / NaN / infinite / out-of-range value fails validation in one line naming the field."""
+  with pytest.raises(C.ConfigError, match=f"^config.train.{field}: ") as err:
+    C.validate(tiny(**{field: value}), num_devices=1)
+  assert "\n" not in str(err.value)
+
+
+def test_learning_rate_zero_is_allowed():
+  assert C.validate(tiny(learning_rate=0.0, schedule="constant"), num_devices=1).train.learning_rate == 0.0

@@ -1,4 +1,12 @@
-"""Data: corpora (TFDS), tokenizers, the grain pipeline and preparation.
+"""Data: corpus sources, TFDS corpora, tokenizers, preparation and the grain pipeline.
+
+  sources/        raw documents, one source per file (shakespeare.py, files.py)
+  corpus.py       TFDS builders on top of the sources; build_corpus, iter_texts
+  tokenizer.py    Hugging Face tokenizer.json or a trained byte-level BPE
+  preparation.py  corpus -> tokenizer -> optional pre-tokenized shards
+  records.py      grain's random-access sources over prepared data
+  pipeline.py     the grain pipeline (packing, sharding, checkpointable state)
+  workers.py      worker processes that exit with their parent
 
 Public API:
   prepare(config) -> PreparedData            build corpus, tokenizer, shards
@@ -8,7 +16,7 @@ Public API:
 """
 
 from mor_jax.data.common import DataError
-from mor_jax.data.corpora import CorpusInfo, build_corpus
+from mor_jax.data.corpus import CorpusInfo, build_corpus, iter_texts
 from mor_jax.data.pipeline import make_dataset, make_iterator
 from mor_jax.data.preparation import (PreparedData, get_tokenizer, prepare,
                                   tokenizer_path_for)
@@ -16,6 +24,6 @@ from mor_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "CorpusInfo", "DataError", "PreparedData", "Tokenizer", "build_corpus",
-    "get_tokenizer", "load_tokenizer", "make_dataset", "make_iterator",
+    "get_tokenizer", "iter_texts", "load_tokenizer", "make_dataset", "make_iterator",
     "prepare", "tokenizer_path_for",
 ]

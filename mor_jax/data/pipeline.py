@@ -15,6 +15,11 @@ continues from the previous row, so they never exceed seq_len), enough for
 document masking. Only a finite run (num_epochs set) has padding: its last
 row and last batch are padded.
 
+With data.num_workers > 0 the pipeline runs in grain worker processes. They
+are spawned: each re-imports the main module, so a script that iterates must
+keep its set-up under functions (`if __name__ == "__main__":`); and each exits
+when the process that started it dies (workers.py), so a kill -9 leaves none.
+
 The iterator is a grain `DatasetIterator`: `get_state()` returns a JSON-able
 dict and `set_state(state)` resumes at exactly the next batch (same config,
 process count and num_workers). Use `grain.checkpoint.CheckpointSave/
@@ -28,9 +33,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from mor_jax.data import corpora
+from mor_jax.data import workers
 from mor_jax.data.common import DataError, ensure_absl_flags_parsed
-from mor_jax.data.preparation import PreparedData, TokenSource, prepare
+from mor_jax.data.preparation import PreparedData, prepare
+from mor_jax.data.records import TextSource, TokenSource
 
 SPLIT_ALIASES = {"train": "train", "validation": "validation",
                  "valid": "validation", "val": "validation",
@@ -194,7 +200,7 @@ def make_dataset(config, split: str, *, local_batch_size: int,
     source = TokenSource(prepared.tokens_dir, split)
     to_ids = _ToInt32()
   else:
-    source = corpora.TextSource(prepared.corpus.dataset_dir, split)
+    source = TextSource(prepared.corpus.dataset_dir, split)
     to_ids = _Tokenize(tok)
   if len(source) < process_count:
     raise DataError(
@@ -218,11 +224,12 @@ def make_dataset(config, split: str, *, local_batch_size: int,
   it = it.batch(int(local_batch_size), drop_remainder=not finite)
   if finite:
     it = it.map(_PadBatch(int(local_batch_size), tok.eos_id))
-  workers = int(d.num_workers)
-  if workers > 0:
+  num_workers = int(d.num_workers)
+  if num_workers > 0:
     ensure_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=max(1, int(d.prefetch))))
+        num_workers=num_workers, per_worker_buffer_size=max(1, int(d.prefetch))),
+        worker_init_fn=workers.ExitWithParent())
   elif int(d.prefetch) > 0:
     it = grain.experimental.ThreadPrefetchIterDataset(
         it, prefetch_buffer_size=int(d.prefetch))

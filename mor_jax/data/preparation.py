@@ -28,8 +28,9 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from mor_jax.data import corpora
+from mor_jax.data import corpus as corpus_lib
 from mor_jax.data import tokenizer as tokenizer_lib
+from mor_jax.data.workers import ExitWithParent
 from mor_jax.data.common import DataError, atomic_dir, read_json
 
 TOKENS_FORMAT_VERSION = 1
@@ -41,7 +42,7 @@ _WRITER_OPTIONS = "group_size:1"
 @dataclasses.dataclass
 class PreparedData:
   """What `prepare` built; `make_iterator` reads from it."""
-  corpus: corpora.CorpusInfo
+  corpus: corpus_lib.CorpusInfo
   tokenizer_path: str                        # tokenizer.json in use
   tokenizer: tokenizer_lib.Tokenizer = dataclasses.field(repr=False)
   tokens_dir: str | None = None              # pre-tokenized shards, if any
@@ -62,13 +63,13 @@ def tokenizer_path_for(config) -> str:
   if d.tokenizer_path:
     p = os.path.abspath(os.path.expanduser(d.tokenizer_path))
     return os.path.join(p, "tokenizer.json") if os.path.isdir(p) else p
-  dataset_dir = str(corpora.make_builder(config).data_dir)
+  dataset_dir = str(corpus_lib.make_builder(config).data_dir)
   return os.path.join(tokenizer_lib.trained_tokenizer_dir(config, dataset_dir),
                       "tokenizer.json")
 
 
 def get_tokenizer(config,
-                  corpus: corpora.CorpusInfo | None = None
+                  corpus: corpus_lib.CorpusInfo | None = None
                   ) -> tokenizer_lib.Tokenizer:
   """The tokenizer for config: loaded from data.tokenizer_path, or trained.
 
@@ -85,10 +86,10 @@ def get_tokenizer(config,
     path = tokenizer_path_for(config)
     marker = os.path.join(os.path.dirname(path), "mor_tokenizer.json")
     if not os.path.isfile(marker):
-      corpus = corpus or corpora.build_corpus(config)
+      corpus = corpus or corpus_lib.build_corpus(config)
       tokenizer_lib.train_and_store(
           config, corpus.dataset_dir,
-          corpora.iter_texts(corpus.dataset_dir, "train"))
+          corpus_lib.iter_texts(corpus.dataset_dir, "train"))
     tok = tokenizer_lib.load_tokenizer(
         path, eos_token=d.get("eos_token", ""),
         bos_token=d.get("bos_token", ""))
@@ -109,7 +110,7 @@ def prepare(config, *, pretokenize: bool | None = None) -> PreparedData:
   """
   if pretokenize is None:
     pretokenize = bool(config.data.pretokenized)
-  corpus = corpora.build_corpus(config)
+  corpus = corpus_lib.build_corpus(config)
   md = corpus.metadata
   if md.get("skipped_records"):
     logging.warning("%s: %d corrupt records were skipped (%s)", corpus.name,
@@ -130,7 +131,7 @@ def prepare(config, *, pretokenize: bool | None = None) -> PreparedData:
                       tokens_dir=tokens_dir, tokens=tokens)
 
 
-def tokens_dir_for(corpus: corpora.CorpusInfo,
+def tokens_dir_for(corpus: corpus_lib.CorpusInfo,
                    tok: tokenizer_lib.Tokenizer) -> str:
   return os.path.join(corpus.dataset_dir, f"tokens-{tok.fingerprint()}")
 
@@ -147,7 +148,7 @@ def _tokenize_shard(job: dict[str, Any]) -> dict[str, Any]:
   dtype = np.dtype(job["dtype"])
   writer = array_record_module.ArrayRecordWriter(job["path"], _WRITER_OPTIONS)
   n_docs = n_tokens = 0
-  texts = corpora.iter_texts(job["dataset_dir"], job["split"], job["start"],
+  texts = corpus_lib.iter_texts(job["dataset_dir"], job["split"], job["start"],
                              job["stop"])
   try:
     batch = []
@@ -172,7 +173,7 @@ def _write(tok, batch, writer, dtype, n_docs, n_tokens):
   return n_docs, n_tokens
 
 
-def pretokenize_corpus(config, corpus: corpora.CorpusInfo,
+def pretokenize_corpus(config, corpus: corpus_lib.CorpusInfo,
                        tok: tokenizer_lib.Tokenizer) -> str:
   """Writes (once) the token-id shards of every split; returns their dir."""
   final = tokens_dir_for(corpus, tok)
@@ -184,7 +185,7 @@ def pretokenize_corpus(config, corpus: corpora.CorpusInfo,
     tok.save(tmp)
     tok_json = tok.to_json()
     jobs = []
-    for split in corpora.SPLITS:
+    for split in corpus_lib.SPLITS:
       n = corpus.num_docs.get(split, 0)
       num_shards = max(1, min(n, max(workers, math.ceil(n / _DOCS_PER_SHARD))))
       bounds = np.linspace(0, n, num_shards + 1).astype(int)
@@ -202,7 +203,8 @@ def pretokenize_corpus(config, corpus: corpora.CorpusInfo,
     else:
       with concurrent.futures.ProcessPoolExecutor(
           max_workers=min(workers, len(jobs)),
-          mp_context=multiprocessing.get_context("spawn")) as pool:
+          mp_context=multiprocessing.get_context("spawn"),
+          initializer=ExitWithParent()) as pool:
         results = list(pool.map(_tokenize_shard, jobs))
     splits: dict[str, Any] = {}
     for job, res in zip(jobs, results):
@@ -226,44 +228,3 @@ def pretokenize_corpus(config, corpus: corpora.CorpusInfo,
       json.dump(meta, f, indent=2)
   return final
 
-
-class TokenSource:
-  """Random-access source over pre-tokenized shards: `src[i]` -> np ids.
-
-  Pickles as (tokens_dir, split); worker processes open their own readers.
-  """
-
-  def __init__(self, tokens_dir: str, split: str):
-    self.tokens_dir, self.split = str(tokens_dir), split
-    meta = read_json(os.path.join(self.tokens_dir, "metadata.json"))
-    if split not in meta["splits"]:
-      raise DataError(f"split {split!r} not in {self.tokens_dir} (splits: "
-                      f"{sorted(meta['splits'])}).")
-    self._files = [os.path.join(self.tokens_dir, f)
-                   for f in meta["splits"][split]["files"]]
-    self._dtype = np.dtype(meta["dtype"])
-    self._len = int(meta["splits"][split]["num_docs"])
-    self._ds = None
-
-  def _source(self):
-    if self._ds is None:
-      from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
-      self._ds = array_record_data_source.ArrayRecordDataSource(self._files)
-    return self._ds
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, index: int) -> np.ndarray:
-    return np.frombuffer(self._source()[index], dtype=self._dtype)
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_ds"] = None
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-
-  def __repr__(self):
-    return f"TokenSource({self.tokens_dir!r}, {self.split!r})"

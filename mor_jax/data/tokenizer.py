@@ -4,7 +4,7 @@
 generation share:
 
 * `config.data.tokenizer_path` set: a `tokenizer.json` file or a directory
-  holding one (e.g. /work/shared/tokenizers/smollm). EOS/BOS come from
+  holding one (e.g. assets/tokenizers/smollm). EOS/BOS come from
   `config.data.eos_token`/`bos_token`, else the directory's
   `tokenizer_config.json`/`special_tokens_map.json`, else well-known names.
 * empty: a byte-level BPE with `config.model.vocab_size` tokens is trained on
@@ -124,7 +124,7 @@ def load_tokenizer(path: str, *, eos_token: str = "",
     raise DataError(
         f"tokenizer not found: {file} does not exist. Fix: set "
         "config.data.tokenizer_path to a tokenizer.json file or a directory "
-        "containing one (e.g. /work/shared/tokenizers/smollm), or to '' to "
+        "containing one (e.g. assets/tokenizers/smollm), or to '' to "
         "train a byte-level BPE on the corpus.")
   try:
     tok = HFTokenizer.from_file(file)

@@ -38,15 +38,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the option
                     "pip install -r requirements-eval.txt") from e
 
 from mor_jax.evaluate.nll import row_forward
-
-MIN_BUCKET = 16
-
-
-def bucket_length(n: int, max_length: int) -> int:
-  b = MIN_BUCKET
-  while b < n:
-    b *= 2
-  return min(b, max_length)
+from mor_jax.infer.prompts import bucket_length
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,11 +5,12 @@ Public API:
   load_tokenizer(config, cfg) -> Tokenizer           the tokenizer stored with the data, vocabulary-checked
   Generator(cfg, variables, tokenizer, threshold=None, kv_capacity="full", add_bos=False)
       .generate(prompts, max_new_tokens=, sampling=, seed=, stop=, on_text=, ...) -> [Generation]
-  SamplingParams(temperature, top_k, top_p);  sample_logits(keys, logits, sampling)
+  SamplingParams(temperature, top_k, top_p);  sample_logits(keys, logits, sampling)    (sampling.py)
+  prompts.py: encode_prompt(s), bucket_length, read_prompts_file (the checks every inference path shares)
   forward_cached(cfg, plan, variables, cache, tokens, positions, valid, threshold=) -> (h, cache, info)
   make_plan(cfg, max_len, capacity) -> CachePlan;  init_cache(cfg, plan, batch);  KVCache;  cache_stats(cache, plan)
   Engine(cfg, variables, tokenizer, slots=, max_new_tokens=, ...).generate(prompts, max_new_tokens=[...]) / .submit + .run
-      continuous depth-wise batching (engine.py): same outputs as Generator, higher decode throughput
+      continuous depth-wise batching (engine/: layout, tick, scheduler): same outputs as Generator, higher decode throughput
   main_generate(config, workdir, prompt=..., interactive=..., prompts_file=..., ...)   the generate command
   cli.define_flags(), cli.run_from_flags(config, workdir)                            main.py wiring
 
@@ -20,8 +21,8 @@ import importlib
 
 _EXPORTS = {
     "CachePlan": "cache", "KVCache": "cache", "cache_stats": "cache", "init_cache": "cache", "make_plan": "cache",
-    "InferenceError": "decode", "forward_cached": "decode", "logits_fn": "decode",
-    "Generation": "generate", "Generator": "generate", "SamplingParams": "generate", "sample_logits": "generate",
+    "InferenceError": "errors", "forward_cached": "decode", "logits_fn": "decode",
+    "Generation": "generate", "Generator": "generate", "SamplingParams": "sampling", "sample_logits": "sampling",
     "Engine": "engine",
     "Restored": "checkpoint", "find_checkpoints": "checkpoint", "load_tokenizer": "checkpoint",
     "restore": "checkpoint",

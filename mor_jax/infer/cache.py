@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mor_jax.config import ModelConfig
+from mor_jax.kernels.policy import for_decoding
 from mor_jax.model.layers import causal_mask
 
 
@@ -122,9 +123,9 @@ def _capacity_fractions(cfg: ModelConfig, capacity) -> tuple[float, ...]:
     return (1.0,) * R
   if capacity == "routed":
     if cfg.mor_enable and cfg.mor_type == "expert":
-      return tuple(cfg.capacities)
+      return tuple(cfg.selected_fractions)
     if cfg.mor_enable and cfg.mor_type == "token":
-      return (1.0,) + (min(1.0, cfg.capacity_factor),) * (R - 1)
+      return (1.0,) + (min(1.0, cfg.token_buffer_fraction),) * (R - 1)
     return (1.0,) * R
   if isinstance(capacity, str):
     raise ValueError(f"kv capacity must be 'full', 'routed' or {R} fractions, got {capacity!r}")
@@ -166,7 +167,7 @@ def make_plan(cfg: ModelConfig, max_len: int, capacity: str | Sequence[float] | 
 
 def empty_cache(cfg: ModelConfig, num_layers: int, batch: int, capacity: int) -> KVCache:
   shape = (num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype),
+  return KVCache(k=jnp.zeros(shape, for_decoding().compute_dtype), v=jnp.zeros(shape, for_decoding().compute_dtype),
                  index=jnp.full((batch, capacity), np.iinfo(np.int32).max, jnp.int32),
                  length=jnp.zeros((batch,), jnp.int32))
 

@@ -16,6 +16,7 @@ Results go to `output_file` (or stdout) as JSON lines, in input order.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -56,40 +57,70 @@ def run_from_flags(config, workdir):
   return main_generate(config, workdir, **{k: F[k].value for k in FLAG_DEFAULTS})
 
 
-def _unescape(s: str) -> str:
-  return s.replace("\\n", "\n").replace("\\t", "\t")
+def parse_kv_capacity(value):
+  """--kv_capacity: 'full', 'routed' or comma-separated fractions in (0, 1] (one per recursion)."""
+  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
+  if not isinstance(value, str):
+    return value
+  if value in ("full", "routed"):
+    return value
+  try:
+    fractions = tuple(float(x) for x in value.split(","))
+  except ValueError:
+    fractions = ()
+  if not fractions or not all(0 < x <= 1 for x in fractions):
+    raise InferenceError(f"--kv_capacity={value} is not valid: give 'full', 'routed' or comma-separated fractions "
+                         "in (0, 1], one per recursion (e.g. --kv_capacity=1,0.5,0.25).")
+  return fractions
 
 
-def _read_prompts(path: str) -> list[str]:
-  from mor_jax.infer.decode import InferenceError  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
-    raise InferenceError(f"prompts file {path} does not exist.")
-  prompts = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if path.endswith(".jsonl"):
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise InferenceError(f"{path}:{n}: not valid JSON ({e}).") from e
-        p = obj.get("prompt") if isinstance(obj, dict) else obj
-        if not isinstance(p, str):
-          raise InferenceError(f"{path}:{n}: expected a JSON string or an object with a 'prompt' string.")
-        prompts.append(p)
-      elif line.strip():
-        prompts.append(line)
-  if not prompts:
-    raise InferenceError(f"prompts file {path} holds no prompts.")
-  return prompts
+def _check_number(flag: str, value, ok: bool, want: str) -> None:
+  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
+  if not ok:
+    raise InferenceError(f"--{flag}={value} is not valid: give {want}.")
 
 
-def _capacity(value):
-  if isinstance(value, str) and value not in ("full", "routed"):
-    return tuple(float(x) for x in value.split(","))
-  return value
+def check_threshold(threshold) -> None:
+  """--threshold (generate and eval): None or a number in [0, 1]. Sigmoid router scores lie in (0, 1); tanh / none
+  routers continue at score >= 0 and do not read it."""
+  import math  # pylint: disable=g-import-not-at-top
+  ok = threshold is None or (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0 <= threshold <= 1)
+  _check_number("threshold", threshold, ok, "a number in [0, 1] (an expert-choice sigmoid router's score threshold)")
+
+
+def check_flags(*, prompts_file=None, output_file=None, max_new_tokens=256, temperature=0.8, top_k=0, top_p=1.0,
+                threshold=None, step=None, kv_capacity="full", batch_size=16, **unused):
+  """Checks the generate flags before anything heavy runs; raises InferenceError naming the flag and the fix.
+
+  Returns the parsed kv capacity.
+  """
+  import math  # pylint: disable=g-import-not-at-top
+  finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+  _check_number("temperature", temperature, finite(temperature) and temperature >= 0,
+                "a finite number >= 0 (0 = greedy)")
+  _check_number("top_k", top_k, isinstance(top_k, int) and top_k >= 0, "an integer >= 0 (0 = off)")
+  _check_number("top_p", top_p, finite(top_p) and 0 < top_p <= 1, "a number in (0, 1] (1.0 = off)")
+  _check_number("max_new_tokens", max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1,
+                "an integer >= 1")
+  _check_number("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "an integer >= 1")
+  _check_number("step", step, step is None or (isinstance(step, int) and step >= 0),
+                "a checkpoint step >= 0 (or leave it out for the latest)")
+  check_threshold(threshold)
+  if output_file:
+    _check_output_file(output_file)
+  return parse_kv_capacity(kv_capacity)
+
+
+def _check_output_file(path: str) -> None:
+  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise InferenceError(f"--output_file={path} is a directory; give a file path (e.g. {os.path.join(path, 'out.jsonl')}).")
+  if not os.path.isdir(folder):
+    raise InferenceError(f"--output_file={path}: the folder {folder} does not exist; create it first or write "
+                         "elsewhere.")
+  if not os.access(folder, os.W_OK):
+    raise InferenceError(f"--output_file={path}: the folder {folder} is not writable; write elsewhere.")
 
 
 def _enable_compilation_cache() -> None:
@@ -105,6 +136,16 @@ def _enable_compilation_cache() -> None:
     pass
 
 
+def _check_against_model(cfg, kv_capacity, threshold, err) -> None:
+  """The flags that depend on the restored model: kv fractions per recursion; a threshold the router ignores."""
+  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
+  if isinstance(kv_capacity, tuple) and len(kv_capacity) != cfg.recursions:
+    raise InferenceError(f"--kv_capacity has {len(kv_capacity)} fractions but the model runs {cfg.recursions} "
+                         f"recursions: give {cfg.recursions} (one per recursion), 'full' or 'routed'.")
+  if threshold is not None and not (cfg.mor_enable and cfg.mor_type == "expert" and cfg.router_func == "sigmoid"):
+    print("note: --threshold applies to expert-choice sigmoid routers only; this model does not read it.", file=err)
+
+
 def main_generate(config, workdir: str, *, prompt: str | None = None, interactive: bool = False,
                   prompts_file: str | None = None, output_file: str | None = None, max_new_tokens: int = 256,
                   temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -115,63 +156,80 @@ def main_generate(config, workdir: str, *, prompt: str | None = None, interactiv
 
   Returns the list of Generation results (all prompts; the loop's too).
   """
-  from mor_jax.infer.decode import InferenceError  # pylint: disable=g-import-not-at-top
-  from mor_jax.infer.generate import Generator, SamplingParams  # pylint: disable=g-import-not-at-top
-  from mor_jax.infer.checkpoint import describe, load_tokenizer, restore  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.prompts import read_prompts_file, unescape  # pylint: disable=g-import-not-at-top
   out, err = stdout or sys.stdout, stderr or sys.stderr
   if not workdir:
     raise InferenceError("--workdir is required for --mode=generate (the training workdir or a checkpoint directory).")
   modes = sum([prompt is not None, bool(interactive), bool(prompts_file)])
   if modes != 1:
     raise InferenceError("give exactly one of --prompt, --prompts_file or --interactive.")
+  # fail fast, before loading anything
+  kv_capacity = check_flags(output_file=output_file, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, threshold=threshold, step=step, kv_capacity=kv_capacity,
+                            batch_size=batch_size)
+  prompts = read_prompts_file(prompts_file) if prompts_file else None
+  stop = tuple(unescape(s) for s in (stop or ()))
+  from mor_jax.infer.checkpoint import describe, load_tokenizer, restore  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.generate import Generator  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
   sampling = SamplingParams(float(temperature), int(top_k), float(top_p))
-  stop = tuple(_unescape(s) for s in (stop or ()))
-  prompts = _read_prompts(prompts_file) if prompts_file else None   # fail fast, before loading anything
   _enable_compilation_cache()
 
   t0 = time.time()
   restored = restore(workdir, step=step, config=config)
   tokenizer = load_tokenizer(restored.config, restored.cfg)
-  gen = Generator(restored.cfg, restored.variables, tokenizer, threshold=threshold, kv_capacity=_capacity(kv_capacity),
+  _check_against_model(restored.cfg, kv_capacity, threshold, err)
+  gen = Generator(restored.cfg, restored.variables, tokenizer, threshold=threshold, kv_capacity=kv_capacity,
                   add_bos=bool(restored.config.data.get("add_bos", False)))
   print(f"[{describe(restored)}; loaded in {time.time() - t0:.1f}s]", file=err, flush=True)
-  R = restored.cfg.recursions
 
-  def one(text: str, seed_: int):
-    gen.encode([text])   # errors (empty, too long) before anything is printed
-    print(text, end="", file=out, flush=True)
-    t = time.time()
-    res = gen.generate([text], max_new_tokens=max_new_tokens, sampling=sampling, seed=seed_, stop=stop,
-                       on_text=lambda _, s: print(s, end="", file=out, flush=True))[0]
-    dt = time.time() - t
-    print("", file=out, flush=True)
-    print(f"[{len(res.tokens)} tokens in {dt:.2f}s ({len(res.tokens) / max(dt, 1e-9):.1f} tokens/s incl. "
-          f"compilation); finish: {res.finish_reason}; mean recursions per token {res.mean_recursions:.2f} of {R}]",
-          file=err, flush=True)
-    return res
-
+  one = functools.partial(_one, gen, out, err, dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop))
   if prompt is not None:
-    return [one(_unescape(prompt), seed)]
-
+    return [one(unescape(prompt), seed)]
   if prompts_file:
-    results = []
-    sink = open(output_file, "w", encoding="utf-8") if output_file else out
-    try:
-      for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        res = gen.generate(chunk, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop=stop,
-                           row_ids=range(i, i + len(chunk)))
-        for j, r in enumerate(res):
-          sink.write(json.dumps({"index": i + j, **r.to_json()}, ensure_ascii=False) + "\n")
-        sink.flush()
-        results += res
-        print(f"[{i + len(chunk)}/{len(prompts)} prompts]", file=err, flush=True)
-    finally:
-      if output_file:
-        sink.close()
-    return results
+    return _run_file(gen, prompts, output_file, out, err, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                     sampling=sampling, seed=seed, stop=stop)
+  return _interactive(one, seed, err, stdin)
 
-  # interactive loop
+
+def _one(gen, out, err, kw: dict, text: str, seed: int):
+  """One prompt, streamed to `out`; timing and depth on `err`."""
+  gen.encode([text])   # errors (empty, too long) before anything is printed
+  print(text, end="", file=out, flush=True)
+  t = time.time()
+  res = gen.generate([text], seed=seed, on_text=lambda _, s: print(s, end="", file=out, flush=True), **kw)[0]
+  dt = time.time() - t
+  print("", file=out, flush=True)
+  print(f"[{len(res.tokens)} tokens in {dt:.2f}s ({len(res.tokens) / max(dt, 1e-9):.1f} tokens/s incl. "
+        f"compilation); finish: {res.finish_reason}; mean recursions per token {res.mean_recursions:.2f} of "
+        f"{gen.cfg.recursions}]", file=err, flush=True)
+  return res
+
+
+def _run_file(gen, prompts, output_file, out, err, *, batch_size: int, seed: int, **kw):
+  """--prompts_file: batches of prompts, JSON lines in input order to `output_file` (or stdout)."""
+  results = []
+  sink = open(output_file, "w", encoding="utf-8") if output_file else out
+  try:
+    for i in range(0, len(prompts), batch_size):
+      chunk = prompts[i:i + batch_size]
+      res = gen.generate(chunk, seed=seed, row_ids=range(i, i + len(chunk)), **kw)
+      for j, r in enumerate(res):
+        sink.write(json.dumps({"index": i + j, **r.to_json()}, ensure_ascii=False) + "\n")
+      sink.flush()
+      results += res
+      print(f"[{i + len(chunk)}/{len(prompts)} prompts]", file=err, flush=True)
+  finally:
+    if output_file:
+      sink.close()
+  return results
+
+
+def _interactive(one, seed: int, err, stdin):
+  """--interactive: a prompt loop (the seed advances per turn); errors are reported and the loop goes on."""
+  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.prompts import unescape  # pylint: disable=g-import-not-at-top
   use_input = stdin is None and sys.stdin.isatty()   # a terminal: line editing via input()
   stdin = stdin or sys.stdin
   print("Enter a prompt (\\n for a new line); :quit or Ctrl-D ends, Ctrl-C stops a generation.", file=err, flush=True)
@@ -188,9 +246,8 @@ def main_generate(config, workdir: str, *, prompt: str | None = None, interactiv
     if not line or line.strip() in (":quit", ":q", ":exit"):
       print("", file=err)
       break
-    text = _unescape(line.rstrip("\n"))
     try:
-      results.append(one(text, seed + turn))
+      results.append(one(unescape(line.rstrip("\n")), seed + turn))
     except InferenceError as e:
       print(f"error: {e}", file=err, flush=True)
     except KeyboardInterrupt:

@@ -4,7 +4,8 @@
 T new tokens per sequence through the model, reading and extending the KV
 caches, and returns their final-normed hidden states. It gives the same
 result as `MoRLM.apply(..., routing_mode="causal")` over the whole sequence
-(spec section 6):
+(spec section 6), routing by the same decision functions (`mor_jax.model.routing.expert_decision`,
+`token_choice_decision`):
 
 - expert-choice: a token enters recursion r if it entered r-1 and the
   router of r says so (`sigmoid(z) >= threshold`; tanh/none: `>= 0`);
@@ -36,14 +37,11 @@ import jax.numpy as jnp
 
 from mor_jax.config import ModelConfig
 from mor_jax.infer.cache import CachePlan, KVCache
+from mor_jax.infer.errors import InferenceError
 from mor_jax.model import routing
 from mor_jax.model.layers import rope_angles
 from mor_jax.model.recursion import Block, stack_unrolled_params
 from mor_jax.model.transformer import MoRLM
-
-
-class InferenceError(ValueError):
-  """Generation cannot run as asked; the message says why and what to do."""
 
 
 def check_supported(cfg: ModelConfig) -> None:
@@ -54,7 +52,7 @@ def check_supported(cfg: ModelConfig) -> None:
 
 def _layer_cfg(cfg: ModelConfig) -> ModelConfig:
   # inference runs the layers scanned and without rematerialisation (no gradients; same numbers)
-  return dataclasses.replace(cfg, scan_layers=True, remat_policy="none")
+  return dataclasses.replace(cfg, scan_layers=True)   # modules run kernels.policy.for_decoding() (their default)
 
 
 def _block_params(params) -> dict:
@@ -111,6 +109,42 @@ def _maybe(skip_if_empty: bool, fn, enter, x, kv):
   return jax.lax.cond(jnp.any(enter), lambda a: fn(*a), lambda a: (a[0], a[1], jnp.zeros_like(enter)), (x, kv))
 
 
+def _expert_stage(cfg, plan, model, variables, run_call, x, valid, threshold, skip_empty):
+  """Expert-choice: a token enters recursion r if it entered r - 1 and r's router says so (routing.expert_decision);
+  entering tokens get h + gate * block(h). Returns (x, entered per recursion)."""
+  enter, entered = valid, []
+  for call in plan.calls:
+    r = call.recursion
+    z = model.apply(variables, x, r, method=_expert_router)[..., 0]
+    enters, gate = routing.expert_decision(cfg, z, r, threshold)
+    enter = enter & enters
+    if cfg.kv_sharing and r == 0:
+      # recursion 0 computes every token's keys/values (deeper recursions read them all)
+      out, written = run_call(call, x, valid, False)
+      admitted = enter & written
+    else:
+      out, admitted = run_call(call, x, enter, skip_empty and r > 0)
+    x = jnp.where(admitted[..., None], x + gate[..., None].astype(x.dtype) * out, x)
+    enter = admitted
+    entered.append(admitted)
+  return x, entered
+
+
+def _token_stage(cfg, plan, model, variables, run_call, x, valid, skip_empty):
+  """Token-choice: the router's depth (routing.token_choice_decision, with the loss-free bias) from the stage
+  input; the token runs depth + 1 recursions and leaves with h0 + gate * state. Returns (x, entered)."""
+  z = model.apply(variables, x, method=_token_router)                      # [B, T, R]
+  _, depth, gate = routing.token_choice_decision(cfg, z, routing.router_bias(cfg, variables))
+  state, enter, entered = x, valid, []
+  for call in plan.calls:
+    enter = enter & (depth >= call.recursion)
+    out, admitted = run_call(call, state, enter, skip_empty and call.recursion > 0)
+    state = jnp.where(admitted[..., None], out, state)
+    enter = admitted
+    entered.append(admitted)
+  return jnp.where(valid[..., None], x + gate[..., None].astype(x.dtype) * state, x), entered
+
+
 def forward_cached(cfg: ModelConfig, plan: CachePlan, variables, cache: dict, tokens_BT, pos_BT, valid_BT, *,
                    threshold=None, skip_empty: bool = True):
   """T new tokens per row through the model with caches (see the module docstring).
@@ -151,47 +185,15 @@ def forward_cached(cfg: ModelConfig, plan: CachePlan, variables, cache: dict, to
     out, stage[call.cache], admitted = _maybe(skip, fn, enter, x_in, stage[call.cache])
     return out, admitted
 
-  entered = []
   if cfg.mor_enable and cfg.mor_type == "expert":
-    enter = valid
-    for call in plan.calls:
-      r = call.recursion
-      z = model.apply(variables, x, r, method=_expert_router)[..., 0]
-      g, p = routing.gate_scores(cfg, z)
-      if r > 0 or cfg.capacities[0] < 1:
-        enter = enter & routing.passes_threshold(cfg, g, thr)
-      gate = jnp.ones_like(p) if cfg.gating == "identity" else p
-      if cfg.kv_sharing and r == 0:
-        # recursion 0 computes every token's keys/values (deeper recursions read them all)
-        out, written = run_call(call, x, valid, False)
-        admitted = enter & written
-      else:
-        out, admitted = run_call(call, x, enter, skip_empty and r > 0)
-      x = jnp.where(admitted[..., None], x + gate[..., None].astype(x.dtype) * out, x)
-      enter = admitted
-      entered.append(admitted)
+    x, entered = _expert_stage(cfg, plan, model, variables, run_call, x, valid, thr, skip_empty)
   elif cfg.mor_enable:
-    z = model.apply(variables, x, method=_token_router)                      # [B, T, R]
-    p = cfg.alpha * (jax.nn.softmax(z, -1) if cfg.router_func == "softmax" else jax.nn.sigmoid(z))
-    bias = variables.get("router_bias", {}).get("bias") if cfg.balancing == "loss_free" else None
-    depth = jnp.argmax(p + (0.0 if bias is None else bias), axis=-1).astype(jnp.int32)
-    w = jnp.take_along_axis(p, depth[..., None], axis=-1)                   # [B, T, 1]
-    gate = jnp.ones_like(w) if cfg.gating == "identity" else w
-    state, enter = x, valid
-    for call in plan.calls:
-      r = call.recursion
-      enter = enter & (depth >= r)
-      out, admitted = run_call(call, state, enter, skip_empty and r > 0)
-      state = jnp.where(admitted[..., None], out, state)
-      enter = admitted
-      entered.append(admitted)
-    x = jnp.where(valid[..., None], x + gate.astype(x.dtype) * state, x)
+    x, entered = _token_stage(cfg, plan, model, variables, run_call, x, valid, skip_empty)
   else:
-    per_rec = [None] * R
+    entered = [None] * R
     for call in plan.calls:    # every token runs every call (sequence: layer-major order)
       x, admitted = run_call(call, x, valid, False)
-      per_rec[call.recursion] = admitted if per_rec[call.recursion] is None else per_rec[call.recursion] & admitted
-    entered = per_rec
+      entered[call.recursion] = admitted if entered[call.recursion] is None else entered[call.recursion] & admitted
 
   if cfg.has_middle:
     last = jax.tree.map(lambda a: a[None], params["last"])

@@ -32,68 +32,12 @@ import numpy as np
 
 from mor_jax.config import ModelConfig
 from mor_jax.infer import cache as cache_lib
-from mor_jax.infer.decode import InferenceError, check_supported, forward_cached, logits_fn
-
-FINISH_REASONS = ("running", "eos", "length", "stop")
-_RUNNING, _EOS, _LENGTH, _STOP = range(4)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """temperature 0 -> greedy (argmax); top_k 0 and top_p 1.0 -> off."""
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-
-  def __post_init__(self):
-    if self.temperature < 0:
-      raise InferenceError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
-    if self.top_k < 0:
-      raise InferenceError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
-    if not 0 < self.top_p <= 1:
-      raise InferenceError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}.")
-
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0
-
-
-def sampling_arrays(sp: SamplingParams) -> dict:
-  """The sampling parameters as arrays: one compiled program serves every setting."""
-  return {"temperature": jnp.float32(sp.temperature), "top_k": jnp.int32(sp.top_k), "top_p": jnp.float32(sp.top_p)}
-
-
-def sample_logits(keys_B2, logits_BV, sp):
-  """One token per row: argmax when temperature is 0, else a draw from softmax(logits / temperature)
-  restricted to the top_k tokens (0: all) and to the smallest set of them whose mass reaches top_p.
-
-  `sp` is a SamplingParams or `sampling_arrays(...)` (traced values are fine).
-  """
-  if isinstance(sp, SamplingParams):
-    sp = sampling_arrays(sp)
-  temperature, top_k, top_p = sp["temperature"], sp["top_k"], sp["top_p"]
-  logits = logits_BV.astype(jnp.float32)
-  V = logits.shape[-1]
-
-  def filtered(l):
-    srt = jnp.sort(l, axis=-1)[:, ::-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    srt = jnp.where(jnp.arange(V)[None, :] < k, srt, -jnp.inf)
-    probs = jax.nn.softmax(srt, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs          # mass of the tokens ranked above
-    keep = (before < top_p) & (srt > -jnp.inf)           # top-k, then the smallest prefix reaching top_p
-    keep = keep.at[:, 0].set(True)
-    cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(l < cutoff, -jnp.inf, l)
-
-  def draw(_):
-    l = logits / jnp.maximum(temperature, 1e-6)
-    l = jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda x: x, l)
-    return jax.vmap(jax.random.categorical)(keys_B2, l).astype(jnp.int32)
-
-  greedy = lambda _: jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.lax.cond(temperature > 0, draw, greedy, None)
-
+from mor_jax.infer import prompts as prompts_lib
+from mor_jax.infer.decode import check_supported, forward_cached, logits_fn
+from mor_jax.infer.errors import InferenceError
+# sampling lives in sampling.py (re-exported here: `from mor_jax.infer.generate import SamplingParams` keeps working)
+from mor_jax.infer.sampling import (FINISH_REASONS, RUNNING, STOP, SamplingParams, finish_code, sample_logits,  # pylint: disable=unused-import
+                                    sampling_arrays)
 
 @flax.struct.dataclass
 class DecodeState:
@@ -117,10 +61,8 @@ def _record(state: DecodeState, tok, rec, eos_id):
   out = state.out.at[:, state.step].set(tok)
   rec_out = state.rec.at[:, state.step].set(jnp.where(running, rec, 0))
   count = state.count + running.astype(jnp.int32)
-  finish = state.finish
-  finish = jnp.where(running & (tok == eos_id), _EOS, finish)   # eos_id -1: none
-  finish = jnp.where(running & (finish == _RUNNING) & (count >= state.limit), _LENGTH, finish)
-  return state.replace(token=tok, out=out, rec=rec_out, count=count, finish=finish, done=finish != _RUNNING,
+  finish = jnp.where(running, finish_code(tok, count, state.limit, eos_id), state.finish)   # eos_id -1: none
+  return state.replace(token=tok, out=out, rec=rec_out, count=count, finish=finish, done=finish != RUNNING,
                        step=state.step + 1)
 
 
@@ -192,13 +134,6 @@ class Generation:
             "recursions": self.recursions, "mean_recursions": round(self.mean_recursions, 4)}
 
 
-def _bucket(n: int, cap: int, minimum: int = 16) -> int:
-  b = minimum
-  while b < n:
-    b *= 2
-  return min(b, cap)
-
-
 class Generator:
   """Batched generation with a restored model (see the module docstring).
 
@@ -216,42 +151,15 @@ class Generator:
     self.threshold = float(cfg.threshold if threshold is None else threshold)
     self.kv_capacity = kv_capacity if isinstance(kv_capacity, str) else tuple(kv_capacity)
     self.add_bos = add_bos
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-      raise InferenceError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                           f"{cfg.vocab_size}: they do not belong together. Use the tokenizer the model was "
-                           "trained with (config.data.tokenizer_path / the prepared dataset).")
-    if add_bos and (tokenizer is None or tokenizer.bos_id is None):
-      raise InferenceError("add_bos needs a tokenizer with a BOS token.")
+    prompts_lib.check_tokenizer(cfg.vocab_size, tokenizer, add_bos)
     self.last_plan: cache_lib.CachePlan | None = None
     self.last_state: DecodeState | None = None
 
   # ------------------------------------------------------------------ inputs
   def encode(self, prompts: Sequence) -> list[list[int]]:
     """Token ids for each prompt (str needs the tokenizer; a list of ints is taken as is), checked."""
-    ctx = self.cfg.max_seq_len
-    ids = []
-    for i, p in enumerate(prompts):
-      if isinstance(p, str):
-        if self.tokenizer is None:
-          raise InferenceError("text prompts need a tokenizer; pass token ids or a tokenizer.")
-        t = self.tokenizer.encode(p)
-      else:
-        t = [int(x) for x in p]
-      if not t:
-        raise InferenceError(f"prompt {i} is empty: the model needs at least one token to condition on.")
-      if self.add_bos:
-        t = [self.tokenizer.bos_id] + t
-      if len(t) >= ctx:
-        raise InferenceError(f"prompt {i} has {len(t)} tokens but the model's context is {ctx} tokens "
-                             f"(model.max_seq_len), leaving no room to generate. Shorten it to at most {ctx - 1}.")
-      bad = [x for x in t if not 0 <= x < self.cfg.vocab_size]
-      if bad:
-        raise InferenceError(f"prompt {i} has token ids outside the model's vocabulary [0, {self.cfg.vocab_size}): "
-                             f"{bad[:5]}; tokenizer and model do not match.")
-      ids.append(t)
-    if not ids:
-      raise InferenceError("no prompts given.")
-    return ids
+    return prompts_lib.encode_prompts(prompts, vocab_size=self.cfg.vocab_size, tokenizer=self.tokenizer,
+                                      add_bos=self.add_bos, context=self.cfg.max_seq_len)
 
   # ------------------------------------------------------------------ generation
   def generate(self, prompts: Sequence, *, max_new_tokens: int = 128, sampling: SamplingParams = SamplingParams(),
@@ -278,7 +186,7 @@ class Generator:
     B = len(ids)
     lengths = np.array([len(t) for t in ids], np.int32)
     limits = np.minimum(max_new_tokens, ctx - lengths).astype(np.int32)
-    P = _bucket(int(lengths.max()), ctx)
+    P = prompts_lib.bucket_length(int(lengths.max()), ctx)
     n_out = min(max_new_tokens, ctx - 1)      # output columns: fixed by the request, not the prompts (one compilation)
     S = int(max_len) if max_len else min(ctx, P + n_out)
     if S < int((lengths + limits).max()) - 1 or S < P:
@@ -301,59 +209,23 @@ class Generator:
 
     state, prompt_rec = prefill(self.variables, jnp.asarray(tokens), jnp.asarray(lengths), keys,
                                 jnp.asarray(limits), thr, sp, eos, n_out=n_out)
-    emitted_tok = [0] * B
-    emitted_txt = [0] * B
-    texts: list[str | None] = [None] * B
-    stopped = [False] * B
-    hold = max((len(s) for s in stop), default=1) - 1
+    stream = _Stream(B, self.tokenizer, stop, on_text, on_tokens)
     while True:
       if streaming:
-        out, count, done = jax.device_get((state.out, state.count, state.done))
-        new_done = []
-        for b in range(B):
-          n = int(count[b])
-          if on_tokens is not None and n > emitted_tok[b]:
-            on_tokens(b, [int(x) for x in out[b, emitted_tok[b]:n]])
-          emitted_tok[b] = n
-          if self.tokenizer is None or (on_text is None and not stop):
-            continue
-          text = self.tokenizer.decode(out[b, :n])
-          finished = bool(done[b])
-          cut = _find_stop(text, stop, emitted_txt[b] - hold)
-          if cut is not None:
-            text, finished, stopped[b] = text[:cut], True, True
-            if not done[b]:
-              new_done.append(b)
-          texts[b] = text
-          end = len(text) if finished else max(emitted_txt[b], len(text) - hold)
-          while end > emitted_txt[b] and not finished and text[end - 1] == "\ufffd":
-            end -= 1   # an incomplete multi-byte character: wait for its next token
-          if on_text is not None and end > emitted_txt[b]:
-            on_text(b, text[emitted_txt[b]:end])
-          emitted_txt[b] = max(emitted_txt[b], end)
-        if new_done:
-          idx = jnp.asarray(new_done)
-          state = state.replace(done=state.done.at[idx].set(True), finish=state.finish.at[idx].set(_STOP))
+        state = stream.update(state)
       if bool(jnp.all(state.done)):
         break
       state = decode(self.variables, state, jnp.int32(chunk_steps), thr, sp, eos)
     self.last_plan, self.last_state = plan, state
-
     out, rec, count, finish, prompt_rec = jax.device_get((state.out, state.rec, state.count, state.finish, prompt_rec))
     results = []
     for b in range(B):
       n = int(count[b])
       toks = [int(x) for x in out[b, :n]]
-      text = None
-      if self.tokenizer is not None:
-        text = texts[b] if texts[b] is not None and stopped[b] else self.tokenizer.decode(toks)
-        if not stopped[b]:
-          cut = _find_stop(text, stop, 0)
-          if cut is not None:
-            text, stopped[b] = text[:cut], True
-      reason = "stop" if stopped[b] else FINISH_REASONS[int(finish[b])]
+      text, stopped = stream.final_text(b, toks)
       results.append(Generation(prompt_tokens=ids[b], tokens=toks, recursions=[int(x) for x in rec[b, :n]],
-                                prompt_recursions=[int(x) for x in prompt_rec[b, :lengths[b]]], finish_reason=reason,
+                                prompt_recursions=[int(x) for x in prompt_rec[b, :lengths[b]]],
+                                finish_reason="stop" if stopped else FINISH_REASONS[int(finish[b])],
                                 text=text, prompt=prompts[b] if isinstance(prompts[b], str) else None))
     return results
 
@@ -362,6 +234,58 @@ class Generator:
     if self.last_state is None:
       raise InferenceError("nothing generated yet.")
     return cache_lib.cache_stats(self.last_state.cache, self.last_plan)
+
+
+class _Stream:
+  """Host side of streaming: new tokens / text to the callbacks, stop strings (a row that hits one is done)."""
+
+  def __init__(self, B: int, tokenizer, stop: Sequence[str], on_text, on_tokens):
+    self.tokenizer, self.stop, self.on_text, self.on_tokens = tokenizer, stop, on_text, on_tokens
+    self.emitted_tok, self.emitted_txt = [0] * B, [0] * B
+    self.texts: list[str | None] = [None] * B
+    self.stopped = [False] * B
+    self.hold = max((len(s) for s in stop), default=1) - 1   # text held back: it may be the start of a stop string
+
+  def update(self, state: DecodeState) -> DecodeState:
+    out, count, done = jax.device_get((state.out, state.count, state.done))
+    new_done = [b for b in range(len(self.texts)) if self._row(b, out[b], int(count[b]), bool(done[b]))]
+    if new_done:
+      idx = jnp.asarray(new_done)
+      state = state.replace(done=state.done.at[idx].set(True), finish=state.finish.at[idx].set(STOP))
+    return state
+
+  def _row(self, b: int, out, n: int, done: bool) -> bool:
+    """Streams row b's new output; True if a stop string ended the still-running row."""
+    if self.on_tokens is not None and n > self.emitted_tok[b]:
+      self.on_tokens(b, [int(x) for x in out[self.emitted_tok[b]:n]])
+    self.emitted_tok[b] = n
+    if self.tokenizer is None or (self.on_text is None and not self.stop):
+      return False
+    text = self.tokenizer.decode(out[:n])
+    finished, newly = done, False
+    cut = _find_stop(text, self.stop, self.emitted_txt[b] - self.hold)
+    if cut is not None:
+      text, finished, self.stopped[b], newly = text[:cut], True, True, not done
+    self.texts[b] = text
+    end = len(text) if finished else max(self.emitted_txt[b], len(text) - self.hold)
+    while end > self.emitted_txt[b] and not finished and text[end - 1] == "\ufffd":
+      end -= 1   # an incomplete multi-byte character: wait for its next token
+    if self.on_text is not None and end > self.emitted_txt[b]:
+      self.on_text(b, text[self.emitted_txt[b]:end])
+    self.emitted_txt[b] = max(self.emitted_txt[b], end)
+    return newly
+
+  def final_text(self, b: int, toks: list[int]) -> tuple[str | None, bool]:
+    """(row b's text cut before a stop string, did a stop string end it)."""
+    if self.tokenizer is None:
+      return None, self.stopped[b]
+    if self.stopped[b] and self.texts[b] is not None:
+      return self.texts[b], True
+    text = self.tokenizer.decode(toks)
+    cut = _find_stop(text, self.stop, 0)
+    if cut is not None:
+      return text[:cut], True
+    return text, self.stopped[b]
 
 
 def _find_stop(text: str, stop: Sequence[str], start: int) -> int | None:

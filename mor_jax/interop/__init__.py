@@ -4,6 +4,7 @@
   layout.py           stacked vs scan/unrolled block layouts
   hf.py               Hugging Face directories: config.json, safetensors / pytorch_model.bin, tokenizer files
   importer.py         --mode=import: reference / HF directory -> Orbax workdir (+ probe logits)
+  gguf.py             --mode=import of a llama.cpp .gguf file (Llama): dequantised weights, tokenizer, chat template
   exporter.py         --mode=export_hf: workdir -> LlamaForCausalLM directory (MoR: reference layout + routing config)
   pretrained_init.py  config.init: start a recursive / MoR model from a pretrained vanilla one (spec section 7)
 

@@ -49,8 +49,9 @@ def export_hf(path: str, out_dir: str, *, step: int | None = None, config=None, 
     raise InteropError(f"{out_dir} already holds an exported model; choose a new --export_to or remove it.")
   restored = infer_ckpt.restore(path, step=step, config=config)
   cfg = restored.cfg
-  params = layout.to_stacked_layout(cfg, jax.device_get(restored.variables["params"]))
-  state_dict = ref.state_dict_from_params(cfg, params)
+  variables = jax.device_get(restored.variables)
+  params = layout.to_stacked_layout(cfg, variables["params"])
+  state_dict = ref.state_dict_from_variables(cfg, {**variables, "params": params})   # the loss-free bias too
   os.makedirs(out_dir, exist_ok=True)
   files = []
 

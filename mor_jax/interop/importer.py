@@ -13,14 +13,11 @@
   dims are checked against config.json). Without either, the checkpoint is a
   vanilla Llama.
 
-It maps the weights with `reference.py` (a shared tensor stored once per use
-must be equal everywhere: attention untied across recursions by the fork's
-bug is rejected), writes `OUT/checkpoints/0/` in the trainer's Orbax format
-(so generate, eval and training-to-continue all accept OUT), restores that
-checkpoint and prints the logits of a probe sequence (also saved to
-`OUT/import_probe.npz`). When DIR holds `inputs.npz` / `outputs.npz` (the
-fixture format) the probe is those inputs and the max difference to
-`logits_eval` is reported.
+It maps the weights with `reference.py` (a shared tensor stored once per use must be equal everywhere: attention
+untied across recursions by the fork's bug is rejected), writes `OUT/checkpoints/0/` in the trainer's Orbax format (so
+generate, eval and training-to-continue all accept OUT), restores that checkpoint and prints the logits of a probe
+sequence (also saved to `OUT/import_probe.npz`). When DIR holds `inputs.npz` / `outputs.npz` (the fixture format) the
+probe is those inputs and the max difference to `logits_eval` is reported. A `.gguf` file goes to `gguf.py`.
 """
 
 from __future__ import annotations
@@ -29,22 +26,21 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import json
 import os
 
 import ml_collections
 import numpy as np
 
 from mor_jax import config as config_lib
+from mor_jax.interop import gguf as gguf_lib
 from mor_jax.interop import hf
 from mor_jax.interop import layout
 from mor_jax.interop import reference as ref
 from mor_jax.interop.hf import InteropError
+# the state-dict mapping with its checks (re-exported: importer.params_from_weights is what callers use)
+from mor_jax.interop.weights import UNTIED_HINT, abstract_params, params_from_weights, variables_from_weights  # noqa: F401
 
 PROBE_FILE = "import_probe.npz"
-UNTIED_HINT = (" mor-jax shares the block's attention across recursions (as the paper and the upstream code do), so "
-               "these weights cannot be imported as they are: use a checkpoint trained with shared attention (the "
-               "upstream fix), or retrain.")
 
 
 @dataclasses.dataclass
@@ -185,8 +181,8 @@ def load_source(directory: str, *, config: ml_collections.ConfigDict | None = No
     c = ref.config_from_reference(hfc)
     settings = f"fixture {cfg_json}"
   elif "mor_jax" in hfc:                                   # written by --mode=export_hf
-    from configs.base import get_config  # pylint: disable=g-import-not-at-top
-    c = get_config()
+    from mor_jax.config import defaults  # pylint: disable=g-import-not-at-top
+    c = defaults()
     for section, values in hfc["mor_jax"].items():
       c[section].update(values)
     hf.check_dims(c.model, dims, cfg_json)
@@ -232,71 +228,19 @@ def _identical_layers(sd, num_layers):
   return [v for v in digest.values() if len(v) > 1]
 
 
-# ------------------------------------------------------------------ weights
-def params_from_weights(cfg: config_lib.ModelConfig, state_dict: dict) -> dict:
-  """Our params (stacked layout, float32 numpy) from a reference/HF state dict, with clear errors.
-
-  Shared tensors that a save de-duplicated (safetensors keeps one name of a
-  shared parameter) are taken from the copy present; copies that are present
-  must be equal (untied attention is reported). Unexpected keys mean the
-  config does not describe the checkpoint and are an error.
-  """
-  sd = dict(state_dict)
-  entries = ref.reference_layout(cfg)
-  known = {k for _, _, keys, _ in entries for k in keys}
-  head = sd.pop("lm_head.weight", None) if cfg.tie_embeddings else None
-  extra = sorted(k for k in sd if k not in known)
-  if extra:
-    raise InteropError(f"the checkpoint has {len(extra)} tensors the model does not use (e.g. {extra[:3]}): the "
-                       "sharing / recursion / MoR settings or num_hidden_layers do not describe these weights. Pass "
-                       "the run's YAML (--import_run_config) or a --config that matches.")
-  abstract = layout.stacked_shapes(cfg, abstract_params(cfg))
-  vocab, hidden = abstract["embed"]["embedding"].shape
-  emb = sd.get("model.embed_tokens.weight")
-  if emb is not None and emb.shape != (vocab, hidden):
-    what = "vocabulary mismatch" if emb.shape[0] != vocab else "dimension mismatch"
-    raise InteropError(f"{what}: model.embed_tokens.weight is {list(emb.shape)} but the config says vocab_size "
-                       f"{vocab} x hidden_size {hidden}. Set config.model.vocab_size / hidden_size to the "
-                       "checkpoint's (its config.json may belong to another model).")
-  if head is not None and emb is not None and not np.array_equal(head, emb):
-    raise InteropError("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight "
-                       f"(max abs diff {np.max(np.abs(head - emb)):.3g}); set config.model.tie_embeddings=False "
-                       "(tie_word_embeddings: false in config.json).")
-  for _, _, keys, _ in entries:
-    present = [k for k in keys if k in sd]
-    for k in keys:
-      if present and k not in sd:
-        sd[k] = sd[present[0]]
-  try:
-    params = ref.params_from_state_dict(cfg, sd)
-  except ref.ReferenceMappingError as e:
-    msg = str(e)
-    raise InteropError(msg + (UNTIED_HINT if "untied" in msg else "")) from None
-  try:
-    ref.check_shapes(cfg, params, abstract)
-  except ref.ReferenceMappingError as e:
-    raise InteropError(f"dimension mismatch: {e}. The config (config.json or --config) does not describe these "
-                       "weights: check intermediate_size, num_attention_heads and num_key_value_heads.") from None
-  return params
-
-
-@functools.lru_cache(maxsize=16)
-def abstract_params(cfg: config_lib.ModelConfig):
-  """Shapes of the model's params (traced once per config)."""
-  from mor_jax.model.transformer import abstract_variables  # pylint: disable=g-import-not-at-top
-  return abstract_variables(cfg)["params"]
-
-
 # ------------------------------------------------------------------ writing
-def write_checkpoint(config: ml_collections.ConfigDict, params: dict, workdir: str, *, extra_meta=None) -> str:
+def write_checkpoint(config: ml_collections.ConfigDict, params: dict, workdir: str, *, router_bias=None,
+                     extra_meta=None) -> str:
   """Writes `params` (stacked layout) as step 0 of a trainer-format workdir; returns the step directory.
+
+  router_bias: the source's loss-free balancing bias ({'bias': [R]}); None: zeros, as a fresh model has.
 
   The state is a full TrainState (fresh optimizer moments), so `--mode=train`
   with this workdir continues training from the imported weights.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mor_jax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from mor_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mor_jax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
   from mor_jax.train.state import TrainState  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -311,20 +255,15 @@ def write_checkpoint(config: ml_collections.ConfigDict, params: dict, workdir: s
   tx, _ = make_optimizer(validated)
   p = jax.tree.map(jnp.asarray, layout.to_model_layout(cfg, params))
   loss_free = cfg.mor_enable and cfg.mor_type == "token" and cfg.balancing == "loss_free"
-  router_bias = {"bias": jnp.zeros((cfg.recursions,), jnp.float32)} if loss_free else {}   # as MoRLM creates it
+  if not loss_free:
+    router_bias = {}
+  elif router_bias is None:
+    router_bias = {"bias": jnp.zeros((cfg.recursions,), jnp.float32)}   # as MoRLM creates it
+  else:
+    router_bias = {"bias": jnp.asarray(router_bias["bias"], jnp.float32)}
   _, rng = jax.random.split(jax.random.PRNGKey(int(validated.train.seed)))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), router_bias=router_bias, rng=rng)
-  meta = {"version": 1, "name": str(config.get("name", "")),
-          "history": {"step": [], "loss": [], "learning_rate": []}, "val_history": [],
-          "training_time_seconds": 0.0, "checkpoints_written": [0], "runs": [],
-          "config": json.loads(config.to_json_best_effort()),
-          "model_config": json.loads(json.dumps(dataclasses.asdict(cfg))), **(extra_meta or {})}
-  ck = Checkpointer(ckpt_dir, max_to_keep=None, async_save=False)
-  try:
-    ck.save(0, state, None, meta)
-  finally:
-    ck.close()
-  return os.path.join(ckpt_dir, "0")
+  return ckpt_lib.write_imported_step(workdir, config, state, validated=validated, extra_meta=extra_meta)
 
 
 @functools.lru_cache(maxsize=None)
@@ -361,6 +300,8 @@ def probe_tokens(directory: str, vocab: int, length: int = 16) -> tuple[np.ndarr
 def import_reference(directory: str, workdir: str, *, config: ml_collections.ConfigDict | None = None,
                      run_config: str | None = None, log=print) -> ImportResult:
   """The whole import (see the module docstring); `log` gets the human-readable lines."""
+  if str(directory).lower().endswith(".gguf"):         # a llama.cpp file: interop/gguf.py
+    return gguf_lib.import_gguf(directory, workdir, config=config, log=log)
   import jax  # pylint: disable=g-import-not-at-top
   from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.path.expanduser(directory))
@@ -370,7 +311,7 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
     cfg = config_lib.model_config(config_lib.validate(c, num_devices=1))
   except config_lib.ConfigError as e:
     raise InteropError(f"the settings from {src.settings_from} do not make a valid mor-jax model: {e}") from None
-  params = params_from_weights(cfg, src.state_dict)
+  variables = variables_from_weights(cfg, src.state_dict)
   notes = list(src.notes)
   tok_src = next((d for d in (src.weights_dir, directory) if hf.tokenizer_dir(d)), None)
   if tok_src and not c.data.get("tokenizer_path"):
@@ -384,8 +325,8 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
                    "eval need the tokenizer the model was trained with (set --config.data.tokenizer_path)")
   elif not c.data.get("tokenizer_path"):
     notes.append("no tokenizer.json found: set --config.data.tokenizer_path for generate/eval")
-  step_dir = write_checkpoint(c, params, workdir, extra_meta={"imported_from": directory,
-                                                              "import_settings": src.settings_from})
+  step_dir = write_checkpoint(c, variables["params"], workdir, router_bias=variables.get("router_bias"),
+                              extra_meta={"imported_from": directory, "import_settings": src.settings_from})
   restored = infer_ckpt.restore(workdir)          # what generate and eval will read
   tokens, expected = probe_tokens(directory, cfg.vocab_size)
   logits = np.asarray(jax.device_get(forward(restored.cfg)(restored.variables, tokens)))

@@ -144,6 +144,49 @@ def state_dict_from_params(cfg: ModelConfig, params) -> dict:
   return out
 
 
+def router_bias_key(cfg: ModelConfig) -> str | None:
+  """The reference's key of the token-choice loss-free balancing bias ([R], a buffer of the MoR layer), or None
+  when the model has none."""
+  if not (cfg.mor_enable and cfg.mor_type == "token" and cfg.balancing == "loss_free"):
+    return None
+  return f"model.layers.{1 if cfg.has_middle else 0}.router_bias"
+
+
+def router_bias_from_state_dict(cfg: ModelConfig, state_dict) -> dict:
+  """The `router_bias` collection ({'bias': [R]} numpy float32) of a reference state dict; {} when the model has
+  no bias. The bias routes tokens, so it is carried, never zeroed."""
+  key = router_bias_key(cfg)
+  if key is None:
+    return {}
+  if key not in state_dict:
+    raise ReferenceMappingError(f"state dict lacks {key!r}, the loss-free balancing bias (needed for router_bias/"
+                                "bias); is mor balancing 'loss_free' the setting it was trained with?")
+  bias = np.asarray(state_dict[key], np.float32)
+  if bias.shape != (cfg.recursions,):
+    raise ReferenceMappingError(f"{key!r} has shape {list(bias.shape)}, expected [{cfg.recursions}] (one per "
+                                "recursion).")
+  return {"bias": bias}
+
+
+def variables_from_state_dict(cfg: ModelConfig, state_dict, *, atol: float = 0.0) -> dict:
+  """Every variable of the model from a reference state dict: {'params': ..., and with loss-free balancing
+  'router_bias': {'bias': [R]}} (numpy float32)."""
+  out = {"params": params_from_state_dict(cfg, state_dict, atol=atol)}
+  bias = router_bias_from_state_dict(cfg, state_dict)
+  if bias:
+    out["router_bias"] = bias
+  return out
+
+
+def state_dict_from_variables(cfg: ModelConfig, variables) -> dict:
+  """Inverse of `variables_from_state_dict`: every reference key, the loss-free bias included."""
+  out = state_dict_from_params(cfg, variables["params"])
+  key = router_bias_key(cfg)
+  if key is not None:
+    out[key] = np.asarray(variables["router_bias"]["bias"], np.float32)
+  return out
+
+
 def check_shapes(cfg: ModelConfig, params, abstract_params):
   import jax
   flat_a = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
@@ -170,9 +213,9 @@ def _get(tree, path):
 
 def config_from_reference(meta: dict):
   """A mor-jax ConfigDict from a fixture-style `config.json` (neutral dims + routing settings)."""
-  from configs.base import get_config  # noqa: PLC0415 (configs is a sibling package)
+  from mor_jax.config import defaults  # noqa: PLC0415
   m = meta["model"]
-  c = get_config()
+  c = defaults()
   c.model.update(vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
                  num_layers=m["num_hidden_layers"], num_heads=m["num_attention_heads"],
                  num_kv_heads=m["num_key_value_heads"], rope_theta=float(m.get("rope_theta", 10000.0)),
@@ -191,13 +234,13 @@ def config_from_reference(meta: dict):
     c.mor.router_type = rt.get("router_type", "linear")
     c.mor.router_func = rt.get("router_func", "sigmoid")
     c.mor.alpha = float(rt.get("alpha", 0.1))
-    c.mor.temperature = float(rt.get("temp", 1.0))
+    c.mor.router_temperature = float(rt.get("temp", 1.0))
     c.mor.gating = rt.get("gating", "weighted")
     c.mor.z_loss = bool(rt.get("z_loss", False))
     c.mor.z_coeff = float(rt.get("z_coeff", 1e-3))
     if c.mor.type == "expert":
-      c.mor.capacity = tuple(float(x) for x in meta.get("capacity", ()))
-      c.mor.sampling = rt.get("sampling", "aux_loss")
+      c.mor.capacity_fractions = tuple(float(x) for x in meta.get("capacity", ()))
+      c.mor.expert_router_loss = {"aux_loss": "bce"}.get(rt.get("sampling", "aux_loss"), rt.get("sampling"))
       c.mor.aux_coeff = float(rt.get("aux_coeff", 1e-3))
     else:
       c.mor.balancing = rt.get("balancing", "loss")

@@ -68,7 +68,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, fractions=None) -> dict:
   if cfg.mor_enable:
     if fractions is None:
       if cfg.mor_type == "expert":
-        fractions = [k / T for k in cfg.capacity_k(T)]
+        fractions = [k / T for k in cfg.selected_tokens(T)]
       else:
         fractions = [(R - r) / R for r in range(R)]
     shared = sum(f * cfg.base_depth * layer(f * T) for f in fractions)
@@ -105,7 +105,7 @@ def summary(config) -> str:
            f"  sharing: {cfg.strategy}, recursions {cfg.recursions}, shared block depth {cfg.base_depth}"
            + (", unique first/last layers" if cfg.has_middle else "")]
   if cfg.mor_enable:
-    extra = (f"capacity {tuple(round(c, 4) for c in cfg.capacities)} -> k {cfg.capacity_k(seq)} of T={seq}"
+    extra = (f"capacity {tuple(round(c, 4) for c in cfg.selected_fractions)} -> k {cfg.selected_tokens(seq)} of T={seq}"
              if cfg.mor_type == "expert" else f"balancing {cfg.balancing}")
     lines.append(f"  MoR: {cfg.mor_type}-choice, {cfg.router_type} router ({cfg.router_func}, alpha {cfg.alpha}), {extra}"
                  + (", KV sharing" if cfg.kv_sharing else ""))

@@ -44,7 +44,7 @@ def chunked_cross_entropy(logits_fn, h_BTD, targets_BT, mask_BT=None, chunk_toke
   `logits_fn` maps hidden states [..., D] to logits [..., V] (the head). Each
   chunk's logits, softmax and gradient are independent of the others, so a
   multi-core CPU runs the chunks side by side (see
-  config.resolve_loss_chunk_tokens). Same (sum, count). It saves no memory
+  kernels/policy.resolve_loss_chunk_tokens). Same (sum, count). It saves no memory
   under autodiff: every chunk's logits stay alive as a residual until the
   backward pass.
   """

@@ -4,7 +4,7 @@ The stack is run with `nn.scan` (parameters stacked on a leading layer axis)
 or, for comparison and debugging, as an unrolled loop. The block is one
 submodule that the LM calls once per recursion, so its parameter count does
 not depend on the number of recursions. Rematerialisation wraps each layer
-with a named `jax.checkpoint` policy.
+with a named `jax.checkpoint` policy (the execution policy's remat_policy).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mor_jax.config import ModelConfig
-from mor_jax.model.layers import DecoderLayer
+from mor_jax.kernels.policy import ExecPolicy
+from mor_jax.model.layers import PLAIN, DecoderLayer
 
 _POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -28,11 +29,11 @@ _POLICIES = {
 }
 
 
-def layer_class(cfg: ModelConfig, scanned: bool):
-  """DecoderLayer, wrapped in nn.remat when the config asks for it."""
-  if cfg.remat_policy == "none":
+def layer_class(policy: ExecPolicy, scanned: bool):
+  """DecoderLayer, wrapped in nn.remat when the execution policy asks for it."""
+  if policy.remat_policy == "none":
     return DecoderLayer
-  return nn.remat(DecoderLayer, policy=_POLICIES[cfg.remat_policy], prevent_cse=not scanned)
+  return nn.remat(DecoderLayer, policy=_POLICIES[policy.remat_policy], prevent_cse=not scanned)
 
 
 class Block(nn.Module):
@@ -47,23 +48,24 @@ class Block(nn.Module):
   cfg: ModelConfig
   depth: int
   repeats: int = 1
+  policy: ExecPolicy = PLAIN
 
   @nn.compact
   def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv=None, cache=None):
-    cfg = self.cfg
     if cache is not None:  # the write slots are the same for every layer
       cache = (cache[0], cache[1], jnp.broadcast_to(cache[2], (self.depth,) + cache[2].shape))
+    cfg, policy = self.cfg, self.policy
     if cfg.scan_layers:
-      scanned = nn.scan(layer_class(cfg, True), variable_axes={"params": 0}, split_rngs={"params": True},
+      scanned = nn.scan(layer_class(policy, True), variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=self.depth,
-                        unroll=min(cfg.scan_unroll, self.depth))
-      return scanned(cfg, self.repeats, name="layers")(x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv, cache)
-    cls = layer_class(cfg, False)
+                        unroll=min(policy.scan_unroll, self.depth))
+      return scanned(cfg, self.repeats, policy, name="layers")(x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv, cache)
+    cls = layer_class(policy, False)
     kvs = []
     for i in range(self.depth):
       skv = None if shared_kv is None else jax.tree.map(lambda a, i=i: a[i], shared_kv)
       ci = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
-      x_BTD, kv = cls(cfg, self.repeats, name=f"layer_{i}")(x_BTD, cos_BTE, sin_BTE, mask_BTS, skv, ci)
+      x_BTD, kv = cls(cfg, self.repeats, policy, name=f"layer_{i}")(x_BTD, cos_BTE, sin_BTE, mask_BTS, skv, ci)
       kvs.append(kv)
     return x_BTD, jax.tree.map(lambda *a: jax.numpy.stack(a), *kvs)
 

@@ -36,12 +36,17 @@ class Router(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     init = nn.initializers.normal(cfg.init_std)
-    x = x.astype(jnp.float32) / cfg.temperature
+    x = x.astype(jnp.float32) / cfg.router_temperature
     if cfg.router_type == "linear":
       return nn.Dense(self.out_features, use_bias=False, kernel_init=init, name="dense")(x)
     h = nn.Dense(2 * cfg.hidden_size, use_bias=False, kernel_init=init, name="fc1")(x)
     h = nn.gelu(h, approximate=False)
     return nn.Dense(self.out_features, use_bias=False, kernel_init=init, name="fc2")(h)
+
+
+# ----------------------------------------------------------------------------------------------- decisions
+# The routing decisions as pure functions of the router logits: training (the stages below), the cached
+# decoder (infer/decode.py) and the depth-wise batching engine (infer/engine/) all route through these.
 
 
 def gate_scores(cfg: ModelConfig, z):
@@ -58,6 +63,56 @@ def gate_scores(cfg: ModelConfig, z):
 def passes_threshold(cfg: ModelConfig, g, threshold):
   """Causal test: does the router say 'continue'? (sigmoid: g >= thr; tanh/none: >= 0)."""
   return g >= (threshold if cfg.router_func == "sigmoid" else 0.0)
+
+
+def gate_of(cfg: ModelConfig, w):
+  """The weight a routed block output is added with: w (gating 'weighted') or 1 ('identity')."""
+  return jnp.ones_like(w) if cfg.gating == "identity" else w
+
+
+def expert_enters(cfg: ModelConfig, r, g, threshold):
+  """Causal expert-choice: does a token that reached recursion r - 1 enter recursion r?
+
+  The router of r says so (`passes_threshold`); recursion 0 at capacity 1 takes every token. `r` is a Python
+  int or an int array (one recursion per row).
+  """
+  passes = passes_threshold(cfg, g, threshold)
+  if cfg.selected_fractions[0] < 1:
+    return passes
+  return passes | (jnp.asarray(r) == 0)
+
+
+def expert_decision(cfg: ModelConfig, z, r, threshold):
+  """Causal expert-choice decision from the logit z of recursion r's router: (enters, gate)."""
+  g, p = gate_scores(cfg, z)
+  return expert_enters(cfg, r, g, threshold), gate_of(cfg, p)
+
+
+def token_probs(cfg: ModelConfig, z_R):
+  """Token-choice scores p = alpha * softmax(z) (router_func 'softmax') or alpha * sigmoid(z), over the last axis."""
+  return cfg.alpha * (jax.nn.softmax(z_R, -1) if cfg.router_func == "softmax" else jax.nn.sigmoid(z_R))
+
+
+def token_choice_decision(cfg: ModelConfig, z_R, bias_R=None, step=None):
+  """Token-choice decision from the router logits [..., R]: (p, depth, gate).
+
+  depth = argmax(p + bias) (bias: the loss-free balancing bias, or None) is the last recursion the token runs
+  (0-based); during the balancing warm-up (`step` < bal_warmup_steps; step None: inference) every token runs
+  all R. gate = p[depth] without the bias (1 with gating 'identity'), shape [...].
+  """
+  p = token_probs(cfg, z_R)
+  depth = jnp.argmax(p + (0.0 if bias_R is None else bias_R), axis=-1).astype(jnp.int32)
+  if cfg.bal_warmup_steps > 0 and step is not None:
+    depth = jnp.where(step < cfg.bal_warmup_steps, cfg.recursions - 1, depth)
+  w = jnp.take_along_axis(p, depth[..., None], axis=-1)[..., 0]
+  return p, depth, gate_of(cfg, w)
+
+
+def router_bias(cfg: ModelConfig, variables):
+  """The token-choice router bias of `variables` (loss-free balancing), or None."""
+  if not (cfg.mor_enable and cfg.mor_type == "token" and cfg.balancing == "loss_free"):
+    return None
+  return variables.get("router_bias", {}).get("bias")
 
 
 def warmup_capacity(c: float, step, warmup_steps: int):
@@ -91,15 +146,14 @@ def expert_choice_stage(cfg: ModelConfig, routers, block_fn, h_BTD, index_BT, po
   """
   B, T, _ = h_BTD.shape
   R = cfg.recursions
-  caps = cfg.capacities
-  ks = cfg.capacity_k(T)
+  caps = cfg.selected_fractions
+  ks = cfg.selected_tokens(T)
   threshold = cfg.threshold if threshold is None else threshold
   masked = mode in ("topk_warmup", "causal")
-  b_idx = jnp.arange(B)[:, None]
 
   cand = index_BT                      # candidates' sequence indices [B, n]
   cand_valid = jnp.ones((B, T), bool)  # masked form only
-  sampling_losses, accs, z_losses, frac_tokens, sel_out, logits_out = [], [], [], [], [], []
+  sampling_losses, accs, z_losses, frac_tokens, sel_out, logits_out, entered = [], [], [], [], [], [], []
   kv0 = None
   for r in range(R):
     x_cand = h_BTD if masked or r == 0 else _take(h_BTD, cand)
@@ -114,30 +168,17 @@ def expert_choice_stage(cfg: ModelConfig, routers, block_fn, h_BTD, index_BT, po
     everyone = False
     if masked:
       if mode == "causal":
-        chosen = cand_valid & passes_threshold(cfg, g, threshold) if (r > 0 or caps[0] < 1) else cand_valid
+        chosen = cand_valid & expert_enters(cfg, r, g, threshold)
       else:
-        k_dyn = jnp.maximum(1, jnp.floor(warmup_capacity(caps[r], step, cfg.cap_warmup_steps) * T + 1e-6)).astype(jnp.int32)
-        score = jnp.where(cand_valid, p, -jnp.inf)
-        rank = jnp.argsort(jnp.argsort(-score, axis=1, stable=True), axis=1, stable=True)
-        chosen = cand_valid & (rank < k_dyn)
+        chosen = cand_valid & _warmup_topk(p, cand_valid, caps[r], step, cfg.cap_warmup_steps)
       target = chosen.astype(jnp.float32)
       count = jnp.maximum(cand_valid.sum(), 1)
       weight = cand_valid.astype(jnp.float32)
       sel, sel_valid = index_BT, chosen
       w = p
     else:
-      k = ks[r]
-      everyone = k == n   # capacity 1 at this recursion: the sorted top-k is the identity, skip gather/scatter
-      if everyone:
-        w, sel = p, cand
-        target = jnp.ones((B, n), jnp.float32)
-      else:
-        top_p, top_i = jax.lax.top_k(p, k)
-        order = jnp.argsort(top_i, axis=1)
-        top_i = jnp.take_along_axis(top_i, order, axis=1)
-        w = jnp.take_along_axis(top_p, order, axis=1)
-        sel = jnp.take_along_axis(cand, top_i, axis=1)
-        target = jnp.zeros((B, n), jnp.float32).at[b_idx, top_i].set(1.0)
+      everyone = ks[r] == n   # capacity 1 at this recursion: the sorted top-k is the identity, skip gather/scatter
+      w, sel, target = (p, cand, jnp.ones((B, n), jnp.float32)) if everyone else _topk(p, cand, ks[r])
       sel_valid = None
       count = B * n
       weight = jnp.ones((B, n), jnp.float32)
@@ -149,28 +190,12 @@ def expert_choice_stage(cfg: ModelConfig, routers, block_fn, h_BTD, index_BT, po
       z_losses.append(jnp.sum(zc * zc * weight) / count)
     frac_tokens.append((sel_valid.mean() if masked else jnp.float32(sel.shape[1] / T)))
     sel_out.append(sel)
+    if masked:
+      entered.append(sel_valid)
     # run the shared block on the selected tokens and add its gated output
-    gate = jnp.ones_like(w) if cfg.gating == "identity" else w
-    if cfg.kv_sharing:
-      out, kv = block_fn(h_BTD, index_BT, pos_BT, seg_BT, None, kv0)
-      if r == 0:
-        kv0 = kv
-      if masked:
-        h_BTD = h_BTD + jnp.where(sel_valid, gate, 0.0)[..., None].astype(h_BTD.dtype) * out
-      elif everyone and sel is index_BT:
-        h_BTD = h_BTD + gate[..., None].astype(h_BTD.dtype) * out
-      else:
-        h_BTD = _scatter_add(h_BTD, sel, gate[..., None] * _take(out, sel))
-    elif masked:
-      out, _ = block_fn(h_BTD, index_BT, pos_BT, seg_BT, sel_valid, None)
-      h_BTD = h_BTD + jnp.where(sel_valid, gate, 0.0)[..., None].astype(h_BTD.dtype) * out
-    elif everyone and sel is index_BT:
-      out, _ = block_fn(h_BTD, index_BT, pos_BT, seg_BT, None, None)
-      h_BTD = h_BTD + gate[..., None].astype(h_BTD.dtype) * out
-    else:
-      y = _take(h_BTD, sel)
-      out, _ = block_fn(y, sel, _take(pos_BT, sel), None if seg_BT is None else _take(seg_BT, sel), None, None)
-      h_BTD = _scatter_add(h_BTD, sel, gate[..., None] * out)
+    h_BTD, kv = _add_routed(cfg, block_fn, h_BTD, index_BT, pos_BT, seg_BT, sel, sel_valid, gate_of(cfg, w),
+                            everyone and sel is index_BT, kv0)
+    kv0 = kv if r == 0 else kv0
     if masked:
       cand_valid = sel_valid
     else:
@@ -178,18 +203,68 @@ def expert_choice_stage(cfg: ModelConfig, routers, block_fn, h_BTD, index_BT, po
   aux = {"router_logits": logits_out, "selected": sel_out,
          "tokens_per_recursion": jnp.stack(frac_tokens),
          "mean_recursions": jnp.sum(jnp.stack(frac_tokens))}
+  if masked:   # recursions each token entered [B, T]
+    aux["recursions"] = jnp.stack(entered).sum(0, dtype=jnp.int32)
+  return h_BTD, _expert_losses(cfg, mode, aux, sampling_losses, accs, z_losses)
+
+
+def _warmup_topk(p, cand_valid, c: float, step, warmup_steps: int):
+  """Masked top-k with the warm-up capacity of `step`: is each candidate among the k highest scores?"""
+  T = p.shape[1]
+  k_dyn = jnp.maximum(1, jnp.floor(warmup_capacity(c, step, warmup_steps) * T + 1e-6)).astype(jnp.int32)
+  score = jnp.where(cand_valid, p, -jnp.inf)
+  rank = jnp.argsort(jnp.argsort(-score, axis=1, stable=True), axis=1, stable=True)
+  return rank < k_dyn
+
+
+def _topk(p, cand, k: int):
+  """Gathered top-k of the candidates, in sequence order: (gate scores, selected indices, BCE target [B, n])."""
+  B, n = p.shape
+  top_p, top_i = jax.lax.top_k(p, k)
+  order = jnp.argsort(top_i, axis=1)
+  top_i = jnp.take_along_axis(top_i, order, axis=1)
+  w = jnp.take_along_axis(top_p, order, axis=1)
+  target = jnp.zeros((B, n), jnp.float32).at[jnp.arange(B)[:, None], top_i].set(1.0)
+  return w, jnp.take_along_axis(cand, top_i, axis=1), target
+
+
+def _add_routed(cfg: ModelConfig, block_fn, h_BTD, index_BT, pos_BT, seg_BT, sel, sel_valid, gate, in_place: bool,
+                kv0):
+  """Runs the shared block on the selected tokens and adds its gated output; returns (h, this call's kv).
+
+  Masked form: sel_valid [B, T]; gathered: sel [B, k] indices (in_place: every token, in order)."""
+  if cfg.kv_sharing:
+    out, kv = block_fn(h_BTD, index_BT, pos_BT, seg_BT, None, kv0)
+    if sel_valid is not None:
+      return h_BTD + jnp.where(sel_valid, gate, 0.0)[..., None].astype(h_BTD.dtype) * out, kv
+    if in_place:
+      return h_BTD + gate[..., None].astype(h_BTD.dtype) * out, kv
+    return _scatter_add(h_BTD, sel, gate[..., None] * _take(out, sel)), kv
+  if sel_valid is not None:
+    out, _ = block_fn(h_BTD, index_BT, pos_BT, seg_BT, sel_valid, None)
+    return h_BTD + jnp.where(sel_valid, gate, 0.0)[..., None].astype(h_BTD.dtype) * out, None
+  if in_place:
+    out, _ = block_fn(h_BTD, index_BT, pos_BT, seg_BT, None, None)
+    return h_BTD + gate[..., None].astype(h_BTD.dtype) * out, None
+  y = _take(h_BTD, sel)
+  out, _ = block_fn(y, sel, _take(pos_BT, sel), None if seg_BT is None else _take(seg_BT, sel), None, None)
+  return _scatter_add(h_BTD, sel, gate[..., None] * out), None
+
+
+def _expert_losses(cfg: ModelConfig, mode: str, aux: dict, sampling_losses, accs, z_losses) -> dict:
+  """The router losses of an expert-choice stage (summed over recursions) and their weighted sum `aux_loss`."""
   zero = jnp.float32(0.0)
   aux["sampling_loss"] = sum(sampling_losses) if sampling_losses else zero
   aux["sampling_acc"] = sum(accs) / len(accs) if accs else zero
   aux["z_loss"] = sum(z_losses) if z_losses else zero
   weighted = zero
   if mode != "causal":
-    if cfg.sampling == "aux_loss" and not cfg.rand_router:
+    if cfg.expert_router_loss == "bce" and not cfg.rand_router:
       weighted = weighted + cfg.aux_coeff * aux["sampling_loss"]
     if cfg.z_loss and not cfg.rand_router:
       weighted = weighted + cfg.z_coeff * aux["z_loss"]
   aux["aux_loss"] = weighted
-  return h_BTD, aux
+  return aux
 
 
 def token_choice_stage(cfg: ModelConfig, router, bias_R, block_fn, h_BTD, index_BT, pos_BT, seg_BT, *,
@@ -198,13 +273,9 @@ def token_choice_stage(cfg: ModelConfig, router, bias_R, block_fn, h_BTD, index_
   B, T, _ = h_BTD.shape
   R = cfg.recursions
   z = router(h_BTD)                                   # [B, T, R] float32
-  p = cfg.alpha * (jax.nn.softmax(z, -1) if cfg.router_func == "softmax" else jax.nn.sigmoid(z))
-  depth = jnp.argmax(p + (0.0 if bias_R is None else bias_R), axis=-1).astype(jnp.int32)
-  if cfg.bal_warmup_steps > 0 and step is not None:
-    depth = jnp.where(step < cfg.bal_warmup_steps, R - 1, depth)
-  w = jnp.take_along_axis(p, depth[..., None], axis=-1)   # [B, T, 1]
-  gate = jnp.ones_like(w) if cfg.gating == "identity" else w
-  cap = T if cfg.capacity_factor >= 1 else max(1, int(math.ceil(cfg.capacity_factor * T)))
+  p, depth, gate = token_choice_decision(cfg, z, bias_R, step)
+  gate = gate[..., None]                              # [B, T, 1]
+  cap = T if cfg.token_buffer_fraction >= 1 else max(1, int(math.ceil(cfg.token_buffer_fraction * T)))
   state, out_BTD = h_BTD, h_BTD
   frac, dropped = [], []
   for r in range(R):

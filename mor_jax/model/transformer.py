@@ -18,26 +18,29 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mor_jax.config import ModelConfig
+from mor_jax.kernels.policy import ExecPolicy
 from mor_jax.model import routing
 from mor_jax.model.losses import chunked_cross_entropy
-from mor_jax.model.layers import RMSNorm, causal_mask, dense, rope_angles
+from mor_jax.model.layers import PLAIN, RMSNorm, causal_mask, dense, rope_angles
 from mor_jax.model.recursion import Block, layer_class
 
 ROUTING_MODES = ("topk", "topk_warmup", "causal")
 
 
 class MoRLM(nn.Module):
+  """The language model of architecture `cfg`, run as the execution policy `policy` says (kernels/policy.py)."""
   cfg: ModelConfig
+  policy: ExecPolicy = PLAIN
 
   def setup(self):
-    cfg = self.cfg
+    cfg, policy = self.cfg, self.policy
     self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(cfg.init_std),
-                          param_dtype=jnp.float32, dtype=cfg.compute_dtype)
+                          param_dtype=jnp.float32, dtype=policy.compute_dtype)
     if cfg.has_middle:
-      self.first = layer_class(cfg, False)(cfg)
-      self.last = layer_class(cfg, False)(cfg)
+      self.first = layer_class(policy, False)(cfg, 1, policy)
+      self.last = layer_class(policy, False)(cfg, 1, policy)
     repeats = cfg.recursions if cfg.strategy in ("sequence", "middle_sequence") else 1
-    self.block = Block(cfg, cfg.base_depth, repeats)
+    self.block = Block(cfg, cfg.base_depth, repeats, policy)
     if cfg.mor_enable:
       if cfg.mor_type == "expert":
         self.routers = [routing.Router(cfg, 1, name=f"router_{r}") for r in range(cfg.recursions)]
@@ -47,7 +50,7 @@ class MoRLM(nn.Module):
           self.router_bias = self.variable("router_bias", "bias", lambda: jnp.zeros((cfg.recursions,), jnp.float32))
     self.final_norm = RMSNorm(cfg.rms_eps)
     if not cfg.tie_embeddings:
-      self.lm_head = dense(cfg.vocab_size, cfg, "lm_head")
+      self.lm_head = dense(cfg.vocab_size, cfg, policy, "lm_head")
 
   def _block_fn(self, x, index, pos, seg, valid, shared_kv):
     cos, sin = rope_angles(pos, self.cfg.head_dim, self.cfg.rope_theta)
@@ -68,7 +71,7 @@ class MoRLM(nn.Module):
     index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     pos = index if positions_BT is None else positions_BT.astype(jnp.int32)
     seg = segment_ids_BT
-    x = self.embed(tokens_BT) if inputs_embeds is None else inputs_embeds.astype(cfg.compute_dtype)
+    x = self.embed(tokens_BT) if inputs_embeds is None else inputs_embeds.astype(self.policy.compute_dtype)
     if step is None:
       step = jnp.int32(0)
     if cfg.has_middle:
@@ -106,11 +109,11 @@ class MoRLM(nn.Module):
                  routing_mode: str = "topk", step=None):
     """(sum of target NLL, number of counted targets, aux): the training loss's parts.
 
-    The head and cross entropy run per chunk of `cfg.loss_chunk_tokens`
+    The head and cross entropy run per chunk of `policy.loss_chunk_tokens`
     tokens (losses.chunked_cross_entropy); `mask_BT` selects counted targets.
     """
     h, aux = self.hidden(tokens_BT, positions_BT, segment_ids_BT, routing_mode=routing_mode, step=step)
-    nll, count = chunked_cross_entropy(self.logits, h, targets_BT, mask_BT, self.cfg.loss_chunk_tokens)
+    nll, count = chunked_cross_entropy(self.logits, h, targets_BT, mask_BT, self.policy.loss_chunk_tokens)
     return nll, count, aux
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, routing_mode: str = "topk",

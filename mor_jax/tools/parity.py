@@ -41,7 +41,8 @@ def _is_fixture(directory: str) -> bool:
 
 
 def _load(directory: str, run_config: str | None = None):
-  """(ModelConfig, params in the model's layout) of a fixture or a reference training output directory."""
+  """(ModelConfig, every variable in the model's layout: params and, with loss-free balancing, the source's
+  router_bias) of a fixture or a reference training output directory."""
   from mor_jax import config as C
   from mor_jax.interop import reference as ref
   from mor_jax.model.transformer import abstract_variables
@@ -50,13 +51,14 @@ def _load(directory: str, run_config: str | None = None):
       meta = json.load(f)
     cfg = C.model_config(C.validate(ref.config_from_reference(meta), num_devices=1))
     weights = dict(np.load(os.path.join(directory, "weights.npz")))
-    params = ref.params_from_state_dict(cfg, weights)
-    ref.check_shapes(cfg, params, abstract_variables(cfg)["params"])
-    return cfg, params
+    variables = ref.variables_from_state_dict(cfg, weights)
+    ref.check_shapes(cfg, variables["params"], abstract_variables(cfg)["params"])
+    return cfg, variables
   from mor_jax.interop import importer, layout
   src = importer.load_source(directory, run_config=run_config)
   cfg = C.model_config(C.validate(src.config, num_devices=1))
-  return cfg, layout.to_model_layout(cfg, importer.params_from_weights(cfg, src.state_dict))
+  variables = importer.variables_from_weights(cfg, src.state_dict)
+  return cfg, {**variables, "params": layout.to_model_layout(cfg, variables["params"])}
 
 
 def compute(fixture_dir: str, run_config: str | None = None):
@@ -71,14 +73,12 @@ def compute(fixture_dir: str, run_config: str | None = None):
     if not os.path.isfile(os.path.join(fixture_dir, name)):
       raise SystemExit(f"error: {fixture_dir} has no {name}; parity needs the fixture-format inputs.npz "
                        "(input_ids) and outputs.npz (logits_eval, ...) next to the weights.")
-  cfg, params = _load(fixture_dir, run_config)
-  params = jax.tree.map(jnp.asarray, params)
+  cfg, variables = _load(fixture_dir, run_config)
+  variables = jax.tree.map(jnp.asarray, variables)
+  params = variables["params"]
   tokens = jnp.asarray(np.load(os.path.join(fixture_dir, "inputs.npz"))["input_ids"], jnp.int32)
   expected = dict(np.load(os.path.join(fixture_dir, "outputs.npz")))
   model = MoRLM(cfg)
-  variables = {"params": params}
-  if cfg.mor_enable and cfg.mor_type == "token" and cfg.balancing == "loss_free":
-    variables["router_bias"] = {"bias": jnp.zeros((cfg.recursions,), jnp.float32)}
   B, T = tokens.shape
 
   def total_loss(p):
@@ -105,7 +105,8 @@ def compute(fixture_dir: str, run_config: str | None = None):
         ours[f"selected_tokens_{split}_r{r}"] = aux["selected"][r]
         ours[f"router_logits_{split}_r{r}"] = aux["router_logits"][r]
   elif cfg.mor_enable:
-    ours["balancing_loss"] = aux["balancing_loss"]
+    if cfg.balancing == "loss":   # the reference computes the balancing loss only then (it reports 0 otherwise)
+      ours["balancing_loss"] = aux["balancing_loss"]
     ours["balancing_ratio"] = aux["balancing_ratio"]
     ours["router_z_loss"] = aux["z_loss"]
     for split in ("train", "eval"):

@@ -3,15 +3,17 @@ Orbax checkpoints with exact resume, metrics and the run report.
 
 Public API:
   train_and_evaluate(config, workdir, *, train_iterator=None, eval_iterator_fn=None) -> report dict
+  Trainer(config, workdir, ...).run();  Hook   the trainer behind it (init or restore, step, evaluate, save)
   make_optimizer(config) -> (tx, schedule);  make_schedule(config);  decay_mask(params)
   TrainState;  init_state(cfg, tx, seed);  abstract_state(cfg, tx, seed)
   train_step(state, batch, *, cfg, tx, schedule, routing_mode, ...) -> (state, metrics);  eval_step
   DataParallel(mode, devices)            placement and compilation for 'pjit' / 'pmap'
-  Checkpointer(directory, max_to_keep)   Orbax save / verified restore with fallback
+  Checkpointer(directory, max_to_keep)   Orbax save / verified restore with fallback (mor_jax.checkpoint)
 """
 
-from mor_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
+from mor_jax.checkpoint import Checkpointer, CheckpointMismatchError
 from mor_jax.train.loop import NonFiniteLossError, train_and_evaluate
+from mor_jax.train.trainer import Hook, Trainer
 from mor_jax.train.metrics import read_metrics
 from mor_jax.train.optimizer import decay_mask, make_optimizer, make_schedule
 from mor_jax.train.parallel import DataParallel
@@ -21,8 +23,8 @@ from mor_jax.train.step import (eval_step, make_eval_step, make_train_step, rout
 from mor_jax.train.synthetic import SyntheticIterator
 
 __all__ = [
-    "Checkpointer", "CheckpointMismatchError", "DataParallel", "NonFiniteLossError", "SyntheticIterator",
-    "TrainState", "abstract_state", "decay_mask", "eval_step", "init_state", "make_eval_step",
+    "Checkpointer", "CheckpointMismatchError", "DataParallel", "Hook", "NonFiniteLossError", "SyntheticIterator",
+    "TrainState", "Trainer", "abstract_state", "decay_mask", "eval_step", "init_state", "make_eval_step",
     "make_optimizer", "make_schedule", "make_train_step", "read_metrics", "routing_mode_for_step",
     "train_and_evaluate", "train_step",
 ]

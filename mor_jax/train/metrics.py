@@ -72,17 +72,19 @@ class MetricWriter:
     self._file = open(self.path, "a", encoding="utf-8")
 
   def _truncate_after(self, step: int) -> None:
-    """Drops lines of steps after `step` (they are redone after a resume from `step`)."""
-    keep = []
+    """Drops lines of steps after `step` (they are redone after a resume from `step`).
+
+    The kept lines go to a temporary file that is renamed over metrics.jsonl: at every moment the file
+    holds either all the old rows or the kept ones, never fewer.
+    """
     with open(self.path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          if json.loads(line).get("step", 0) <= step:
-            keep.append(line if line.endswith("\n") else line + "\n")
-        except json.JSONDecodeError:
-          continue                  # a line cut by a kill
-    with open(self.path, "w", encoding="utf-8") as f:
-      f.writelines(keep)
+      keep = [r for r in _records(f) if r.get("step", 0) <= step]
+    tmp = f"{self.path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in keep)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
 
   def write(self, step: int, metrics: dict, *, jsonl: bool = True) -> None:
     if not self.enabled:
@@ -106,11 +108,21 @@ class MetricWriter:
       self._tb.close()
 
 
+def _records(lines) -> list[dict]:
+  """JSON records of `lines`, skipping a line cut by a kill; a step written twice keeps its last record."""
+  by_step: dict = {}
+  for line in lines:
+    if not line.strip():
+      continue
+    try:
+      r = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    by_step[r.get("step")] = r
+  return sorted(by_step.values(), key=lambda r: r.get("step", 0))
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of WORKDIR/metrics.jsonl (for scripts and tests)."""
-  out = []
+  """The records of WORKDIR/metrics.jsonl, one per step in step order (for scripts and tests)."""
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      if line.strip():
-        out.append(json.loads(line))
-  return out
+    return _records(f)

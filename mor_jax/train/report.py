@@ -9,11 +9,13 @@ steps/s, total training FLOPs, devices and checkpoints.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 
@@ -131,13 +133,75 @@ def _clean(v):
   return v
 
 
+def _write_atomic(path: str, text: str) -> None:
+  """Writes `text` to a temporary file next to `path` and renames it over `path` (never a half-written file)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def now() -> str:
+  return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
 def write_report(workdir: str, report: dict, history: dict, val_history: Sequence[Sequence[float]] = ()) -> None:
-  """Writes report.json, report.md and loss.png into `workdir`."""
-  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(_clean(report), f, indent=2)
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(report))
+  """Writes report.json and report.md (atomically) and loss.png into `workdir`."""
+  _write_atomic(os.path.join(workdir, "report.json"), json.dumps(_clean(report), indent=2))
+  _write_atomic(os.path.join(workdir, "report.md"), markdown(report))
   if history.get("step"):
     vs = [int(s) for s, _ in val_history]
     vl = [float(v) for _, v in val_history]
     plot(os.path.join(workdir, "loss.png"), history["step"], history["loss"], history["learning_rate"], vs, vl)
+
+
+def build_report(config, meta, *, status, message, workdir, dp, start, step, elapsed, tracker, n_params,
+                  flops_per_token, peak, ckpt, rows_per_step, tokens_per_step, run_time, epoch_tokens,
+                  state_memory=None) -> dict:
+  """The report dict of a run (see the module docstring)."""
+  t = config.train
+  h = meta["history"]
+  steps_this_run = max(0, step - start)
+  tokens_seen = step * tokens_per_step
+  val = meta["val_history"]
+  rep = {
+      "name": meta.get("name", ""), "status": status, "message": message, "workdir": workdir,
+      "finished": now(), "total_time_seconds": elapsed,
+      "training_time_seconds": meta.get("training_time_seconds"),
+      "steps_completed": int(step), "num_steps": int(t.num_steps), "resumed_from_step": int(start),
+      "steps_this_run": steps_this_run,
+      "epochs_completed": tokens_seen / epoch_tokens if epoch_tokens else None,
+      "tokens_seen": int(tokens_seen), "samples_seen": int(step * rows_per_step),
+      "loss": loss_summary(h["step"], h["loss"]),
+      "learning_rate": {"start": h["learning_rate"][0] if h["learning_rate"] else None,
+                        "end": h["learning_rate"][-1] if h["learning_rate"] else None},
+      "trainable_parameters": int(n_params),
+      "total_batch_size": rows_per_step, "per_device_batch_size": int(t.per_device_batch_size),
+      "grad_accum_steps": int(t.grad_accum_steps), "seq_len": int(config.data.seq_len),
+      "devices": {"count": dp.num_devices, "kind": dp.devices[0].device_kind, "platform": dp.devices[0].platform,
+                  "mode": dp.mode, "processes": jax.process_count(),
+                  "mesh": {"data": dp.data_size, "fsdp": dp.fsdp_size}},
+      "memory": {"state_per_device": state_memory or {}, "compiled": dict(dp.compiled_memory)},
+      "checkpoints": {"directory": ckpt.directory, "written": list(meta.get("checkpoints_written", [])),
+                      "kept": ckpt.all_steps()},
+      "runs": meta.get("runs", []),
+      "compilations": dict(dp.trace_counts),    # traces of train_step / eval_step in this run
+  }
+  if val:
+    rep["val_loss"] = {"initial": val[0][1], "initial_step": val[0][0], "final": val[-1][1], "final_step": val[-1][0]}
+  if steps_this_run and run_time > 0:
+    sps = steps_this_run / run_time
+    rep.update(steps_per_second=sps, samples_per_second=sps * rows_per_step, tokens_per_second=sps * tokens_per_step)
+  if tracker.steady_steps and tracker.steady_time > 0:
+    steady = tracker.steady_steps / tracker.steady_time
+    rep["steady_tokens_per_second"] = steady * tokens_per_step
+    if flops_per_token:
+      rep["tflops_per_second"] = steady * tokens_per_step * flops_per_token / 1e12
+      if peak:
+        rep["mfu"] = rep["tflops_per_second"] * 1e12 / (peak * dp.num_devices)
+  if flops_per_token:
+    rep["flops_per_token"] = flops_per_token
+    rep["total_training_flops"] = float(flops_per_token * tokens_seen)
+  return rep

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from mor_jax.config import ModelConfig
+from mor_jax.kernels.policy import ExecPolicy
 from mor_jax.model import routing
 from mor_jax.model.transformer import MoRLM
 from mor_jax.train.state import TrainState
@@ -71,9 +72,9 @@ def _router_rngs(cfg: ModelConfig, state: TrainState, micro_index, axis_name):
 
 def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.GradientTransformation,
                schedule: optax.Schedule, routing_mode: str = "topk", document_mask: bool = False,
-               axis_name: str | None = None) -> tuple[TrainState, dict]:
+               axis_name: str | None = None, policy: ExecPolicy = ExecPolicy()) -> tuple[TrainState, dict]:
   """One optimizer step over `accum` micro-batches. Returns (new state, metrics of this step)."""
-  model = MoRLM(cfg)
+  model = MoRLM(cfg, policy)
   accum = batch["tokens"].shape[0]
   shards = jax.lax.psum(1, axis_name) if axis_name is not None else 1
   seg = batch.get("segment_ids")
@@ -128,9 +129,9 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
 
 
 def eval_step(state: TrainState, batch: dict, *, cfg: ModelConfig, document_mask: bool = False,
-              axis_name: str | None = None) -> dict:
+              axis_name: str | None = None, policy: ExecPolicy = ExecPolicy()) -> dict:
   """Validation sums over a batch of [B, seq_len + 1] rows: {'nll_sum', 'count'} (training-style top-k routing)."""
-  model = MoRLM(cfg)
+  model = MoRLM(cfg, policy)
   inputs, targets, mask, pos, seg_in = split_batch(batch, document_mask)
   rngs = {"router": jax.random.fold_in(state.rng, 0x7FFFFFFF)} if cfg.rand_router else None
   nll, count, _ = model.apply(state.variables(), inputs, targets, mask, pos, seg_in, routing_mode="topk",
@@ -141,11 +142,13 @@ def eval_step(state: TrainState, batch: dict, *, cfg: ModelConfig, document_mask
   return out
 
 
-def make_train_step(cfg: ModelConfig, tx, schedule, *, document_mask: bool = False, axis_name: str | None = None):
+def make_train_step(cfg: ModelConfig, tx, schedule, *, document_mask: bool = False, axis_name: str | None = None,
+                    policy: ExecPolicy = ExecPolicy()):
   """`train_step` with everything static bound except (state, batch, routing_mode)."""
   return functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule, document_mask=document_mask,
-                           axis_name=axis_name)
+                           axis_name=axis_name, policy=policy)
 
 
-def make_eval_step(cfg: ModelConfig, *, document_mask: bool = False, axis_name: str | None = None):
-  return functools.partial(eval_step, cfg=cfg, document_mask=document_mask, axis_name=axis_name)
+def make_eval_step(cfg: ModelConfig, *, document_mask: bool = False, axis_name: str | None = None,
+                   policy: ExecPolicy = ExecPolicy()):
+  return functools.partial(eval_step, cfg=cfg, document_mask=document_mask, axis_name=axis_name, policy=policy)

@@ -1,24 +1,26 @@
-"""Corpora: Shakespeare conversion, local-corpus builder, bad inputs."""
+"""TFDS corpora (corpus.py): the local-corpus builder over sources/files.py, bad inputs, preparation
+that is redone after an interruption; no logging filter installed by importing the package."""
 
 import gzip
 import json
+import logging
 import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from configs import base
-from mor_jax.data import DataError, build_corpus, corpora, prepare
+from mor_jax.data import DataError, build_corpus, prepare
+from mor_jax.data import corpus as corpora
 from mor_jax.data import preparation as prepare_lib
+from tiny import tiny_config
 
 
 def _config(tmp_path, **data):
-  c = base.get_config()
-  c.data.data_dir = str(tmp_path / "prepared")
-  c.data.corpus = "local"
-  c.model.vocab_size = 300
-  c.data.seq_len = 16
+  c = tiny_config(vocab=300, seq_len=16, data__corpus="local",
+                  data__data_dir=str(tmp_path / "prepared"))
   for k, v in data.items():
     setattr(c.data, k, v)
   return c
@@ -28,32 +30,24 @@ def _texts(info, split):
   return sorted(corpora.iter_texts(info.dataset_dir, split))
 
 
-def test_play_documents_plain_text():
-  md = ("# The Play\n\n## ACT I\n\n### SCENE I. A room.\n\n_Enter A\\[B]_\n\n"
-        "**ALPHA**  \nTo be, or *not*--to be.  \nWell.\n\n"
-        "### SCENE II. Elsewhere.\n\n**BETA**  \nNo.\n\n# EPILOGUE\n\nBye.\n")
-  docs = corpora.play_documents("the-play", md)
-  assert [d[0] for d in docs] == ["the-play/000", "the-play/001",
-                                  "the-play/002"]
-  assert docs[0][1] == ("The Play\nACT I. SCENE I. A room.\n\nEnter A[B]\n\n"
-                        "ALPHA:\nTo be, or not--to be.\nWell.\n")
-  assert docs[1][1] == "The Play\nACT I. SCENE II. Elsewhere.\n\nBETA:\nNo.\n"
-  assert docs[2][1] == "The Play\nEPILOGUE\n\nBye.\n"
+def test_importing_the_data_package_installs_no_logging_filter():
+  code = ("import logging, mor_jax.data; "
+          "print(len(logging.getLogger('absl').filters), len(logging.getLogger().filters))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["0", "0"]
 
 
-def test_shakespeare_val_plays_deterministic_and_configurable():
-  c = base.get_config()
-  plays = corpora.shakespeare_plays()
-  assert len(plays) == 38 and "hamlet" in plays
-  v1, v2 = corpora.shakespeare_val_plays(c), corpora.shakespeare_val_plays(c)
-  assert v1 == v2 and len(v1) == 1
-  c.data.val_fraction = 0.1
-  assert len(corpora.shakespeare_val_plays(c)) == 4
-  c.data.val_files = ("hamlet", "macbeth.md")
-  assert corpora.shakespeare_val_plays(c) == ("hamlet", "macbeth")
-  c.data.val_files = ("hamlett",)
-  with pytest.raises(DataError, match="hamlett"):
-    corpora.shakespeare_val_plays(c)
+def test_tfds_config_notes_are_filtered_only_while_building(tmp_path, caplog):
+  d = tmp_path / "corpus"
+  d.mkdir()
+  (d / "a.txt").write_text("alpha")
+  (d / "b.txt").write_text("beta")
+  with caplog.at_level(logging.INFO, logger="absl"):
+    build_corpus(_config(tmp_path, path=str(d), val_files=("b.txt",)))
+  notes = ("Using custom data configuration", "Variant folder")   # logged by tfds without the filter
+  assert not [r for r in caplog.records if str(r.msg).startswith(notes)]
+  assert any("building dataset" in r.getMessage() for r in caplog.records)
+  assert not logging.getLogger("absl").filters
 
 
 def test_local_formats_and_val_files(tmp_path):

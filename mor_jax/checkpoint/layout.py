@@ -1,0 +1,83 @@
+"""Where a checkpoint lives and the errors that say what is wrong with one.
+
+  WORKDIR/.lock                      the workdir lock (see lock.py)
+  WORKDIR/checkpoints/<step>/        one Orbax step: items `state` (the TrainState), `data` (the data
+                                     iterator's JSON state), `meta` (JSON: see schema.py)
+  WORKDIR/checkpoints/<step>/checksums.json   size and SHA-256 of every file of the step, written once the
+                                     (asynchronous) save has completed (see integrity.py)
+  WORKDIR/checkpoints_corrupt/<step>-<time>/  steps proven unreadable, moved aside by a training restore
+"""
+
+from __future__ import annotations
+
+import os
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+CORRUPT_SUFFIX = "_corrupt"
+ITEMS = ("state", "data", "meta")
+STATE_ITEM, DATA_ITEM, META_ITEM = ITEMS
+MANIFEST = "checksums.json"
+LOCK_FILE = ".lock"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be used as asked; the message says why and what to do."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """The checkpoint belongs to a different model or state tree than the config (not a corruption)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+  """A step is proven unreadable (checksum mismatch, missing or truncated file, non-finite values)."""
+
+  def __init__(self, message: str, path: str = ""):
+    super().__init__(message)
+    self.path = path       # the damaged file (or the step directory)
+
+
+class CheckpointSaveError(CheckpointError):
+  """Writing a checkpoint failed (e.g. no space left on device); earlier steps are intact."""
+
+
+class WorkdirLockedError(CheckpointError):
+  """Another run holds the workdir."""
+
+
+def checkpoints_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINTS_SUBDIR)
+
+
+def corrupt_dir(directory: str) -> str:
+  """WORKDIR/checkpoints_corrupt for WORKDIR/checkpoints."""
+  return os.path.abspath(directory).rstrip("/") + CORRUPT_SUFFIX
+
+
+def step_dir(directory: str, step: int) -> str:
+  return os.path.join(directory, str(int(step)))
+
+
+def is_step_dir(path: str) -> bool:
+  return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isdir(os.path.join(path, STATE_ITEM))
+
+
+def steps_in(directory: str) -> list[int]:
+  """The finished steps (digit-named folders with a `state` item) in a checkpoints directory."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and is_step_dir(os.path.join(directory, n)))
+
+
+def find_checkpoints(path: str) -> tuple[str, list[int]]:
+  """(directory holding <step>/ folders, available steps) for a workdir, checkpoints dir or step dir."""
+  p = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(p):
+    raise CheckpointError(f"{path} does not exist; pass a training workdir (--workdir) or a checkpoint directory.")
+  if is_step_dir(p):
+    return os.path.dirname(p), [int(os.path.basename(p))]
+  for d in (os.path.join(p, CHECKPOINTS_SUBDIR), p):
+    steps = steps_in(d)
+    if steps:
+      return d, steps
+  raise CheckpointError(f"no checkpoint found under {path}: expected {CHECKPOINTS_SUBDIR}/<step>/{STATE_ITEM} "
+                        "(train first: python main.py --mode=train --workdir=...).")

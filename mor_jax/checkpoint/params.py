@@ -1,0 +1,110 @@
+"""Params-only restore for inference: the parameters of a step onto the devices present.
+
+`restore_params(path, step=None, config=None)` accepts a training workdir (WORKDIR/checkpoints/<step>/...),
+the checkpoints directory itself, or one step's directory. It reads the newest step (or `step`), takes the
+config from the step's meta (or checks the given one against it: schema.check_compatible), verifies the
+step's checksums when it has them, and restores only `params` (and the token-choice `router_bias`) from the
+train state - optimizer and data-iterator state stay on disk - onto `sharding`, so a checkpoint written on
+4 devices restores on 1 CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+
+from mor_jax import config as config_lib
+from mor_jax.checkpoint import integrity
+from mor_jax.checkpoint import schema
+from mor_jax.checkpoint.layout import (META_ITEM, STATE_ITEM, CheckpointCorruptError, CheckpointError,
+                                       find_checkpoints)
+
+PARAMS_KEY = "params"                # TrainState fields restored for inference
+ROUTER_BIAS_KEY = "router_bias"
+
+
+@dataclasses.dataclass
+class ParamsRestore:
+  """The parameters of one step, with the config that describes them."""
+  config: ml_collections.ConfigDict   # the full config (data section: tokenizer)
+  cfg: config_lib.ModelConfig
+  variables: dict                     # {'params': ..., ['router_bias': ...]}
+  step: int
+  directory: str                      # the step's directory
+  meta: dict
+
+
+def read_meta(step_dir: str) -> dict:
+  """The `meta` item of a step directory ({} if it has none)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  d = os.path.join(step_dir, META_ITEM)
+  if not os.path.isdir(d):
+    return {}
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ck:
+    return ck.restore(d, args=ocp.args.JsonRestore()) or {}
+
+
+def inference_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` validated without its train and parallel sections (batch sizes depend on the devices)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  for section in ("train", "parallel"):
+    if section in c:
+      del c[section]
+  return config_lib.validate(c)
+
+
+def default_sharding():
+  """Everything on this process's first device (inference of one batch runs on one chip)."""
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _pick_step(path: str, step: int | None) -> str:
+  ckpt_dir, steps = find_checkpoints(path)
+  if step is None or step < 0:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f"no checkpoint of step {step} in {ckpt_dir}; available steps: {steps}.")
+  return os.path.join(ckpt_dir, str(step))
+
+
+def restore_params(path: str, *, step: int | None = None, config: ml_collections.ConfigDict | None = None,
+                   sharding: jax.sharding.Sharding | None = None) -> ParamsRestore:
+  """Parameters (and config) of the newest or the given step; see the module docstring."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from mor_jax.model.transformer import abstract_variables  # pylint: disable=g-import-not-at-top
+  step_dir = _pick_step(path, step)
+  if integrity.has_manifest(step_dir):
+    integrity.verify_manifest(step_dir)
+  meta = read_meta(step_dir)
+  if config is None:
+    if "config" not in meta:
+      raise CheckpointError(f"the checkpoint {step_dir} stores no config; pass the training config (--config).")
+    config = ml_collections.ConfigDict(meta["config"])
+  validated = inference_config(config)
+  cfg = config_lib.model_config(validated)
+  abstract = abstract_variables(cfg)
+  schema.check_compatible(meta, validated, abstract["params"], where=step_dir, prefix=".params", command="infer")
+  target = {k: abstract[k] for k in (PARAMS_KEY, ROUTER_BIAS_KEY) if k in abstract}
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding or default_sharding()),
+                        target)
+  try:
+    with ocp.PyTreeCheckpointer() as ck:
+      got = ck.restore(os.path.join(step_dir, STATE_ITEM),
+                       args=ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  except (ValueError, KeyError) as e:
+    raise CheckpointError(f"cannot restore the parameters of {step_dir} for this model ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300] if str(e) else ''}). Was it written with this config?") from e
+  variables = {k: got[k] for k in target}
+  exp = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), {k: abstract[k] for k in variables})
+  if exp != jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), variables):
+    raise CheckpointError(f"the parameters in {step_dir} do not have the shapes this config implies.")
+  bad = integrity.nonfinite_leaves(variables)
+  if bad:
+    raise CheckpointCorruptError(f"{os.path.join(step_dir, STATE_ITEM)} holds non-finite values in "
+                                 f"{', '.join(bad[:4])}", os.path.join(step_dir, STATE_ITEM))
+  return ParamsRestore(config=config, cfg=cfg, variables=variables, step=int(os.path.basename(step_dir)),
+                       directory=step_dir, meta=meta)

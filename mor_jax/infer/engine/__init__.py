@@ -1,0 +1,68 @@
+"""Continuous depth-wise batching: a MoR decode engine with sequence slots and a request queue.
+
+    eng = Engine(cfg, variables, tokenizer, slots=32, max_new_tokens=128)
+    outs = eng.generate(prompts, max_new_tokens=[...], sampling=SamplingParams(temperature=0.0))
+    # or: ids = [eng.submit(p, max_new_tokens=n) for p, n in ...]; results = eng.run()
+
+Why it is fast (spec section 6): the shared block has the same parameters at
+every recursion, so one batched call of the block can advance token states
+that sit at *different* recursion depths, from different sequences. The engine
+keeps `slots` sequences in flight. Every slot holds exactly one token in
+flight, in one of these phases:
+
+    ENTER  a freshly sampled token: embedding, unique first layer, router 0
+    BLOCK  the token has entered recursion `depth` and waits for its block pass
+    EXIT   the token is done recursing: unique last layer, final norm, head, sampling
+    DONE / EMPTY   the slot is free (DONE: its finished request is not collected yet)
+
+One *tick* (a jitted, static-shaped function of an explicit state pytree) does
+(1) the entry phase for up to `entry_rows` ENTER slots, (2) one pass of the
+shared block over all `slots` rows at once, each row at its own depth, reading
+and writing its own recursion's KV cache, followed by the router of the next
+recursion (continue, or exit), and (3) the exit phase for up to `exit_rows`
+EXIT slots, whose sampled token re-enters at the next tick. A token that runs k
+recursions occupies its slot for k ticks; a token that exits early frees its
+row for the slot's next token at once instead of idling behind deeper tokens.
+When `entry_rows` / `exit_rows` are below `slots`, the first layer, last layer
+and head run on a compacted sub-batch (about slots / mean recursions rows
+leave per tick), which is where most of the saving over a per-step decoder
+comes from; ENTER / EXIT slots that do not fit wait a tick (rotating priority).
+
+Ticks run in a `lax.while_loop` until enough slots are free to be worth
+refilling (`refill_min`) or everything is done; a thin Python scheduler then
+collects finished requests, prefills waiting ones (the plain path's
+`forward_cached`, batched, prompt length bucketed) and inserts their caches
+into the free slots, and resumes the loop.
+
+KV caches (recursion-wise, as in `mor_jax.infer.cache`): the shared block's
+caches for all recursions live in one array [base_depth, slots, C, K, E]; the
+recursion regions (the plan's capacities, 'full' or 'routed') are laid side by
+side along C, and a row gathers the window of its own region for attention and
+writes its new key/value into it. With recursive KV sharing there is one region
+(recursion 0's), which deeper recursions read without writing. The unique first
+and last layers have one cache each.
+
+Routing is the causal inference routing of `forward_cached` (threshold for
+expert-choice, the router's depth for token-choice; non-routed recursive and
+vanilla models run every recursion), so for the same requests greedy outputs
+equal the plain generation path's (`Generator`) token for token. Sampling
+uses the same per-request keys (`fold_in(PRNGKey(seed), row_id)`, then the
+index of the generated token), so seeded sampling matches too.
+
+Supported: vanilla (strategy 'none') and the cycle / middle_cycle strategies
+(expert-choice, token-choice, KV sharing, or no routing). The sequence
+strategies run different layers at each depth (no shared block to batch
+across depths) and are rejected.
+
+Layout: `layout.py` (static shapes, the state pytree), `tick.py` (the jitted tick and its phases),
+`scheduler.py` (admission, the request queue, `Engine`).
+"""
+
+from mor_jax.infer.engine.layout import (BLOCK, DONE, EMPTY, ENTER, EXIT, PHASES, STATS, EngineCache, EngineLayout,
+                                         EngineState, expected_recursions, init_state, kv_bytes, make_layout)
+from mor_jax.infer.engine.scheduler import Engine, Request, admit_requests
+from mor_jax.infer.engine.tick import SKIP_EMPTY_PHASES, run_ticks, tick
+
+__all__ = ["BLOCK", "DONE", "EMPTY", "ENTER", "EXIT", "PHASES", "SKIP_EMPTY_PHASES", "STATS", "Engine", "EngineCache",
+           "EngineLayout", "EngineState", "Request", "admit_requests", "expected_recursions", "init_state", "kv_bytes",
+           "make_layout", "run_ticks", "tick"]

@@ -1,0 +1,96 @@
+"""What a training run needs before its first step: devices, data iterators, accounting lines."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from absl import logging
+import jax
+import ml_collections
+
+from mor_jax import config as config_lib
+from mor_jax import distributed
+from mor_jax.train.parallel import DataParallel, format_bytes
+from mor_jax.train.state import num_params
+
+
+def select_devices(config) -> DataParallel:
+  """The DataParallel of `parallel.mode` / `parallel.num_devices` (checked against the devices present)."""
+  par = config.get("parallel", ml_collections.ConfigDict())
+  mode = str(par.get("mode", "pjit"))
+  available = jax.devices() if mode == "pjit" else jax.local_devices()
+  n = int(par.get("num_devices", 0) or 0)
+  if n < 0 or n > len(available):
+    raise config_lib.ConfigError(f"config.parallel.num_devices: {n} requested but {len(available)} devices are "
+                                 "available; use 0 for all of them.")
+  if n and jax.process_count() > 1:
+    raise config_lib.ConfigError(f"config.parallel.num_devices: {n} with {jax.process_count()} processes; "
+                                 "multi-process runs use every device of every process (set it to 0).")
+  if mode == "pjit":
+    config_lib.resolve_mesh_shape(n or len(available), par.get("data", -1), par.get("fsdp", 1))
+  return DataParallel(mode, available[:n] if n else available, data=int(par.get("data", -1)),
+                      fsdp=int(par.get("fsdp", 1)) if mode == "pjit" else 1)
+
+
+def data_iterators(config, train_iterator, eval_iterator_fn) -> tuple[object, Callable[[int], Iterable[dict]]]:
+  """The given iterators, or the data package's (process 0 prepares the data first when there are several)."""
+  if train_iterator is not None and eval_iterator_fn is not None:
+    return train_iterator, eval_iterator_fn
+  from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  multi_process = jax.process_count() > 1
+  if multi_process:                          # process 0 builds corpus / tokenizer / shards, the others load them
+    if jax.process_index() == 0:
+      data_lib.prepare(config)
+    distributed.barrier("mor_jax_prepare_data")
+  if train_iterator is None:
+    train_iterator = data_lib.make_iterator(config, "train", global_batch_size=int(config.train.total_batch_size))
+  if eval_iterator_fn is None:
+    def eval_iterator_fn(batch_size):
+      # several processes: a repeating iterator, so that every process has as many batches as the others
+      return data_lib.make_iterator(config, "validation", global_batch_size=batch_size,
+                                    num_epochs=None if multi_process else 1)
+  return train_iterator, eval_iterator_fn
+
+
+def epoch_tokens(config) -> int | None:
+  """Tokens (with EOS/BOS) in one pass over the training split, when the data package knows it."""
+  try:
+    from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    split = (data_lib.prepare(config).tokens or {}).get("splits", {}).get("train")
+    if not split:
+      return None
+    per_doc = 1 + (1 if config.data.get("add_bos", False) else 0)
+    return int(split["num_tokens"]) + per_doc * int(split["num_docs"])
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def flops_per_token(cfg, seq_len: int) -> float | None:
+  try:
+    from mor_jax.model import accounting  # pylint: disable=g-import-not-at-top
+    return float(accounting.flops_per_token(cfg, seq_len)["train"])
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def log_model(name: str, config, dp, abstract, fpt: float | None) -> dict:
+  """Logs the model size, batch layout and per-device state memory; returns the state memory."""
+  t = config.train
+  logging.info("model %s: %s trainable parameters; %d x %s (%s), batch %d x %d tokens = per device %d x "
+               "accumulation %d x %d devices; %s train FLOPs/token", name, f"{num_params(abstract.params):,}",
+               dp.num_devices, dp.devices[0].device_kind, dp.mode, int(t.total_batch_size), int(config.data.seq_len),
+               int(t.per_device_batch_size), int(t.grad_accum_steps), dp.num_devices, f"{fpt:.3e}" if fpt else "n/a")
+  memory = dp.state_memory(abstract)
+  logging.info("%s; train state per device: parameters %s, optimizer state %s, total %s", dp.describe(),
+               format_bytes(memory["params"]), format_bytes(memory["opt_state"]), format_bytes(memory["total"]))
+  return memory
+
+
+def save_every(config) -> int:
+  """Steps between checkpoints (0: only at the end)."""
+  t = config.train
+  if int(t.save_every_steps) > 0:
+    return int(t.save_every_steps)
+  if float(t.save_interval) > 0:
+    return max(1, int(round(float(t.save_interval) * int(t.num_steps))))
+  return 0

