@@ -52,6 +52,7 @@ from mor_jax import config as C  # noqa: E402
 from mor_jax.kernels import policy as policy_lib  # noqa: E402
 from mor_jax.model import accounting  # noqa: E402
 from mor_jax.train import metrics as metrics_lib  # noqa: E402
+from mor_jax.model.transformer import param_axes  # noqa: E402
 from mor_jax.train import parallel  # noqa: E402
 from mor_jax.train.optimizer import make_optimizer  # noqa: E402
 from mor_jax.train.state import abstract_state, init_state  # noqa: E402
@@ -113,7 +114,7 @@ def run_variant(args, variant: str) -> dict:
   cfg = C.model_config(config)
   policy = policy_lib.resolve(config, jax.default_backend())
   tx, schedule = make_optimizer(config)
-  dp = parallel.DataParallel("pjit", devices, fsdp=args.fsdp)
+  dp = parallel.DataParallel("pjit", devices, fsdp=args.fsdp, param_axes=param_axes(cfg) if args.fsdp != 1 else None)
   abstract = abstract_state(cfg, tx, 0)
   state = dp.create_state(lambda: init_state(cfg, tx, 0))
   step = dp.ahead_of_time(dp.compile_train_step(make_train_step(cfg, tx, schedule, policy=policy),

@@ -86,6 +86,7 @@ def main(argv):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   from mor_jax import config as C  # pylint: disable=g-import-not-at-top
+  from mor_jax.model.transformer import param_axes  # pylint: disable=g-import-not-at-top
   from mor_jax.train import DataParallel, train_and_evaluate  # pylint: disable=g-import-not-at-top
 
   result = {"process_index": jax.process_index(), "process_count": jax.process_count(),
@@ -93,7 +94,8 @@ def main(argv):
   for phase in (1, 2):
     config = make_config(phase, port, pid)
     c = C.validate(config, jax.device_count())
-    dp = DataParallel("pjit", data=c.parallel.data, fsdp=c.parallel.fsdp)
+    dp = DataParallel("pjit", data=c.parallel.data, fsdp=c.parallel.fsdp,
+                      param_axes=param_axes(C.model_config(c)) if c.parallel.fsdp != 1 else None)
     rows = dp.process_row_indices(ROWS, int(c.train.grad_accum_steps))
 
     def evals(batch_size, dp=dp):

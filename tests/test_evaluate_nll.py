@@ -13,13 +13,13 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from configs.base import get_config
 from mor_jax import config as C
 from mor_jax.data.tokenizer import train_bpe
 from mor_jax.evaluate import evaluate_nll, main_eval
 from mor_jax.model.transformer import MoRLM, init_variables
 from mor_jax.train.checkpoint import Checkpointer
 from mor_jax.train.state import TrainState
+from tiny import tiny_config
 
 SEQ = 32
 
@@ -42,12 +42,8 @@ def make_workdir(root, mor_type="expert"):
   (corpus / "val.txt").write_text(words(150, 9))
   tok = train_bpe([words(2000, s) for s in range(3)], 300)
   tok.save(str(root / "tokenizer"))
-  c = get_config()
+  c = tiny_config("middle_cycle", 2, mor_type, vocab=tok.vocab_size, max_seq_len=64)
   c.name = "tiny-eval-test"
-  c.model.update(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-                 num_kv_heads=2, max_seq_len=64)
-  c.recursion.update(strategy="middle_cycle", num_recursions=2)
-  c.mor.update(enable=True, type=mor_type)
   c.data.update(corpus="local", path=str(corpus), val_files=("val.txt",), tokenizer_path=str(root / "tokenizer"),
                 seq_len=SEQ, data_dir=str(root / "prepared"))
   c.train.update(total_batch_size=8, per_device_batch_size=2)

@@ -72,6 +72,8 @@ def hf_side():
                               "(pip install torch==2.13.0 transformers==5.18.0)")
   transformers = pytest.importorskip("transformers", reason="transformers is not installed: pip install "
                                      "transformers==5.18.0")
+  pytest.importorskip("accelerate", reason="accelerate is not installed: transformers needs it to load a GGUF file "
+                      "(pip install accelerate==1.16.0)")
   threads = torch.get_num_threads()
   torch.set_num_threads(1)        # one token at a time: more threads only spin against XLA's on a small CPU
   model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, gguf_file=FILE, dtype=torch.float32)

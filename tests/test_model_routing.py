@@ -71,7 +71,7 @@ def test_training_decoder_and_engine_route_every_token_alike(kind):
   cfg, variables = model(kind)
   eng = Engine(cfg, variables, slots=2, max_len=MAX_LEN, max_new_tokens=NEW, prefill_rows=2)
   outs = eng.generate(PROMPTS, max_new_tokens=NEW, sampling=SamplingParams(temperature=0.0))
-  seen = set()
+  seen, tipped_in_ticks = set(), 0
   for prompt, out in zip(PROMPTS, outs):
     seq = prompt + out.tokens[:-1]     # every position whose logits produced a token
     train, aux = training_recursions(cfg, variables, seq)
@@ -84,9 +84,12 @@ def test_training_decoder_and_engine_route_every_token_alike(kind):
       # the bias is real: without it some depths differ, and no decision is a near-tie
       p = np.asarray(routing.token_probs(cfg, aux["router_logits"][0][0]))
       assert (np.argmax(p, -1) + 1 != train).any()
+      tipped_in_ticks += int(np.sum(np.argmax(p, -1)[len(prompt):] + 1 != train[len(prompt):]))
       top2 = np.sort(p + BIAS, -1)[:, -2:]
       assert np.min(top2[:, 1] - top2[:, 0]) > 1e-3
   assert len(seen) >= 2, seen          # routing is not trivial: tokens stop at different depths
+  if kind.startswith("token"):
+    assert tipped_in_ticks > 0          # the engine's ticks routed tokens whose depth the bias decides
 
 
 def test_decision_functions():

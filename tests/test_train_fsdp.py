@@ -13,7 +13,7 @@ from configs.base import get_config
 from mor_jax import config as C
 from mor_jax.kernels import cpu_attention, policy as policy_lib
 from mor_jax.model import fused_attention, layers
-from mor_jax.model.transformer import MoRLM, init_variables
+from mor_jax.model.transformer import MoRLM, init_variables, param_axes
 from mor_jax.train import optimizer, parallel, state as S, step as St
 from mor_jax.train.synthetic import SyntheticIterator
 
@@ -43,9 +43,9 @@ def initial():
 
 @functools.lru_cache(maxsize=None)
 def run(data, fsdp, steps=2):
-  dp = parallel.DataParallel("pjit", jax.devices()[:4], data=data, fsdp=fsdp)
-  c = C.validate(tiny(), dp.num_devices)
+  c = C.validate(tiny(), 4)
   cfg = C.model_config(c)
+  dp = parallel.DataParallel("pjit", jax.devices()[:4], data=data, fsdp=fsdp, param_axes=param_axes(cfg))
   tx, sch = optimizer.make_optimizer(c)
   abstract = S.abstract_state(cfg, tx, 0)
   st = dp.place_state(initial())
@@ -89,14 +89,23 @@ def test_fsdp_equals_data_parallelism():
     assert r["memory"]["opt_state"] < ref["memory"]["opt_state"] / n * 1.1
 
 
-def test_logical_axes_of_parameters():
-  K = jax.tree_util.DictKey
-  assert parallel.logical_axes((K("params"), K("lm_head"), K("kernel")), (32, 128)) == ("embed", "vocab")
-  assert parallel.logical_axes((K("block"), K("layers"), K("mlp"), K("up_proj"), K("kernel")), (2, 32, 64)) == \
-      ("layers", "embed", "mlp")
-  assert parallel.logical_axes((K("router_0"), K("dense"), K("kernel")), (32, 1)) == ("embed", "router")
-  assert parallel.logical_axes((K("router_bias"), K("bias")), (2,)) == (None,)
-  assert parallel.logical_axes((), ()) == ()
+def test_logical_axes_are_declared_by_the_model():
+  """The axes FSDP shards by come from the model's own declarations (nn.with_logical_partitioning), and reach
+  parameters and optimizer moments alike; leaves without declared axes are replicated."""
+  cfg = C.model_config(C.validate(tiny(), 4))
+  table = parallel.axes_table(param_axes(cfg))
+  assert table[("lm_head", "kernel")] == ("embed", "vocab")
+  assert table[("embed", "embedding")] == ("vocab", "embed")
+  assert table[("block", "layers", "mlp", "up_proj", "kernel")] == ("layers", "embed", "mlp")
+  assert table[("block", "layers", "attn", "o_proj", "kernel")] == ("layers", "heads", "embed")
+  assert table[("router_0", "dense", "kernel")] == ("embed", "router")
+  K, A = jax.tree_util.DictKey, jax.tree_util.GetAttrKey
+  mu_path = (A("opt_state"), jax.tree_util.SequenceKey(1), A("mu"), K("lm_head"), K("kernel"))
+  assert parallel.leaf_axes(mu_path, (32, VOCAB), table) == ("embed", "vocab")
+  assert parallel.leaf_axes((A("router_bias"),), (2,), table) == (None,)
+  assert parallel.leaf_axes((A("step"),), (), table) == ()
+  with pytest.raises(ValueError, match="param_axes"):
+    parallel.DataParallel("pjit", jax.devices()[:4], fsdp=2)
 
 
 def model_config(kind, impl, dtype="float32"):
@@ -168,7 +177,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(C.ConfigError, match=field.replace(".", r"\.")):
       C.validate(c, 4)
   c = tiny(attention_impl="flash")
-  with pytest.raises(C.ConfigError, match=r"model\.attention_impl"):
+  with pytest.raises(C.ConfigError, match=r"execution\.attention_impl"):   # model.attention_impl: its old name
     C.validate(c, 4)
   c = tiny()
   c.distributed.update(num_processes=2, process_id=2)

@@ -94,12 +94,8 @@ def check_flags(*, prompts_file=None, output_file=None, max_new_tokens=256, temp
 
   Returns the parsed kv capacity.
   """
-  import math  # pylint: disable=g-import-not-at-top
-  finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
-  _check_number("temperature", temperature, finite(temperature) and temperature >= 0,
-                "a finite number >= 0 (0 = greedy)")
-  _check_number("top_k", top_k, isinstance(top_k, int) and top_k >= 0, "an integer >= 0 (0 = off)")
-  _check_number("top_p", top_p, finite(top_p) and 0 < top_p <= 1, "a number in (0, 1] (1.0 = off)")
+  from mor_jax.infer.sampling import check_sampling  # pylint: disable=g-import-not-at-top
+  check_sampling(temperature, top_k, top_p, prefix="--")
   _check_number("max_new_tokens", max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1,
                 "an integer >= 1")
   _check_number("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "an integer >= 1")

@@ -30,25 +30,31 @@ from mor_jax.model.attention import attend
 PLAIN = ExecPolicy()
 
 
-def dense(features: int, cfg: ModelConfig, policy: ExecPolicy, name: str) -> nn.Dense:
-  """A bias-free nn.Dense in the policy's compute dtype (float32 parameters)."""
+def normal_init(std: float, axes: tuple):
+  """normal(0, std) weights whose logical axes (the names FSDP shards by, train/parallel.py) are `axes`."""
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def dense(features: int, cfg: ModelConfig, policy: ExecPolicy, name: str, axes: tuple) -> nn.Dense:
+  """A bias-free nn.Dense in the policy's compute dtype (float32 parameters, logical axes `axes`)."""
   dot_general = cpu_linear.linear_dot_general if policy.cpu_kernels else jax.lax.dot_general
   return nn.Dense(features, use_bias=False, dtype=policy.compute_dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(cfg.init_std), name=name, dot_general=dot_general)
+                  kernel_init=normal_init(cfg.init_std, axes), name=name, dot_general=dot_general)
 
 
 class Kernel(nn.Module):
-  """A bare [in, out] weight named like nn.Dense's ('<name>/kernel')."""
+  """A bare [in, out] weight named like nn.Dense's ('<name>/kernel'), with logical axes `axes`."""
   shape: tuple
   init_std: float
+  axes: tuple
 
   @nn.compact
   def __call__(self):
-    return self.param("kernel", nn.initializers.normal(self.init_std), self.shape, jnp.float32)
+    return self.param("kernel", normal_init(self.init_std, self.axes), self.shape, jnp.float32)
 
 
-def projections(x_BTD, widths: dict, cfg: ModelConfig, policy: ExecPolicy, norm_scale=None, split: bool = True,
-                direct_dw: bool = False):
+def projections(x_BTD, widths: dict, out_axis: str, cfg: ModelConfig, policy: ExecPolicy, norm_scale=None,
+                split: bool = True, direct_dw: bool = False):
   """Bias-free projections of the same input (nn.Dense parameters '<name>/kernel'), computed as ONE matmul.
 
   The kernels are concatenated for the call: one larger matmul forward and one
@@ -58,7 +64,8 @@ def projections(x_BTD, widths: dict, cfg: ModelConfig, policy: ExecPolicy, norm_
   Returns one output per projection, or (split=False) their concatenation.
   """
   dt = policy.compute_dtype
-  kernels = tuple(Kernel((x_BTD.shape[-1], n), cfg.init_std, name=name)().astype(dt) for name, n in widths.items())
+  kernels = tuple(Kernel((x_BTD.shape[-1], n), cfg.init_std, ("embed", out_axis), name=name)().astype(dt)
+                  for name, n in widths.items())
   x = x_BTD.astype(dt)
   if norm_scale is not None:
     y = cpu_linear.norm_linear(x, norm_scale, kernels, cfg.rms_eps, direct_dw)
@@ -79,7 +86,8 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, scale_only: bool = False):
-    scale = self.param("scale", nn.initializers.ones, (x_BTD.shape[-1],), jnp.float32)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x_BTD.shape[-1],),
+                       jnp.float32)
     if scale_only:
       return scale
     x32 = x_BTD.astype(jnp.float32)
@@ -147,7 +155,8 @@ class Attention(nn.Module):
     cfg = self.cfg
     H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     B, T, _ = x_BTD.shape
-    q, k, v = projections(x_BTD, {"q_proj": H * E, "k_proj": K * E, "v_proj": K * E}, cfg, self.policy, norm_scale)
+    q, k, v = projections(x_BTD, {"q_proj": H * E, "k_proj": K * E, "v_proj": K * E}, "heads", cfg, self.policy,
+                          norm_scale)
     q, k, v = q.reshape(B, T, H, E), k.reshape(B, T, K, E), v.reshape(B, T, K, E)
     q = apply_rope(q, cos_BTE, sin_BTE)
     k = apply_rope(k, cos_BTE, sin_BTE)
@@ -159,7 +168,7 @@ class Attention(nn.Module):
     if shared_kv is not None:
       k, v = shared_kv
     out = checkpoint_name(attend(q, k, v, mask_BTS, self.policy), "attn_out")
-    return dense(cfg.hidden_size, cfg, self.policy, "o_proj")(out.reshape(B, T, H * E)), (k, v)
+    return dense(cfg.hidden_size, cfg, self.policy, "o_proj", ("heads", "embed"))(out.reshape(B, T, H * E)), (k, v)
 
 
 class MLP(nn.Module):
@@ -173,11 +182,11 @@ class MLP(nn.Module):
     F = cfg.intermediate_size
     widths = {"gate_proj": F, "up_proj": F}
     if not policy.cpu_kernels:
-      g, u = projections(x_BTD, widths, cfg, policy, norm_scale)
-      return dense(cfg.hidden_size, cfg, policy, "down_proj")(nn.silu(g) * u)
+      g, u = projections(x_BTD, widths, "mlp", cfg, policy, norm_scale)
+      return dense(cfg.hidden_size, cfg, policy, "down_proj", ("mlp", "embed"))(nn.silu(g) * u)
     # CPU kernels: one [g, u] array into the fused SwiGLU->down VJP (same parameters as above)
-    gu = projections(x_BTD, widths, cfg, policy, norm_scale, split=False, direct_dw=True)
-    w = Kernel((F, cfg.hidden_size), cfg.init_std, name="down_proj")()
+    gu = projections(x_BTD, widths, "mlp", cfg, policy, norm_scale, split=False, direct_dw=True)
+    w = Kernel((F, cfg.hidden_size), cfg.init_std, ("mlp", "embed"), name="down_proj")()
     return cpu_linear.swiglu_down(gu, w.astype(policy.compute_dtype))
 
 

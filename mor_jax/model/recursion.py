@@ -57,6 +57,7 @@ class Block(nn.Module):
     cfg, policy = self.cfg, self.policy
     if cfg.scan_layers:
       scanned = nn.scan(layer_class(policy, True), variable_axes={"params": 0}, split_rngs={"params": True},
+                        metadata_params={nn.PARTITION_NAME: "layers"},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=self.depth,
                         unroll=min(policy.scan_unroll, self.depth))
       return scanned(cfg, self.repeats, policy, name="layers")(x_BTD, cos_BTE, sin_BTE, mask_BTS, shared_kv, cache)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mor_jax.config import ModelConfig
+from mor_jax.model.layers import normal_init
 
 
 class Router(nn.Module):
@@ -35,13 +36,13 @@ class Router(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    init = nn.initializers.normal(cfg.init_std)
+    init = lambda axes: normal_init(cfg.init_std, axes)  # noqa: E731
     x = x.astype(jnp.float32) / cfg.router_temperature
     if cfg.router_type == "linear":
-      return nn.Dense(self.out_features, use_bias=False, kernel_init=init, name="dense")(x)
-    h = nn.Dense(2 * cfg.hidden_size, use_bias=False, kernel_init=init, name="fc1")(x)
+      return nn.Dense(self.out_features, use_bias=False, kernel_init=init(("embed", "router")), name="dense")(x)
+    h = nn.Dense(2 * cfg.hidden_size, use_bias=False, kernel_init=init(("embed", "router")), name="fc1")(x)
     h = nn.gelu(h, approximate=False)
-    return nn.Dense(self.out_features, use_bias=False, kernel_init=init, name="fc2")(h)
+    return nn.Dense(self.out_features, use_bias=False, kernel_init=init(("router", None)), name="fc2")(h)
 
 
 # ----------------------------------------------------------------------------------------------- decisions

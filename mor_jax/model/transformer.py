@@ -21,7 +21,7 @@ from mor_jax.config import ModelConfig
 from mor_jax.kernels.policy import ExecPolicy
 from mor_jax.model import routing
 from mor_jax.model.losses import chunked_cross_entropy
-from mor_jax.model.layers import PLAIN, RMSNorm, causal_mask, dense, rope_angles
+from mor_jax.model.layers import PLAIN, RMSNorm, causal_mask, dense, normal_init, rope_angles
 from mor_jax.model.recursion import Block, layer_class
 
 ROUTING_MODES = ("topk", "topk_warmup", "causal")
@@ -34,7 +34,7 @@ class MoRLM(nn.Module):
 
   def setup(self):
     cfg, policy = self.cfg, self.policy
-    self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(cfg.init_std),
+    self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=normal_init(cfg.init_std, ("vocab", "embed")),
                           param_dtype=jnp.float32, dtype=policy.compute_dtype)
     if cfg.has_middle:
       self.first = layer_class(policy, False)(cfg, 1, policy)
@@ -50,7 +50,7 @@ class MoRLM(nn.Module):
           self.router_bias = self.variable("router_bias", "bias", lambda: jnp.zeros((cfg.recursions,), jnp.float32))
     self.final_norm = RMSNorm(cfg.rms_eps)
     if not cfg.tie_embeddings:
-      self.lm_head = dense(cfg.vocab_size, cfg, policy, "lm_head")
+      self.lm_head = dense(cfg.vocab_size, cfg, policy, "lm_head", ("embed", "vocab"))
 
   def _block_fn(self, x, index, pos, seg, valid, shared_kv):
     cos, sin = rope_angles(pos, self.cfg.head_dim, self.cfg.rope_theta)
@@ -130,9 +130,23 @@ def init_variables(cfg: ModelConfig, rng, seq_len: int = 8, batch: int = 1):
   Jitted: one compiled program instead of the forward pass run op by op (several times faster to build,
   even for test-sized models), and the same values as a training state initialised inside `jax.jit`.
   """
+  return nn.meta.unbox(_init_boxed(cfg, rng, seq_len, batch))
+
+
+def _init_boxed(cfg: ModelConfig, rng, seq_len: int, batch: int):
+  """`MoRLM.init` as declared: parameters boxed with their logical axes (nn.LogicallyPartitioned)."""
   tokens = jnp.zeros((batch, seq_len), jnp.int32)
   rngs = {"params": rng, "router": jax.random.fold_in(rng, 1)}
   return MoRLM(cfg).init(rngs, tokens)
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+  """The logical axes of every parameter, as declared where each is created: a tree like `params` whose leaves
+  are tuples of axis names (None: not named), e.g. ('layers', 'embed', 'heads') for a scanned q_proj kernel."""
+  boxed = jax.eval_shape(lambda: _init_boxed(cfg, jax.random.PRNGKey(0), 8, 1))["params"]
+  specs = nn.get_partition_spec(boxed)
+  return jax.tree.map(lambda s, a: tuple(s) if len(s) else (None,) * len(a.shape), specs,
+                      nn.meta.unbox(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
 def abstract_variables(cfg: ModelConfig, seq_len: int = 8):

@@ -7,8 +7,8 @@ sharded on its row axis over both axes (every device gets its own rows). The
 train state is created already placed (`jax.jit(init, out_shardings=...)`):
 replicated when `fsdp` = 1, else parameters and optimizer state are sharded
 along `fsdp` by logical-axis rules (`LOGICAL_RULES`: each parameter's axes are
-named from its module and shape, e.g. q_proj kernel = (embed, heads), and the
-`embed` axis maps to the `fsdp` mesh axis); XLA inserts the all-gathers of
+declared where the model creates it, e.g. q_proj kernel = (embed, heads), and
+the `embed` axis maps to the `fsdp` mesh axis); XLA inserts the all-gathers of
 the weights and the reduce-scatters of the gradients. The step is compiled
 ahead of time per routing mode (`AOTStep`), and its memory analysis is
 logged.
@@ -35,7 +35,6 @@ different device count, mesh or mode.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -51,23 +50,11 @@ AXIS = "data"                 # pmap axis name; first mesh axis in pjit mode
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (AXIS, FSDP_AXIS)  # the batch's row axis is split over both mesh axes
 
-# logical axis -> mesh axis (None: replicated). Parameters get logical axes from `logical_axes`.
+# logical axis -> mesh axis (None: replicated). The logical axes of each parameter are declared where it is
+# created (nn.with_logical_partitioning in mor_jax/model) and read with `mor_jax.model.transformer.param_axes`.
 LOGICAL_RULES = (
     ("embed", FSDP_AXIS),
     ("vocab", None), ("heads", None), ("mlp", None), ("layers", None), ("norm", None), ("router", None),
-)
-
-# (module name pattern, parameter name) -> logical axes of the unstacked parameter
-_PARAM_AXES = (
-    (r"embed", "embedding", ("vocab", "embed")),
-    (r"lm_head", "kernel", ("embed", "vocab")),
-    (r"[qkv]_proj", "kernel", ("embed", "heads")),
-    (r"o_proj", "kernel", ("heads", "embed")),
-    (r"(gate|up)_proj", "kernel", ("embed", "mlp")),
-    (r"down_proj", "kernel", ("mlp", "embed")),
-    (r"dense|fc1", "kernel", ("embed", "router")),
-    (r"fc2", "kernel", ("router", None)),
-    (r".*norm.*", "scale", ("norm",)),
 )
 
 
@@ -81,30 +68,32 @@ def _names(path) -> tuple[str, ...]:
   return tuple(out)
 
 
-def logical_axes(path, shape) -> tuple[str | None, ...]:
-  """Logical axis names of a parameter-shaped leaf from its key path (params and optimizer moments alike).
+def axes_table(param_axes) -> dict[tuple[str, ...], tuple]:
+  """{parameter path (names): logical axes} from a `param_axes` tree (leaves: tuples of axis names)."""
+  flat = jax.tree_util.tree_flatten_with_path(param_axes, is_leaf=lambda x: isinstance(x, tuple))[0]
+  return {_names(path): axes for path, axes in flat}
 
-  A leading extra axis (nn.scan's stacked layers) is named 'layers'; leaves that
-  match no rule (step, rng, counters, router bias) get no names (replicated).
-  """
+
+def leaf_axes(path, shape, table: dict) -> tuple[str | None, ...]:
+  """Logical axes of a state leaf: a parameter or an optimizer moment of one (its path ends with the parameter's
+  path); other leaves (step, rng, counters, router bias) get none (replicated)."""
   names = _names(path)
-  if len(names) < 2 or not shape:
-    return (None,) * len(shape)
-  module, param = names[-2], names[-1]
-  for pattern, pname, axes in _PARAM_AXES:
-    if param == pname and re.fullmatch(pattern, module):
-      if len(shape) == len(axes):
-        return axes
-      if len(shape) == len(axes) + 1:
-        return ("layers",) + axes
+  for k in range(len(names)):
+    axes = table.get(names[k:])
+    if axes is not None and len(axes) == len(shape):
+      return axes
   return (None,) * len(shape)
 
 
 def DataParallel(mode: str = "pjit", devices: Sequence[jax.Device] | None = None, *, data: int = -1,  # noqa: N802
-                 fsdp: int = 1, rules: Sequence[tuple[str, str | None]] = LOGICAL_RULES) -> "Parallel":
-  """Placement and compilation for `mode` ('pjit': mesh `data` x `fsdp`; 'pmap': replicated) over `devices`."""
+                 fsdp: int = 1, param_axes=None, rules: Sequence[tuple[str, str | None]] = LOGICAL_RULES) -> "Parallel":
+  """Placement and compilation for `mode` ('pjit': mesh `data` x `fsdp`; 'pmap': replicated) over `devices`.
+
+  `param_axes` (`mor_jax.model.transformer.param_axes(cfg)`) names each parameter's logical axes; FSDP
+  (`fsdp` > 1) shards parameters and optimizer moments by them.
+  """
   if mode == "pjit":
-    return PjitParallel(devices, data=data, fsdp=fsdp, rules=rules)
+    return PjitParallel(devices, data=data, fsdp=fsdp, param_axes=param_axes, rules=rules)
   if mode == "pmap":
     if int(fsdp) != 1:
       raise ValueError("config.parallel.fsdp: FSDP needs parallel.mode 'pjit'.")
@@ -200,13 +189,17 @@ class PjitParallel(Parallel):
 
   mode = "pjit"
 
-  def __init__(self, devices=None, *, data: int = -1, fsdp: int = 1, rules=LOGICAL_RULES):
+  def __init__(self, devices=None, *, data: int = -1, fsdp: int = 1, param_axes=None, rules=LOGICAL_RULES):
     devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
     data_size, fsdp_size = resolve_mesh_shape(len(devices), data, fsdp)
     super().__init__(devices, Mesh(np.array(devices).reshape(data_size, fsdp_size), BATCH_AXES),
                      data_size, fsdp_size)
     self.batch_axes: Any = BATCH_AXES
     self.rules = tuple(rules)
+    if self.fsdp and param_axes is None:
+      raise ValueError("FSDP (config.parallel.fsdp > 1) needs the model's parameter axes: pass "
+                       "param_axes=mor_jax.model.transformer.param_axes(cfg).")
+    self.axes = axes_table(param_axes) if param_axes is not None else {}
 
   def _spec(self, path, shape) -> P:
     """PartitionSpec of one state leaf: logical axes -> mesh axes, dimensions that do not divide replicated."""
@@ -214,7 +207,7 @@ class PjitParallel(Parallel):
       return P()
     rules = dict(self.rules)
     axes = []
-    for name, dim in zip(logical_axes(path, shape), shape):
+    for name, dim in zip(leaf_axes(path, shape, self.axes), shape):
       mesh_axis = rules.get(name) if name is not None else None
       if mesh_axis is not None and (mesh_axis in axes or dim % self.mesh.shape[mesh_axis]):
         mesh_axis = None      # a mesh axis shards one dimension at most; sizes must divide

@@ -26,10 +26,15 @@ def select_devices(config) -> DataParallel:
   if n and jax.process_count() > 1:
     raise config_lib.ConfigError(f"config.parallel.num_devices: {n} with {jax.process_count()} processes; "
                                  "multi-process runs use every device of every process (set it to 0).")
+  devices = available[:n] if n else available
+  fsdp = int(par.get("fsdp", 1)) if mode == "pjit" else 1
+  axes = None
   if mode == "pjit":
-    config_lib.resolve_mesh_shape(n or len(available), par.get("data", -1), par.get("fsdp", 1))
-  return DataParallel(mode, available[:n] if n else available, data=int(par.get("data", -1)),
-                      fsdp=int(par.get("fsdp", 1)) if mode == "pjit" else 1)
+    _, fsdp_size = config_lib.resolve_mesh_shape(len(devices), par.get("data", -1), fsdp)
+    if fsdp_size > 1:          # FSDP shards by the logical axes the model declares for each parameter
+      from mor_jax.model.transformer import param_axes  # pylint: disable=g-import-not-at-top
+      axes = param_axes(config_lib.model_config(config_lib.validate(config, num_devices=len(devices))))
+  return DataParallel(mode, devices, data=int(par.get("data", -1)), fsdp=fsdp, param_axes=axes)
 
 
 def data_iterators(config, train_iterator, eval_iterator_fn) -> tuple[object, Callable[[int], Iterable[dict]]]:

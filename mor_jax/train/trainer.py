@@ -17,7 +17,8 @@ and the report are written) and 'paused' (train.max_steps_per_run reached): run 
 the report is written, then the error raised), 'aborted' (any other exception, re-raised). Errors before
 the first step (lock held, checkpoint mismatch or unreadable, bad config) raise and write nothing.
 
-Hooks (`Hook` subclasses) see each fetched step's metrics, each validation loss, each save and the report.
+Hooks (`Hook` subclasses) see each fetched step's metrics, each validation loss, each save, an early stop
+(signal, pause, end of data) and the report.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class Hook:
 
   def on_save(self, trainer: "Trainer", step: int) -> None:
     """A checkpoint of `step` was started."""
+
+  def on_stop(self, trainer: "Trainer", status: str, message: str) -> None:
+    """The loop stops early: a signal ('interrupted'), train.max_steps_per_run ('paused'), no more data."""
 
   def on_end(self, trainer: "Trainer", report: dict) -> None:
     """The run ended (any status); `report` is what was written."""
@@ -228,13 +232,15 @@ class Trainer:
     pending = None                           # (step, device metrics) not yet fetched
     while self.step < self.num_steps:
       stop = self._stop_reason(guard)
-      if stop:
+      if stop is None:
+        try:
+          device_batch, self.data_state = next(self.feed)   # the iterator's state right after this batch
+        except StopIteration:
+          stop = "stopped", f"the training data ran out at step {self.step}"
+      if stop is not None:
         status, message = stop
-        break
-      try:
-        device_batch, self.data_state = next(self.feed)   # the iterator's state right after this batch
-      except StopIteration:
-        status, message = "stopped", f"the training data ran out at step {self.step}"
+        for h in self.hooks:
+          h.on_stop(self, status, message)
         break
       pending = self.train_step(device_batch, pending, guard)
     if pending is not None:
