@@ -128,7 +128,10 @@ def main(argv):
     if not FLAGS.workdir:
       raise app.UsageError("--workdir is required for --mode=eval.")
     from mor_jax.evaluate import main_eval
-    main_eval(config, FLAGS.workdir, step=FLAGS.step, threshold=FLAGS.threshold, batches=FLAGS.eval_batches)
+    try:
+      main_eval(config, FLAGS.workdir, step=FLAGS.step, threshold=FLAGS.threshold, batches=FLAGS.eval_batches)
+    except ValueError as e:      # InferenceError, ConfigError: the message names the flag or field and the fix
+      sys.exit(f"error: {e}")
   elif FLAGS.mode == "import":
     if not FLAGS.import_from or not FLAGS.workdir:
       raise app.UsageError("--mode=import needs --import_from=DIR (the checkpoint) and --workdir=OUT (to write).")

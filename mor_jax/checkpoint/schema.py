@@ -31,7 +31,8 @@ EXECUTION_FIELDS = frozenset({"remat_policy", "scan_unroll", "batch_groups", "lo
                               "fused_norm", "fused_norms", "dtype"})
 # fields that only shape training (or a default an inference command overrides): not compared for inference
 TRAINING_ONLY_FIELDS = frozenset({"init_std", "aux_coeff", "z_coeff", "z_loss", "bal_coeff", "bal_update_rate",
-                                  "bal_warmup_steps", "cap_warmup_steps", "sampling", "max_seq_len", "threshold"})
+                                  "bal_warmup_steps", "cap_warmup_steps", "expert_router_loss", "max_seq_len",
+                                  "threshold"})
 
 
 def _jsonable(value):
