@@ -50,14 +50,19 @@ FLAGS = flags.FLAGS
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops Orbax's and TFDS's routine INFO lines (each save, each dataset open); warnings still show, without
-  Orbax's tracebacks (a failed save is reported in one line by mor_jax.checkpoint)."""
+  """Drops Orbax's, TFDS's and matplotlib's routine INFO lines (each save, each dataset open, "generated new
+  fontManager") and JAX's INFO note about each backend it probes and does not find ("Unable to initialize
+  backend 'tpu': ... libtpu.so" on every machine without a TPU); warnings still show, without Orbax's tracebacks
+  (a failed save is reported in one line by mor_jax.checkpoint). With --verbosity=1 (debug) everything shows."""
 
   def filter(self, record):
-    library = any(name in record.pathname for name in ("orbax", "tensorflow_datasets"))
+    library = any(name in record.pathname for name in ("orbax", "tensorflow_datasets", "matplotlib"))
     if library and record.exc_info:
       record.exc_info, record.exc_text = None, None
-    return record.levelno >= pylogging.WARNING or not library
+    if record.levelno >= pylogging.WARNING or logging.get_verbosity() >= logging.DEBUG:
+      return True
+    probe = "xla_bridge" in record.pathname and str(record.msg).startswith("Unable to initialize backend")
+    return not (library or probe)
 
 
 def run_training(config, workdir: str) -> int:
@@ -113,7 +118,11 @@ def main(argv):
     print(accounting.summary(config))
   elif FLAGS.mode == "prepare":
     from mor_jax import data
-    print(data.prepare(config))
+    prepared = data.prepare(config)
+    print(prepared)
+    if FLAGS.workdir:            # the workdir carries its model's tokenizer (WORKDIR/tokenizer/)
+      from mor_jax.checkpoint import params as ckpt_params
+      ckpt_params.store_tokenizer(FLAGS.workdir, prepared.tokenizer_path)
   elif FLAGS.mode == "train":
     if not FLAGS.workdir:
       raise app.UsageError("--workdir is required for --mode=train.")
@@ -129,7 +138,8 @@ def main(argv):
       raise app.UsageError("--workdir is required for --mode=eval.")
     from mor_jax.evaluate import main_eval
     try:
-      main_eval(config, FLAGS.workdir, step=FLAGS.step, threshold=FLAGS.threshold, batches=FLAGS.eval_batches)
+      main_eval(config, FLAGS.workdir, step=FLAGS.step, threshold=FLAGS.threshold, batches=FLAGS.eval_batches,
+                tokenizer=FLAGS.tokenizer)
     except ValueError as e:      # InferenceError, ConfigError: the message names the flag or field and the fix
       sys.exit(f"error: {e}")
   elif FLAGS.mode == "import":

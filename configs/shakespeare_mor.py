@@ -18,7 +18,7 @@ from mor_jax.config import defaults
 def get_config(arg: str | None = None):
   del arg
   c = defaults()
-  c.name = "shakespeare-mor-expert-r2"
+  c.name = "shakespeare-{model}"   # follows the model: shakespeare-mor-expert-r2, -vanilla, -middle_cycle-r2
   c.model.update(vocab_size=2048, hidden_size=192, intermediate_size=512, num_layers=6, num_heads=6,
                  num_kv_heads=2, max_seq_len=512, tie_embeddings=False)
   c.execution.dtype = "float32"

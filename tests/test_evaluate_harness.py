@@ -18,7 +18,8 @@ from mor_jax.evaluate import harness  # noqa: E402  (registers "mor_jax")
 from mor_jax.model.transformer import MoRLM  # noqa: E402
 from tests.test_evaluate_nll import make_workdir  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "lm_eval_tasks")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data", "lm_eval_tasks")
 
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
@@ -99,13 +100,11 @@ def test_rolling_loglikelihood(wd, lm):
 
 
 @pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-  task_dir = tmp_path_factory.mktemp("tasks")
-  shutil.copy(os.path.join(DATA, "tiny_mc.jsonl"), task_dir / "tiny_mc.jsonl")
-  yaml = open(os.path.join(DATA, "tiny_mc.yaml")).read().replace("test: tiny_mc.jsonl",
-                                                                  f"test: {task_dir / 'tiny_mc.jsonl'}")
-  (task_dir / "tiny_mc.yaml").write_text(yaml)
-  return task_dir
+def task_dir():
+  """The shipped task, as it is: its data_files path is relative to the repository root (the tests that run it
+  work there, as the documented command does)."""
+  import pathlib
+  return pathlib.Path(DATA)
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +125,9 @@ def _direct_mc_accuracy(wd, lm, task_dir):
   return hits / len(docs)
 
 
-def test_local_multiple_choice_task_through_simple_evaluate(wd, task_dir, direct_mc_accuracy):
+def test_local_multiple_choice_task_through_simple_evaluate(wd, task_dir, direct_mc_accuracy, monkeypatch):
   from lm_eval.tasks import TaskManager
+  monkeypatch.chdir(ROOT)
   tm = TaskManager(include_path=str(task_dir), include_defaults=False)   # skip indexing ~10k stock tasks
   res = lm_eval.simple_evaluate(model="mor_jax", model_args={"workdir": wd["dir"], "batch_size": 4},
                                 tasks=["mor_tiny_mc"], num_fewshot=0, task_manager=tm, bootstrap_iters=0,
@@ -143,7 +143,9 @@ def _pth_installed():
 
 
 def test_lm_eval_cli_knows_mor_jax(wd, task_dir, direct_mc_accuracy, tmp_path):
-  """`lm_eval run --model mor_jax ...` in a fresh interpreter: the installed .pth hook registers the model.
+  """`lm_eval run --model mor_jax ...` in a fresh interpreter, from the repository root with the shipped task dir
+  given as docs/inference.md writes it (`--include_path tests/data/lm_eval_tasks`): the installed .pth hook
+  registers the model and the task's data file is found.
 
   Without an installed package (a plain checkout), the same hook is installed by hand first; a non-editable
   `pip install .` (what .ci/run does) ships the .pth, and then the real `lm_eval` executable is used.
@@ -151,7 +153,7 @@ def test_lm_eval_cli_knows_mor_jax(wd, task_dir, direct_mc_accuracy, tmp_path):
   import subprocess
   import sys
   args = ["run", "--model", "mor_jax", "--model_args", f"workdir={wd['dir']}", "--batch_size", "4", "--tasks",
-          "mor_tiny_mc", "--include_path", str(task_dir), "--output_path", str(tmp_path / "out")]
+          "mor_tiny_mc", "--include_path", "tests/data/lm_eval_tasks", "--output_path", str(tmp_path / "out")]
   exe = shutil.which("lm_eval", path=os.path.dirname(sys.executable))
   if _pth_installed() and exe:
     cmd = [exe] + args
@@ -161,7 +163,7 @@ def test_lm_eval_cli_knows_mor_jax(wd, task_dir, direct_mc_accuracy, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", HF_DATASETS_OFFLINE="1",
              PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                          os.environ.get("PYTHONPATH", "")]))
-  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   results = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "out") for f in fs if f.startswith("results")]
   assert results, out.stdout[-2000:]

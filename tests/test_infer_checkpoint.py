@@ -134,7 +134,7 @@ def test_tokenizer_checks(workdir, tmp_path):
   with pytest.raises(InferenceError, match="tokenizer/vocabulary mismatch"):
     load_tokenizer(c, r.cfg)
   c.data.tokenizer_path = str(tmp_path / "nothing")
-  with pytest.raises(InferenceError, match="not at"):
+  with pytest.raises(InferenceError, match="has no tokenizer.*--tokenizer=PATH"):
     load_tokenizer(c, r.cfg)
 
 

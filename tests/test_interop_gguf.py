@@ -136,7 +136,7 @@ def test_bad_input_is_reported(tmp_path):
   with pytest.raises(importer.InteropError, match="config.model.num_layers = 2 but"):
     gguf_import.load_gguf(os.path.join(MODEL_DIR, FILE), c)
   tok, notes = gguf_import.build_tokenizer({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]}, "x")
-  assert tok is None and "tokenizer_path" in notes[0]
+  assert tok is None and "--tokenizer=PATH" in notes[0]
 
 
 def test_logits_match_transformers(imported, hf_side):

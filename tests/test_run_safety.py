@@ -4,6 +4,7 @@ kill -9 at random moments, and a validation set independent of the device count.
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -137,10 +138,33 @@ def test_architecture_change_is_refused_unless_allowed(copy):
   assert "model.rope_theta: checkpoint 10000.0 vs config 5000.0" in str(e.value)
   assert "--config.train.allow_changes=model.rope_theta" in str(e.value)
   assert snapshot(copy) == before
-  rep = train(copy, config=_with(tiny(num_steps=8, allow_changes=("model.rope_theta",)), model__rope_theta=5000.0))
+  rep = train(copy, config=_with(tiny(num_steps=8, allow_changes=("model.rope_theta", "train.num_steps")),
+                                 model__rope_theta=5000.0))
   assert rep["status"] == "completed" and rep["resumed_from_step"] == 6 and rep["steps_completed"] == 8
   rep = train(copy, config=_with(tiny(num_steps=8), model__rope_theta=5000.0))   # now the checkpoint's value
   assert "already complete" in rep["message"]
+
+
+def test_extending_a_run_is_refused_unless_allowed_and_the_changes_are_logged(copy, caplog):
+  """A raised train.num_steps restarts the schedule's shape: refused with the list of changes and the fix;
+  accepted with train.allow_changes, and every changed field is logged as 'key: old -> new'."""
+  caplog.set_level(logging.INFO)
+  before = snapshot(copy)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+    train(copy, config=tiny(num_steps=8, learning_rate=2e-2))
+  msg = str(e.value)
+  assert "train.num_steps: checkpoint 6 vs config 8" in msg and "train.learning_rate" in msg
+  assert "--config.train.allow_changes=train.learning_rate,train.num_steps" in msg and "wsd" in msg
+  assert "different model" not in msg and snapshot(copy) == before
+  logged = [r.getMessage() for r in caplog.records if "differs from the checkpoint" in r.getMessage()]
+  assert any(line.endswith("train.num_steps: 6 -> 8") for line in logged), logged
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="train.learning_rate"):   # each one must be allowed
+    train(copy, config=tiny(num_steps=8, learning_rate=2e-2, allow_changes=("train.num_steps",)))
+  caplog.clear()
+  rep = train(copy, config=tiny(num_steps=8, log_every_steps=2, allow_changes=("train.num_steps",)))
+  assert rep["status"] == "completed" and rep["resumed_from_step"] == 6 and rep["steps_completed"] == 8
+  logged = [r.getMessage() for r in caplog.records if "differs from the checkpoint" in r.getMessage()]
+  assert sorted(l.split(": ", 1)[1] for l in logged) == ["train.log_every_steps: 1 -> 2", "train.num_steps: 6 -> 8"]
 
 
 def _with(c, **overrides):
@@ -317,6 +341,9 @@ def test_exit_codes_of_main(tmp_path):
   assert p.returncode == 0 and "completed: step 4/4" in p.stdout, p.stderr[-2000:]
   p = main_py(f"--config={cfg}", f"--workdir={wd}", "--config.model.hidden_size=64")
   assert p.returncode == 1 and "model.hidden_size: checkpoint 32 vs config 64" in p.stderr
+  p = main_py(f"--config={cfg}", f"--workdir={wd}", "--config.train.num_steps=6")      # extending: refused
+  assert p.returncode == 1 and "train.num_steps: checkpoint 4 vs config 6" in p.stderr, p.stderr[-2000:]
+  assert "--config.train.allow_changes=train.num_steps" in p.stderr and "train.num_steps: 4 -> 6" in p.stderr
   p = main_py(f"--config={cfg}", f"--workdir={wd}")
   assert p.returncode == 0 and [r["step"] for r in read_metrics(wd)] == [1, 2, 3, 4]
 

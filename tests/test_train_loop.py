@@ -214,3 +214,29 @@ def test_rerun_of_a_finished_run_trains_nothing(reference, tmp_path):
   assert rep["steps_this_run"] == 0 and rep["resumed_from_step"] == 6 and "already complete" in rep["message"]
   assert losses(wd) == losses(reference[0])
   assert open(os.path.join(wd, "report.json")).read() == before      # the finished run's report is kept
+
+
+def test_names_and_logged_fields_follow_the_model(reference, tmp_path, caplog):
+  """A recursive model without routers: its run name says so ('{model}' in config.name), its compile line names
+  no routing mode and its metrics have no router loss; the MoR reference run keeps all three."""
+  import logging
+  caplog.set_level(logging.INFO)
+  c = tiny(num_steps=2, eval_every_steps=0, save_every_steps=0)
+  c.name = "tiny-{model}"
+  c.mor.enable = False
+  rep = train(tmp_path / "plain", config=c)
+  assert rep["status"] == "completed" and rep["name"] == "tiny-cycle-r2"
+  compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled train_step")]
+  assert compiled and all(m.startswith("compiled train_step in ") for m in compiled), compiled
+  records = read_metrics(str(tmp_path / "plain"))
+  assert [r["step"] for r in records] == [1, 2] and not any("aux_loss" in r for r in records)
+  assert all(r["total_loss"] == r["loss"] for r in records)
+  assert all("aux_loss" in r for r in read_metrics(reference[0]))            # MoR: the router loss is there
+  assert C.describe_model(C.validate(tiny(), 1)) == "mor-expert-r2"
+  assert C.describe_model(C.validate(tiny_config("middle_cycle", 2), 1)) == "middle_cycle-r2"
+  assert C.run_name(C.validate(_named(tiny_config(), "shakespeare-{model}"), 1)) == "shakespeare-vanilla"
+
+
+def _named(c, name):
+  c.name = name
+  return c

@@ -108,3 +108,45 @@ def restore_params(path: str, *, step: int | None = None, config: ml_collections
                                  f"{', '.join(bad[:4])}", os.path.join(step_dir, STATE_ITEM))
   return ParamsRestore(config=config, cfg=cfg, variables=variables, step=int(os.path.basename(step_dir)),
                        directory=step_dir, meta=meta)
+
+
+# ------------------------------------------------------------------ the workdir's tokenizer
+TOKENIZER_SUBDIR = "tokenizer"       # WORKDIR/tokenizer/: the model's tokenizer (the GGUF import's layout too)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "mor_tokenizer.json")
+
+
+def store_tokenizer(workdir: str, source: str | None = None, *, config: ml_collections.ConfigDict | None = None,
+                    write: bool = True) -> dict:
+  """Copies the tokenizer at `source` (a tokenizer.json or a folder with one; default: the one `config`'s data
+  uses) into WORKDIR/tokenizer/ and returns meta's tokenizer record (`schema.tokenizer_record`).
+
+  Nothing is copied when the source has no tokenizer.json or is that folder already; the record then describes
+  what WORKDIR/tokenizer/ holds ({} if nothing). `write=False` (other processes) only reads.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  dst = os.path.join(workdir, TOKENIZER_SUBDIR)
+  if source is None and config is not None and "data" in config:
+    from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    try:
+      source = data_lib.tokenizer_path_for(config)
+    except Exception:  # pylint: disable=broad-except (no corpus / data dir: nothing to copy)
+      source = None
+  if source:
+    source = os.path.abspath(os.path.expanduser(source))
+    folder = source if os.path.isdir(source) else os.path.dirname(source)
+    file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else source
+    if write and os.path.isfile(file) and folder != dst:
+      os.makedirs(dst, exist_ok=True)
+      shutil.copyfile(file, os.path.join(dst, "tokenizer.json"))
+      for name in TOKENIZER_FILES[1:]:
+        if os.path.isfile(os.path.join(folder, name)):
+          shutil.copyfile(os.path.join(folder, name), os.path.join(dst, name))
+  return schema.tokenizer_record(dst, workdir)
+
+
+def workdir_tokenizer(step_dir: str) -> str | None:
+  """WORKDIR/tokenizer/ of the workdir that holds `step_dir` (WORKDIR/checkpoints/<step>), if it has one."""
+  workdir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+  folder = os.path.join(workdir, TOKENIZER_SUBDIR)
+  return folder if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None

@@ -11,7 +11,9 @@ Version 1 (older checkpoints) has `model_config` (with execution settings) inste
 no signature: both still restore; keys the current config no longer has are ignored.
 
 A mismatch is not a corruption: `check_compatible` raises CheckpointMismatchError listing the fields that
-differ. Architecture fields may be accepted with `train.allow_changes`; the state-tree signature must match.
+differ. Architecture fields and the fields that alter the optimisation trajectory (TRAJECTORY_KEYS: the
+schedule, its length, the batch, the optimizer, the seeds) may be accepted with `train.allow_changes`; the
+state-tree signature must match. `config_changes` lists every field of the config that differs (for the log).
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ EXECUTION_FIELDS = frozenset({"remat_policy", "scan_unroll", "batch_groups", "lo
 TRAINING_ONLY_FIELDS = frozenset({"init_std", "aux_coeff", "z_coeff", "z_loss", "bal_coeff", "bal_update_rate",
                                   "bal_warmup_steps", "cap_warmup_steps", "expert_router_loss", "max_seq_len",
                                   "threshold"})
+# config keys that change the optimisation trajectory of a resumed run (refused unless in train.allow_changes)
+TRAJECTORY_KEYS = ("train.num_steps", "train.total_batch_size", "train.learning_rate", "train.schedule",
+                   "train.warmup_steps", "train.min_lr_ratio", "train.decay_fraction", "train.beta1", "train.beta2",
+                   "train.eps", "train.weight_decay", "train.grad_clip", "train.seed", "data.seq_len",
+                   "data.shuffle_seed", "data.corpus", "data.path", "data.add_bos", "data.document_mask")
+# config keys never reported as changes (they say how to resume, not what the run is)
+_UNREPORTED_KEYS = frozenset({"train.allow_changes"})
 
 
 def _jsonable(value):
@@ -97,6 +106,32 @@ def architecture_diff(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
   return {k: (saved[k], current[k]) for k in sorted(current) if k in saved and _norm(saved[k]) != _norm(current[k])}
 
 
+def _flatten(tree, prefix: str = "") -> dict:
+  out = {}
+  for k, v in (tree or {}).items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(meta: dict, config) -> dict[str, tuple[Any, Any]]:
+  """{config key: (checkpoint value, config value)} for every field the checkpoint's config records that the
+  current config sets to another value (empty for metas without a config)."""
+  if not meta.get("config"):
+    return {}
+  saved = _flatten(meta["config"])
+  current = _flatten(json.loads(config.to_json_best_effort()))
+  return {k: (saved[k], current[k]) for k in sorted(current)
+          if k in saved and k not in _UNREPORTED_KEYS and _norm(saved[k]) != _norm(current[k])}
+
+
+def change_lines(changes: dict[str, tuple[Any, Any]]) -> list[str]:
+  """One 'key: old -> new' line per changed field."""
+  return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()]
+
+
 def _norm(v):
   if isinstance(v, (tuple, list)):
     return [_norm(x) for x in v]
@@ -131,6 +166,8 @@ def check_compatible(meta: dict, config, abstract_tree, *, where: str, allow: It
   diff = architecture_diff(saved_architecture(meta), architecture(config))
   if command != "train":
     diff = {k: v for k, v in diff.items() if k not in TRAINING_ONLY_FIELDS}
+  else:
+    diff.update({k: v for k, v in config_changes(meta, config).items() if k in TRAJECTORY_KEYS})
   allow = set(allow)
   refused = {k: v for k, v in diff.items() if k not in allow and config_key(k) not in allow}
   sig_lines = []
@@ -139,7 +176,10 @@ def check_compatible(meta: dict, config, abstract_tree, *, where: str, allow: It
   if not refused and not sig_lines:
     return sorted(diff)
   parts = [f"{config_key(k)}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in refused.items()]
-  msg = f"the checkpoints in {where} were written for a different model than the config describes"
+  trajectory = [k for k in refused if k in TRAJECTORY_KEYS]
+  msg = (f"the checkpoints in {where} were written for a different model than the config describes"
+         if len(trajectory) < len(refused) or sig_lines else
+         f"the config changes how the run in {where} trains (its optimisation trajectory)")
   msg += (" (" + "; ".join(parts) + ")") if parts else ""
   if sig_lines:
     shown = sig_lines[:8] + ([f"... {len(sig_lines) - 8} more"] if len(sig_lines) > 8 else [])
@@ -150,7 +190,30 @@ def check_compatible(meta: dict, config, abstract_tree, *, where: str, allow: It
               "that wrote these checkpoints. Nothing was changed in the workdir.")
     else:
       msg += (". Use a new --workdir for this config, or, if these changes are safe for this run, pass "
-              f"--config.train.allow_changes={','.join(config_key(k) for k in refused)}. Nothing was changed in the workdir.")
+              f"--config.train.allow_changes={','.join(config_key(k) for k in refused)}")
+      if trajectory:
+        msg += (" (to extend a run, train with train.schedule='wsd', whose stable phase a larger train.num_steps "
+                "lengthens; see 'Extending or changing a run' in docs/run-safety.md)")
+      msg += ". Nothing was changed in the workdir."
   else:
     msg += ". Leave --config out to use the checkpoint's own config, or pass the config it was trained with."
   raise CheckpointMismatchError(msg)
+
+
+def tokenizer_record(directory: str, relative_to: str) -> dict:
+  """meta's `tokenizer` key for the tokenizer stored in `directory` (WORKDIR/tokenizer/): {'tokenizer': {path
+  (relative to the workdir), vocab_size, sha256 of tokenizer.json}}; {} when it holds no tokenizer.json."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  file = os.path.join(directory, "tokenizer.json")
+  if not os.path.isfile(file):
+    return {}
+  with open(file, "rb") as f:
+    blob = f.read()
+  try:
+    from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+    vocab = int(Tokenizer.from_str(blob.decode("utf-8")).get_vocab_size(with_added_tokens=True))
+  except Exception:  # pylint: disable=broad-except (an unreadable tokenizer is recorded without its size)
+    vocab = None
+  return {"tokenizer": {"path": os.path.relpath(directory, relative_to), "vocab_size": vocab,
+                        "sha256": hashlib.sha256(blob).hexdigest()}}

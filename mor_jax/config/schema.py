@@ -50,7 +50,7 @@ def _section(name: str, *fields):
 POS, NONNEG, UNIT, OPEN_UNIT = "(0, inf)", "[0, inf)", "[0, 1]", "(0, 1]"
 
 FIELDS = (
-    Field("name", "base", "run name (logs, summaries)"),
+    Field("name", "base", "run name (logs, summaries); '{model}' stands for the model, e.g. mor-expert-r2"),
     *_section(
         "model",
         ("vocab_size", 49152, "vocabulary size", True, "[1, inf)"),

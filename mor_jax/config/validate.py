@@ -15,7 +15,7 @@ import math
 from absl import logging
 import ml_collections
 
-from mor_jax.config import schema
+from mor_jax.config import naming, schema
 from mor_jax.config.upgrade import upgrade
 
 
@@ -45,6 +45,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if c.data.seq_len > c.model.max_seq_len:
     _fail("data.seq_len", f"{c.data.seq_len} exceeds model.max_seq_len {c.model.max_seq_len}.")
   _check_train(c, num_devices)
+  c.name = naming.run_name(c)
   return c
 
 

@@ -73,13 +73,21 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   tfds 4.9.10's `code_path` needs the `importlib_resources` backport for any
   builder defined inside a package (it only declares it for Python < 3.9); our
   builders have no checksums or metadata files next to their code, so the
-  path is not needed.
+  path is not needed. Its "Downloading and preparing dataset Unknown size"
+  and "... downloaded and prepared" prints (stdout) do not fit an offline
+  build from local files: `build_corpus` logs what it builds instead.
   """
 
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls):  # pylint: disable=invalid-overridden-method
     return None
+
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    logging.info("built dataset %s in %s", self.info.full_name, self.data_dir)
 
 
 @dataclasses.dataclass(eq=False)

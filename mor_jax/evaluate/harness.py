@@ -64,7 +64,8 @@ class MoRJaxLM(LM):
       from mor_jax.infer import load_tokenizer, restore  # pylint: disable=g-import-not-at-top
       r = restore(str(workdir), step=None if step in (None, "") else int(step))
       cfg, variables, restored_step = r.cfg, r.variables, r.step
-      tokenizer = tokenizer or load_tokenizer(r.config, r.cfg)
+      if tokenizer is None or isinstance(tokenizer, str):    # model_args tokenizer=PATH overrides the workdir's
+        tokenizer = load_tokenizer(r.config, r.cfg, directory=r.directory, override=tokenizer or None)
     if cfg is None or variables is None or tokenizer is None:
       raise ValueError("MoRJaxLM needs workdir=... (or cfg, variables and tokenizer).")
     if routing not in ("causal", "topk"):

@@ -164,12 +164,13 @@ def format_table(result: dict) -> str:
 
 
 def main_eval(config, workdir: str, *, step: int | None = None, threshold: float | None = None,
-              batches: int | None = None, progress: bool = True, devices=None) -> dict:
+              batches: int | None = None, progress: bool = True, devices=None, tokenizer: str | None = None) -> dict:
   """The eval command: restores a checkpoint of `workdir` (from any device count), scores the configured
   validation split (all of it, or `batches` batches of per_device_batch_size x devices rows) in both routing
   modes, prints a table and writes WORKDIR/eval_results_step<N>.json. Returns the result dict.
 
   `config` may be None (the checkpoint's own config is used); otherwise it must describe the same model.
+  The text is tokenized with `tokenizer` (--tokenizer), else the workdir's tokenizer/, else the config's.
   """
   from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from mor_jax.infer import restore  # pylint: disable=g-import-not-at-top
@@ -178,7 +179,7 @@ def main_eval(config, workdir: str, *, step: int | None = None, threshold: float
   devices = list(devices or jax.local_devices())
   mesh = Mesh(np.array(devices), ("data",))
   r = restore(workdir, step=step, config=config, sharding=NamedSharding(mesh, PartitionSpec()))
-  cfg, cfgd = r.cfg, r.config
+  cfg, cfgd = r.cfg, _with_tokenizer(r, tokenizer)
   per_device = int(cfgd.train.get("per_device_batch_size", 1)) if "train" in cfgd else 1
   rows = max(1, per_device) * len(devices)
   rows += (-rows) % max(1, jax.process_count())
@@ -204,6 +205,18 @@ def main_eval(config, workdir: str, *, step: int | None = None, threshold: float
     print(format_table(result))
     print(f"results: {path}")
   return result
+
+
+def _with_tokenizer(r, override: str | None):
+  """The restored config with data.tokenizer_path set to the model's tokenizer (vocabulary-checked), if found."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
+  cfgd = ml_collections.ConfigDict(r.config.to_dict())
+  path = infer_ckpt.tokenizer_source(cfgd, directory=r.directory, override=override)
+  if path is not None:
+    infer_ckpt.load_tokenizer(cfgd, r.cfg, directory=r.directory, override=override)
+    cfgd.data.tokenizer_path = path
+  return cfgd
 
 
 def token_logprobs(cfg: ModelConfig, variables, tokens_BT, *, mode: str = "causal", threshold=None, step=None):

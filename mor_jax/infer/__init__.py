@@ -2,7 +2,7 @@
 
 Public API:
   restore(path, step=None, config=None, sharding=None) -> Restored   params + config from a workdir / checkpoint
-  load_tokenizer(config, cfg) -> Tokenizer           the tokenizer stored with the data, vocabulary-checked
+  load_tokenizer(config, cfg) -> Tokenizer           --tokenizer, WORKDIR/tokenizer/ or the config's; vocab-checked
   Generator(cfg, variables, tokenizer, threshold=None, kv_capacity="full", add_bos=False)
       .generate(prompts, max_new_tokens=, sampling=, seed=, stop=, on_text=, ...) -> [Generation]
   SamplingParams(temperature, top_k, top_p);  sample_logits(keys, logits, sampling)    (sampling.py)

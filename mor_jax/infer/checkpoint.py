@@ -16,6 +16,7 @@ import ml_collections
 from mor_jax import checkpoint as ckpt_lib
 from mor_jax import config as config_lib
 from mor_jax.checkpoint import ParamsRestore, default_sharding, read_meta  # noqa: F401 (re-exported)
+from mor_jax.checkpoint import params as ckpt_params
 from mor_jax.infer.decode import InferenceError
 
 Restored = ParamsRestore   # the name inference code has used
@@ -41,20 +42,51 @@ def restore(path: str, *, step: int | None = None, config: ml_collections.Config
   return ckpt_lib.restore_params(path, step=step, config=config, sharding=sharding)
 
 
-def load_tokenizer(config: ml_collections.ConfigDict, cfg: config_lib.ModelConfig | None = None):
-  """The tokenizer stored with the data of `config` (never trains one), vocabulary-checked against the model."""
+TOKENIZER_HINT = ("pass --tokenizer=PATH (the model's tokenizer.json or a Hugging Face tokenizer folder, e.g. "
+                  "assets/tokenizers/smollm)")
+
+
+def tokenizer_source(config: ml_collections.ConfigDict, *, directory: str | None = None,
+                     override: str | None = None) -> str | None:
+  """Where the model's tokenizer is: `override` (--tokenizer), else the workdir's copy (WORKDIR/tokenizer/ of the
+  step `directory`), else the stored config's data path; None when none of them holds a tokenizer.json."""
   from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  if override:
+    path = os.path.abspath(os.path.expanduser(override))
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+      raise InferenceError(f"--tokenizer={override}: no tokenizer.json there; give the model's tokenizer.json or a "
+                           "Hugging Face tokenizer folder holding one (e.g. assets/tokenizers/smollm).")
+    return path
+  stored = ckpt_params.workdir_tokenizer(directory) if directory else None
+  if stored:
+    return stored
+  try:
+    path = data_lib.tokenizer_path_for(config)
+  except Exception:  # pylint: disable=broad-except (no corpus / data dir: no stored tokenizer)
+    return None
+  return path if os.path.isfile(path) else None
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, cfg: config_lib.ModelConfig | None = None, *,
+                   directory: str | None = None, override: str | None = None):
+  """The model's tokenizer (see `tokenizer_source`; never trains one), vocabulary-checked against the model."""
   from mor_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  path = data_lib.tokenizer_path_for(config)
-  if not os.path.isfile(path):
-    raise InferenceError(f"the tokenizer of this model is not at {path}. Prepare the data first "
-                         "(python main.py --mode=prepare --config=...) or set config.data.tokenizer_path.")
+  path = tokenizer_source(config, directory=directory, override=override)
+  if path is None:
+    raise InferenceError("this model has no tokenizer (none in its workdir's tokenizer/ folder, none at its "
+                         f"config.data.tokenizer_path): {TOKENIZER_HINT}, or generate from token ids with "
+                         "--prompt_ids=1,2,3.")
   d = config.data
-  tok = tokenizer_lib.load_tokenizer(path, eos_token=d.get("eos_token", ""), bos_token=d.get("bos_token", ""))
+  try:
+    tok = tokenizer_lib.load_tokenizer(path, eos_token=d.get("eos_token", ""), bos_token=d.get("bos_token", ""))
+  except ValueError as e:
+    raise InferenceError(str(e).splitlines()[0]) from None
   vocab = cfg.vocab_size if cfg is not None else int(config.model.vocab_size)
   if tok.vocab_size != vocab:
-    raise InferenceError(f"tokenizer/vocabulary mismatch: {path} has {tok.vocab_size} tokens but the model's "
-                         f"vocabulary is {vocab}. Use the tokenizer the model was trained with.")
+    flag = f"--tokenizer={override}: " if override else ""
+    raise InferenceError(f"{flag}tokenizer/vocabulary mismatch: {tok.source} has {tok.vocab_size} tokens but the "
+                         f"model's vocabulary is {vocab}. Use the tokenizer the model was trained with.")
   return tok
 
 

@@ -3,6 +3,12 @@
   python main.py --mode=generate --workdir=W --prompt="ROMEO:"
   python main.py --mode=generate --workdir=W --interactive
   python main.py --mode=generate --workdir=W --prompts_file=p.txt --output_file=out.jsonl
+  python main.py --mode=generate --workdir=W --prompt="ROMEO:" --tokenizer=assets/tokenizers/smollm
+  python main.py --mode=generate --workdir=W --prompt_ids=1,2,3          # a model without a tokenizer: ids out
+
+The tokenizer is the workdir's copy (WORKDIR/tokenizer/, written by train, prepare and import), else the one
+the stored config names; --tokenizer (a tokenizer.json or a Hugging Face tokenizer folder) supplies or
+overrides it and must have the model's vocabulary size.
 
 main.py wires it with two calls: `define_flags()` at import time and
 `run_from_flags(config, workdir)` for the mode. Everything is also callable
@@ -25,7 +31,7 @@ from typing import Sequence, TextIO
 
 FLAG_DEFAULTS = dict(prompt=None, interactive=False, prompts_file=None, output_file=None, max_new_tokens=256,
                      temperature=0.8, top_k=0, top_p=1.0, seed=0, threshold=None, step=None, stop=(),
-                     kv_capacity="full", batch_size=16)
+                     kv_capacity="full", batch_size=16, tokenizer=None, prompt_ids=None)
 
 
 def define_flags(flags=None) -> None:
@@ -48,6 +54,10 @@ def define_flags(flags=None) -> None:
   flags.DEFINE_string("kv_capacity", d["kv_capacity"], "generate: KV cache size per recursion: full | routed | "
                       "comma-separated fractions (see mor_jax/infer/cache.py).")
   flags.DEFINE_integer("batch_size", d["batch_size"], "generate: prompts per batch for --prompts_file.")
+  flags.DEFINE_string("tokenizer", d["tokenizer"], "generate/eval: the model's tokenizer (tokenizer.json or a Hugging "
+                      "Face tokenizer folder); default: the workdir's tokenizer/, then the stored config's.")
+  flags.DEFINE_string("prompt_ids", d["prompt_ids"], "generate: a prompt as token ids (e.g. 1,2,3), for a model "
+                      "without a tokenizer; prints the generated ids.")
 
 
 def run_from_flags(config, workdir):
@@ -86,6 +96,21 @@ def check_threshold(threshold) -> None:
   import math  # pylint: disable=g-import-not-at-top
   ok = threshold is None or (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0 <= threshold <= 1)
   _check_number("threshold", threshold, ok, "a number in [0, 1] (an expert-choice sigmoid router's score threshold)")
+
+
+def parse_prompt_ids(value) -> list[int] | None:
+  """--prompt_ids: comma-separated token ids >= 0 (None: not given)."""
+  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
+  if value is None:
+    return None
+  try:
+    ids = [int(x) for x in str(value).split(",") if x.strip()]
+  except ValueError:
+    ids = []
+  if not ids or min(ids) < 0:
+    raise InferenceError(f"--prompt_ids={value} is not valid: give comma-separated token ids >= 0 (e.g. "
+                         "--prompt_ids=1,2,3).")
+  return ids
 
 
 def check_flags(*, prompts_file=None, output_file=None, max_new_tokens=256, temperature=0.8, top_k=0, top_p=1.0,
@@ -146,7 +171,8 @@ def main_generate(config, workdir: str, *, prompt: str | None = None, interactiv
                   prompts_file: str | None = None, output_file: str | None = None, max_new_tokens: int = 256,
                   temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                   threshold: float | None = None, step: int | None = None, stop: Sequence[str] = (),
-                  kv_capacity="full", batch_size: int = 16, stdout: TextIO | None = None,
+                  kv_capacity="full", batch_size: int = 16, tokenizer: str | None = None,
+                  prompt_ids: str | Sequence[int] | None = None, stdout: TextIO | None = None,
                   stderr: TextIO | None = None, stdin: TextIO | None = None):
   """The generate command. `config` may be None (the checkpoint's own config is used).
 
@@ -157,29 +183,24 @@ def main_generate(config, workdir: str, *, prompt: str | None = None, interactiv
   out, err = stdout or sys.stdout, stderr or sys.stderr
   if not workdir:
     raise InferenceError("--workdir is required for --mode=generate (the training workdir or a checkpoint directory).")
-  modes = sum([prompt is not None, bool(interactive), bool(prompts_file)])
+  modes = sum([prompt is not None, bool(interactive), bool(prompts_file), prompt_ids is not None])
   if modes != 1:
-    raise InferenceError("give exactly one of --prompt, --prompts_file or --interactive.")
+    raise InferenceError("give exactly one of --prompt, --prompt_ids, --prompts_file or --interactive.")
+  ids = parse_prompt_ids(",".join(map(str, prompt_ids)) if isinstance(prompt_ids, (list, tuple)) else prompt_ids)
   # fail fast, before loading anything
   kv_capacity = check_flags(output_file=output_file, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, threshold=threshold, step=step, kv_capacity=kv_capacity,
                             batch_size=batch_size)
   prompts = read_prompts_file(prompts_file) if prompts_file else None
   stop = tuple(unescape(s) for s in (stop or ()))
-  from mor_jax.infer.checkpoint import describe, load_tokenizer, restore  # pylint: disable=g-import-not-at-top
-  from mor_jax.infer.generate import Generator  # pylint: disable=g-import-not-at-top
   from mor_jax.infer.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
   sampling = SamplingParams(float(temperature), int(top_k), float(top_p))
-  _enable_compilation_cache()
-
-  t0 = time.time()
-  restored = restore(workdir, step=step, config=config)
-  tokenizer = load_tokenizer(restored.config, restored.cfg)
-  _check_against_model(restored.cfg, kv_capacity, threshold, err)
-  gen = Generator(restored.cfg, restored.variables, tokenizer, threshold=threshold, kv_capacity=kv_capacity,
-                  add_bos=bool(restored.config.data.get("add_bos", False)))
-  print(f"[{describe(restored)}; loaded in {time.time() - t0:.1f}s]", file=err, flush=True)
-
+  gen = _load_generator(config, workdir, step=step, tokenizer=tokenizer, by_ids=ids is not None,
+                        threshold=threshold, kv_capacity=kv_capacity, err=err)
+  if ids is not None:
+    if stop:
+      raise InferenceError("--stop needs a tokenizer (strings); leave it out with --prompt_ids.")
+    return [_one_ids(gen, out, err, ids, seed=seed, max_new_tokens=max_new_tokens, sampling=sampling)]
   one = functools.partial(_one, gen, out, err, dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop))
   if prompt is not None:
     return [one(unescape(prompt), seed)]
@@ -187,6 +208,34 @@ def main_generate(config, workdir: str, *, prompt: str | None = None, interactiv
     return _run_file(gen, prompts, output_file, out, err, batch_size=batch_size, max_new_tokens=max_new_tokens,
                      sampling=sampling, seed=seed, stop=stop)
   return _interactive(one, seed, err, stdin)
+
+
+def _load_generator(config, workdir, *, step, tokenizer, by_ids, threshold, kv_capacity, err):
+  """Restores the model and its tokenizer (none for --prompt_ids unless --tokenizer is given)."""
+  from mor_jax.infer.checkpoint import describe, load_tokenizer, restore  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.generate import Generator  # pylint: disable=g-import-not-at-top
+  _enable_compilation_cache()
+  t0 = time.time()
+  restored = restore(workdir, step=step, config=config)
+  tok = None
+  if tokenizer or not by_ids:
+    tok = load_tokenizer(restored.config, restored.cfg, directory=restored.directory, override=tokenizer)
+  _check_against_model(restored.cfg, kv_capacity, threshold, err)
+  gen = Generator(restored.cfg, restored.variables, tok, threshold=threshold, kv_capacity=kv_capacity,
+                  add_bos=bool(restored.config.data.get("add_bos", False)) and not by_ids)
+  print(f"[{describe(restored)}; loaded in {time.time() - t0:.1f}s]", file=err, flush=True)
+  return gen
+
+
+def _one_ids(gen, out, err, ids, *, seed: int, **kw):
+  """--prompt_ids: the generated ids on `out`, one comma-separated line (the text too when a tokenizer is given)."""
+  res = gen.generate([list(ids)], seed=seed, **kw)[0]
+  print(",".join(str(i) for i in res.tokens), file=out, flush=True)
+  if gen.tokenizer is not None:
+    print(repr(res.text), file=err, flush=True)
+  print(f"[{len(res.tokens)} tokens; finish: {res.finish_reason}; mean recursions per token "
+        f"{res.mean_recursions:.2f} of {gen.cfg.recursions}]", file=err, flush=True)
+  return res
 
 
 def _one(gen, out, err, kw: dict, text: str, seed: int):

@@ -33,7 +33,7 @@ def check_tokenizer(vocab_size: int, tokenizer, add_bos: bool) -> None:
   if tokenizer is not None and tokenizer.vocab_size > vocab_size:
     raise InferenceError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{vocab_size}: they do not belong together. Use the tokenizer the model was trained with "
-                         "(config.data.tokenizer_path / the prepared dataset).")
+                         "(--tokenizer=PATH for generate and eval).")
   if add_bos and (tokenizer is None or tokenizer.bos_id is None):
     raise InferenceError("add_bos needs a tokenizer with a BOS token.")
 

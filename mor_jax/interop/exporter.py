@@ -56,7 +56,7 @@ def export_hf(path: str, out_dir: str, *, step: int | None = None, config=None, 
   files = []
 
   bos_id = eos_id = None
-  tok_dir = _tokenizer_dir(restored.config)
+  tok_dir = _tokenizer_dir(restored)
   if tok_dir:
     files += hf.copy_tokenizer(tok_dir, out_dir)
     bos_id, eos_id, extra = _tokenizer_meta(restored.config, tok_dir, cfg)
@@ -64,13 +64,15 @@ def export_hf(path: str, out_dir: str, *, step: int | None = None, config=None, 
       hf.write_json(extra, os.path.join(out_dir, "tokenizer_config.json"))
       files.append("tokenizer_config.json")
   else:
-    log("note: no tokenizer found for this checkpoint (config.data.tokenizer_path); the export has no tokenizer files")
+    log("note: this checkpoint has no tokenizer (none in its workdir's tokenizer/ folder or at its "
+        "config.data.tokenizer_path); the export has no tokenizer files")
 
   hf_config = hf.llama_config(cfg, bos_token_id=bos_id, eos_token_id=eos_id)
   llama = not cfg.mor_enable
   if not llama:
     hf_config.update(architectures=["MoRLlamaForCausalLM"], model_type="mor_llama",
-                     mor_jax={s: restored.config[s].to_dict() for s in CONFIG_SECTIONS if s in restored.config},
+                     mor_jax={**{s: restored.config[s].to_dict() for s in CONFIG_SECTIONS if s in restored.config},
+                              "data": _data_settings(restored.config, cfg)},
                      mor_note=MOR_NOTE.strip())
     with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
       f.write(MOR_NOTE)
@@ -92,12 +94,22 @@ def export_hf(path: str, out_dir: str, *, step: int | None = None, config=None, 
   return ExportResult(directory=out_dir, llama_compatible=llama, files=sorted(files), num_layers=cfg.num_layers)
 
 
-def _tokenizer_dir(config) -> str | None:
-  try:
-    from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    return hf.tokenizer_dir(data_lib.tokenizer_path_for(config))
-  except Exception:  # pylint: disable=broad-except (no corpus, no data dir: no tokenizer to ship)
-    return hf.tokenizer_dir(config.data.get("tokenizer_path", "")) if "data" in config else None
+def _tokenizer_dir(restored) -> str | None:
+  """The model's tokenizer folder: the workdir's tokenizer/, else the stored config's (None: no tokenizer)."""
+  from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
+  if "data" not in restored.config:
+    return None
+  path = infer_ckpt.tokenizer_source(restored.config, directory=restored.directory)
+  return hf.tokenizer_dir(path) if path else None
+
+
+def _data_settings(config, cfg) -> dict:
+  """The data fields an import needs to run the model as trained: BOS/EOS handling and a context it fits."""
+  d = config.get("data", {})
+  out = {"seq_len": min(int(d.get("seq_len", cfg.max_seq_len)), int(cfg.max_seq_len)),
+         "add_bos": bool(d.get("add_bos", False))}
+  out.update({k: d[k] for k in ("eos_token", "bos_token") if d.get(k)})
+  return out
 
 
 def _tokenizer_meta(config, tok_dir, cfg):

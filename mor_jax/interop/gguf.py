@@ -170,10 +170,10 @@ def build_tokenizer(meta: dict, where: str):
   tokens = meta.get("tokenizer.ggml.tokens")
   if kind != "gpt2" or not tokens:
     return None, [f"{where} describes a {kind!r} tokenizer; only byte-level BPE (gpt2) is rebuilt: set "
-                  "--config.data.tokenizer_path to the model's tokenizer.json"]
+                  "--tokenizer=PATH (the model's tokenizer.json) for generate and eval"]
   vocab = {tok: i for i, tok in enumerate(tokens)}
   if len(vocab) != len(tokens):
-    return None, [f"{where}: tokenizer.ggml.tokens repeats tokens; set --config.data.tokenizer_path"]
+    return None, [f"{where}: tokenizer.ggml.tokens repeats tokens; generate and eval need --tokenizer=PATH"]
   merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or ()]
   tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
   notes = []
@@ -189,7 +189,7 @@ def build_tokenizer(meta: dict, where: str):
   tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED])
   if tok.get_vocab_size(with_added_tokens=True) != len(tokens):
     return None, [f"{where}: the rebuilt tokenizer has {tok.get_vocab_size(with_added_tokens=True)} tokens, not "
-                  f"{len(tokens)}; set --config.data.tokenizer_path"]
+                  f"{len(tokens)}; generate and eval need --tokenizer=PATH"]
   return tok, notes
 
 
@@ -269,6 +269,7 @@ def import_gguf(path: str, workdir: str, *, config=None, log=print):
   from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
   from mor_jax.interop import importer  # pylint: disable=g-import-not-at-top
   from mor_jax.interop import weights  # pylint: disable=g-import-not-at-top
+  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
   path, workdir = (os.path.abspath(os.path.expanduser(p)) for p in (path, workdir))
   ckpts = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
@@ -284,10 +285,11 @@ def import_gguf(path: str, workdir: str, *, config=None, log=print):
     notes.append(f"tokenizer (and chat template) written to {tok_dir}")
   elif written:
     notes.append(f"kept config.data.tokenizer_path={c.data.tokenizer_path}; the file's tokenizer is in {tok_dir}")
-  step_dir = importer.write_checkpoint(c, params, workdir, extra_meta={"imported_from": path,
-                                                                      "import_settings": "GGUF metadata"})
+  step_dir = importer.write_checkpoint(c, params, workdir, extra_meta={
+      "imported_from": path, "import_settings": "GGUF metadata", **ckpt_params.store_tokenizer(workdir)})
   restored = infer_ckpt.restore(workdir)
-  tok = infer_ckpt.load_tokenizer(restored.config, restored.cfg) if c.data.get("tokenizer_path") else None
+  tok = (infer_ckpt.load_tokenizer(restored.config, restored.cfg, directory=restored.directory)
+         if c.data.get("tokenizer_path") else None)
   ids = tok.encode(PROBE_TEXT) if tok is not None else [1, 2, 3, 4]
   tokens = np.asarray([ids], np.int32)
   logits = np.asarray(jax.device_get(importer.forward(restored.cfg)(restored.variables, tokens)))

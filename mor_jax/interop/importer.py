@@ -186,6 +186,8 @@ def load_source(directory: str, *, config: ml_collections.ConfigDict | None = No
     for section, values in hfc["mor_jax"].items():
       c[section].update(values)
     hf.check_dims(c.model, dims, cfg_json)
+    if "seq_len" not in hfc["mor_jax"].get("data", {}):    # older exports: the default exceeds small models
+      c.data.seq_len = min(int(c.data.seq_len), int(c.model.max_seq_len))
     settings = f"the mor_jax section of {cfg_json}"
   else:
     yaml_path = find_run_config([directory, wdir], run_config)
@@ -303,6 +305,7 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
   if str(directory).lower().endswith(".gguf"):         # a llama.cpp file: interop/gguf.py
     return gguf_lib.import_gguf(directory, workdir, config=config, log=log)
   import jax  # pylint: disable=g-import-not-at-top
+  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
   from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.path.expanduser(directory))
   src = load_source(directory, config=config, run_config=run_config)
@@ -314,19 +317,22 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
   variables = variables_from_weights(cfg, src.state_dict)
   notes = list(src.notes)
   tok_src = next((d for d in (src.weights_dir, directory) if hf.tokenizer_dir(d)), None)
+  tok_meta = {}
   if tok_src and not c.data.get("tokenizer_path"):
-    dst = os.path.join(os.path.abspath(workdir), "tokenizer")
-    hf.copy_tokenizer(tok_src, dst)
+    dst = os.path.join(os.path.abspath(workdir), ckpt_params.TOKENIZER_SUBDIR)
+    tok_meta = ckpt_params.store_tokenizer(workdir, tok_src)
     c.data.tokenizer_path = dst
     notes.append(f"tokenizer copied to {dst}")
     size = _tokenizer_size(dst)
     if size is not None and size != cfg.vocab_size:
       notes.append(f"the tokenizer has {size} tokens but the model's vocabulary is {cfg.vocab_size}: generate and "
-                   "eval need the tokenizer the model was trained with (set --config.data.tokenizer_path)")
+                   "eval need the tokenizer the model was trained with (pass --tokenizer=PATH)")
   elif not c.data.get("tokenizer_path"):
-    notes.append("no tokenizer.json found: set --config.data.tokenizer_path for generate/eval")
+    notes.append("no tokenizer.json found: generate and eval need --tokenizer=PATH (the model's tokenizer.json or "
+                 "tokenizer folder), or generate from token ids with --prompt_ids=1,2,3")
   step_dir = write_checkpoint(c, variables["params"], workdir, router_bias=variables.get("router_bias"),
-                              extra_meta={"imported_from": directory, "import_settings": src.settings_from})
+                              extra_meta={"imported_from": directory, "import_settings": src.settings_from,
+                                          **tok_meta})
   restored = infer_ckpt.restore(workdir)          # what generate and eval will read
   tokens, expected = probe_tokens(directory, cfg.vocab_size)
   logits = np.asarray(jax.device_get(forward(restored.cfg)(restored.variables, tokens)))
@@ -346,6 +352,7 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
   log(f"  mean |logits| = {float(np.mean(np.abs(logits))):.6f}; all probe logits in {os.path.join(workdir, PROBE_FILE)}")
   if max_diff is not None:
     log(f"max |logits - outputs.npz logits_eval| = {max_diff:.3e} ({'OK' if max_diff <= 1e-4 else 'ABOVE 1e-4'})")
-  log(f"{n:,} parameters. Use it: python main.py --mode=generate --workdir={workdir} --prompt=...")
+  use = "--prompt=..." if c.data.get("tokenizer_path") else "--prompt_ids=1,2,3 (or --tokenizer=PATH --prompt=...)"
+  log(f"{n:,} parameters. Use it: python main.py --mode=generate --workdir={workdir} {use}")
   return ImportResult(config=c, cfg=restored.cfg, workdir=workdir, step_dir=step_dir, tokens=tokens, logits=logits,
                       max_diff=max_diff, notes=notes)

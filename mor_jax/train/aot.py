@@ -43,11 +43,11 @@ class AOTStep:
 
   Calls go straight to the compiled executable (each routing mode is traced
   exactly once); the memory analysis of each executable is logged and kept in
-  `memory[routing_mode]`.
+  `memory[routing_mode]`. The log names the routing mode only for a model that routes (`routes`).
   """
 
-  def __init__(self, jitted: Callable, name: str = "train_step", sink: dict | None = None):
-    self.jitted, self.name = jitted, name
+  def __init__(self, jitted: Callable, name: str = "train_step", sink: dict | None = None, routes: bool = True):
+    self.jitted, self.name, self.routes = jitted, name, routes
     self.executables: dict[str, Any] = {}
     self.memory: dict[str, dict] = {} if sink is None else sink
 
@@ -59,8 +59,9 @@ class AOTStep:
       mem = memory_analysis(exe)
       mem["compile_seconds"] = time.perf_counter() - t
       self.memory[f"{self.name}[{routing_mode}]"] = mem
-      logging.info("compiled %s (%s) in %.1f s; per device: arguments %s, outputs %s, temporaries %s, peak %s",
-                   self.name, routing_mode, mem["compile_seconds"], format_bytes(mem.get("argument_size")),
+      label = f"{self.name} ({routing_mode})" if self.routes else self.name
+      logging.info("compiled %s in %.1f s; per device: arguments %s, outputs %s, temporaries %s, peak %s",
+                   label, mem["compile_seconds"], format_bytes(mem.get("argument_size")),
                    format_bytes(mem.get("output_size")), format_bytes(mem.get("temp_size")),
                    format_bytes(mem.get("peak_memory")))
       self.executables[routing_mode] = exe

@@ -178,9 +178,9 @@ class Parallel:
     out["total"] = per_device(abstract_state, shardings)
     return out
 
-  def ahead_of_time(self, train_fn: Callable, name: str = "train_step") -> Callable:
+  def ahead_of_time(self, train_fn: Callable, name: str = "train_step", routes: bool = True) -> Callable:
     """`train_fn` compiled ahead of time once per routing mode where the mode supports it."""
-    del name
+    del name, routes
     return train_fn
 
 
@@ -271,9 +271,10 @@ class PjitParallel(Parallel):
   def compile_eval_step(self, eval_fn: Callable) -> Callable:
     return jax.jit(self._bind("eval_step", eval_fn), out_shardings=self.replicated)
 
-  def ahead_of_time(self, train_fn: Callable, name: str = "train_step") -> Callable:
-    """`train_fn` compiled ahead of time once per routing mode, its memory analysis logged."""
-    return AOTStep(train_fn, name, self.compiled_memory)
+  def ahead_of_time(self, train_fn: Callable, name: str = "train_step", routes: bool = True) -> Callable:
+    """`train_fn` compiled ahead of time once per routing mode, its memory analysis logged (naming the routing
+    mode when the model `routes`)."""
+    return AOTStep(train_fn, name, self.compiled_memory, routes)
 
   def fetch(self, tree) -> Any:
     """Device values -> host numpy."""

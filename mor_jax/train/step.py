@@ -124,6 +124,8 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
   metrics = {"loss": loss, "total_loss": loss + stats["aux_loss"], "grad_norm": grad_norm,
              "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
              "param_norm": optax.tree.norm(params), "target_tokens": count, **stats}
+  if not cfg.mor_enable:     # no routers: no router loss to report
+    metrics.pop("aux_loss")
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, router_bias=router_bias)
   return new_state, metrics
 

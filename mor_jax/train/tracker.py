@@ -3,6 +3,7 @@ progress bar; rows go to the MetricWriter (metrics.jsonl, TensorBoard)."""
 
 from __future__ import annotations
 
+import logging as pylogging
 import math
 import time
 
@@ -17,6 +18,19 @@ class NonFiniteLossError(FloatingPointError):
   def __init__(self, message: str, *, step: int | None = None):
     super().__init__(message)
     self.step = step
+
+
+class _ClearBar(pylogging.Filter):
+  """On the absl handler while a progress bar is shown: clears the bar before each log line is written, so that
+  the line starts on its own (the bar is drawn again at its next update)."""
+
+  def __init__(self, bar):
+    super().__init__()
+    self.bar = bar
+
+  def filter(self, record):
+    self.bar.clear()
+    return True
 
 
 class Tracker:
@@ -43,6 +57,8 @@ class Tracker:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self.bar = tqdm(total=self.num_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.05,
                       desc=str(config.get("name", "train")))
+      self.clear_bar = _ClearBar(self.bar)
+      logging.get_absl_handler().addFilter(self.clear_bar)
     self.show_bar = show_bar
 
   def start_clock(self):
@@ -77,7 +93,11 @@ class Tracker:
     self.seen += 1
     self.mark = now
     self.last_step = step
-    if self.bar is not None:
+    if self.bar is not None and self.seen == 1:   # the first step includes compilation: the time since the bar
+      self.bar.unpause()                            # was drawn counts neither in its clock nor in its rate and ETA
+      self.bar.initial = self.bar.n = self.bar.last_print_n = step
+      self.bar.refresh()
+    elif self.bar is not None:
       self.bar.update(step - self.bar.n)
     if step % self.log_every == 0 or step == self.num_steps or step == 1 or defer_log:
       if defer_log:
@@ -134,3 +154,4 @@ class Tracker:
   def close(self):
     if self.bar is not None:
       self.bar.close()
+      logging.get_absl_handler().removeFilter(self.clear_bar)

@@ -33,6 +33,7 @@ from absl import logging
 import jax
 
 from mor_jax import checkpoint as ckpt_lib
+from mor_jax.checkpoint import params as ckpt_params
 from mor_jax import config as config_lib
 from mor_jax.checkpoint import integrity, schema
 from mor_jax.kernels import policy as policy_lib
@@ -130,6 +131,8 @@ class Trainer:
     allow = schema.allowed_changes(self.config)
 
     def check(meta):
+      for line in schema.change_lines(schema.config_changes(meta, self.config)):
+        logging.info("config differs from the checkpoint's: %s", line)
       changed = schema.check_compatible(meta, self.config, self.abstract, where=self.ckpt.directory, allow=allow)
       if changed:
         logging.warning("resuming with changed fields %s (allowed by train.allow_changes).",
@@ -149,6 +152,7 @@ class Trainer:
       self.meta = schema.new_meta(self.config, self.abstract)
     self.meta.pop("model_config", None)              # version 1's name of the architecture
     self.meta.update(schema.describe(self.config, self.abstract))
+    self.meta.update(ckpt_params.store_tokenizer(self.workdir, config=self.config, write=self.is_main))
     self.step = self.start
     self.last_saved = self.start if restored is not None else -1
     self.run_info = {"started": report_lib.now(), "start_step": self.start, "devices": self.dp.num_devices,
@@ -173,7 +177,7 @@ class Trainer:
       self.state = self.dp.place_state(self.state)
     self.train_fn = self.dp.ahead_of_time(self.dp.compile_train_step(
         make_train_step(self.cfg, self.tx, self.schedule, document_mask=document_mask, policy=self.policy),
-        self.dp.state_shardings(self.abstract) if self.dp.mode == "pjit" else None))
+        self.dp.state_shardings(self.abstract) if self.dp.mode == "pjit" else None), routes=self.cfg.mor_enable)
     eval_fn = self.dp.compile_eval_step(make_eval_step(self.cfg, document_mask=document_mask, policy=self.policy))
     self.evaluator = evaluation.make_evaluator(self.config, self.dp, eval_fn, self.eval_iterator_fn,
                                                self.eval_sequences)
