@@ -10,8 +10,9 @@ NB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "
 pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
-def test_quickstart_notebook_runs(monkeypatch):
-  monkeypatch.chdir(os.path.dirname(NB))
+@pytest.mark.parametrize("cwd", ["notebooks", "repository root"])
+def test_quickstart_notebook_runs(monkeypatch, cwd):
+  monkeypatch.chdir(os.path.dirname(NB) if cwd == "notebooks" else os.path.dirname(os.path.dirname(NB)))
   cells = [c for c in json.load(open(NB))["cells"] if c["cell_type"] == "code"]
   ns = {"__name__": "__notebook__"}
   for c in cells:
