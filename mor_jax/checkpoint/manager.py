@@ -113,7 +113,9 @@ class Checkpointer:
     if self._pending is None:
       return
     self._checked(self._manager.check_for_errors)
-    if not self._manager.is_saving_in_progress():
+    # several processes: the manifest's barrier must come at the same step everywhere, so it waits for the next
+    # save or close (which every process reaches together); one process finishes it as soon as the save is done
+    if jax.process_count() == 1 and not self._manager.is_saving_in_progress():
       self.wait()
 
   def wait(self) -> None:
