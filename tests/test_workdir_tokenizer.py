@@ -147,6 +147,18 @@ def get_config():
 """
 
 
+def test_store_tokenizer_never_replaces_a_different_one(tmp_path):
+  """A workdir's tokenizer (e.g. an imported model's) is not overwritten by another one at the next run."""
+  w = str(tmp_path / "w")
+  first = ckpt_params.store_tokenizer(w, SMOLLM)
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "tokenizer.json").write_text('{"different": true}')
+  assert ckpt_params.store_tokenizer(w, str(other)) == first
+  with open(os.path.join(SMOLLM, "tokenizer.json"), "rb") as a, open(os.path.join(w, "tokenizer", "tokenizer.json"), "rb") as b:
+    assert a.read() == b.read()
+
+
 def test_prepare_with_a_workdir_stores_the_tokenizer(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from absl import logging
 import jax
 import ml_collections
 
@@ -136,13 +137,27 @@ def store_tokenizer(workdir: str, source: str | None = None, *, config: ml_colle
     source = os.path.abspath(os.path.expanduser(source))
     folder = source if os.path.isdir(source) else os.path.dirname(source)
     file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else source
-    if write and os.path.isfile(file) and folder != dst:
+    if write and os.path.isfile(file) and folder != dst and _may_write(file, dst):
       os.makedirs(dst, exist_ok=True)
-      shutil.copyfile(file, os.path.join(dst, "tokenizer.json"))
-      for name in TOKENIZER_FILES[1:]:
-        if os.path.isfile(os.path.join(folder, name)):
-          shutil.copyfile(os.path.join(folder, name), os.path.join(dst, name))
+      for name in TOKENIZER_FILES:
+        src = file if name == "tokenizer.json" else os.path.join(folder, name)
+        if os.path.isfile(src):          # atomically: a reader never sees half a file
+          shutil.copyfile(src, os.path.join(dst, name + ".tmp"))
+          os.replace(os.path.join(dst, name + ".tmp"), os.path.join(dst, name))
   return schema.tokenizer_record(dst, workdir)
+
+
+def _may_write(file: str, dst: str) -> bool:
+  """False when WORKDIR/tokenizer/ already holds a different tokenizer: the workdir's model keeps its own."""
+  old = os.path.join(dst, "tokenizer.json")
+  if not os.path.isfile(old):
+    return True
+  with open(file, "rb") as a, open(old, "rb") as b:
+    if a.read() == b.read():
+      return False                       # the same tokenizer: nothing to copy
+  logging.warning("%s already holds a different tokenizer than %s; keeping the workdir's (pass --tokenizer=PATH "
+                  "to generate or eval to use another one).", dst, file)
+  return False
 
 
 def workdir_tokenizer(step_dir: str) -> str | None:
