@@ -43,3 +43,17 @@ def test_default_job_console_is_clean(tmp_path):
   assert all(p.startswith("shakespeare-mor-expert-r2:") for p in bars if p.strip())
   # the bar's clock starts after the first (compiling) step: no rate or ETA is shown for it
   assert any("1/3 [00:00<?, ?step/s" in p for p in bars), bars
+
+
+def test_eval_bar_has_a_total(tmp_path):
+  """--mode=eval over the whole validation split: the bar knows its total (data.count_batches), and it is exact."""
+  run_default_job(tmp_path)
+  env = dict(os.environ, MPLCONFIGDIR=str(tmp_path / "mpl"))
+  p = subprocess.run([sys.executable, "main.py", "--mode=eval", f"--workdir={tmp_path / 'w'}"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  n = int(re.search(r"validation split, (\d+) batches", p.stdout).group(1))
+  pieces = [x for x in re.split(r"[\r\n]", p.stderr) if x.startswith("eval:")]
+  assert pieces and n > 1
+  assert all(f"/{n} [" in x for x in pieces), pieces      # a total on every frame of the bar
+  assert f"{n}/{n} [" in pieces[-1]                       # and it ends exactly there

@@ -14,7 +14,7 @@ from etils import epath
 import numpy as np
 import pytest
 
-from mor_jax.data import (DataError, make_iterator, prepare,
+from mor_jax.data import (DataError, count_batches, make_iterator, prepare,
                           tokenizer_path_for)
 from mor_jax.data import corpus as corpora
 from tiny import tiny_config
@@ -145,6 +145,8 @@ def test_epoch_conserves_every_token_with_eos(tmp_path, add_bos):
              for b in batches) == len(docs) * (2 if add_bos else 1)
   # Only the last row is partial; the last batch is padded to full size.
   assert len(batches) == -(-(-(-n_real // 16)) // 3)
+  # count_batches (the eval bar's total) knows this without packing.
+  assert count_batches(c, "train", global_batch_size=3) == len(batches)
 
 
 def test_process_shards_are_disjoint_and_cover(tmp_path):
@@ -158,6 +160,7 @@ def test_process_shards_are_disjoint_and_cover(tmp_path):
                          process_index=pi, process_count=pc, num_epochs=1)
       batches = list(it)
       assert all(b["tokens"].shape == (2, 16) for b in batches)
+      assert count_batches(c, "train", global_batch_size=2 * pc, process_index=pi, process_count=pc) == len(batches)
       shards.append(_split_docs(_stream(batches), eos))
     assert sum(len(s) for s in shards) == len(docs)
     assert sorted(d for s in shards for d in s) == sorted(map(tuple, docs))
@@ -265,6 +268,8 @@ def test_pretokenized_path_gives_the_same_batches(tmp_path):
     a = _take(make_iterator(raw, split, **kw), 12)
     b = _take(make_iterator(pre, split, **kw), 12)
     _assert_same(a, b)
+    n = len(list(make_iterator(pre, split, num_epochs=1, **kw)))
+    assert count_batches(pre, split, **kw) == count_batches(raw, split, **kw) == n
 
 
 def test_shakespeare_default_builds_offline_and_is_reused(shakespeare):

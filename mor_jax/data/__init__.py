@@ -17,13 +17,13 @@ Public API:
 
 from mor_jax.data.common import DataError
 from mor_jax.data.corpus import CorpusInfo, build_corpus, iter_texts
-from mor_jax.data.pipeline import make_dataset, make_iterator
+from mor_jax.data.pipeline import count_batches, make_dataset, make_iterator
 from mor_jax.data.preparation import (PreparedData, get_tokenizer, prepare,
                                   tokenizer_path_for)
 from mor_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "CorpusInfo", "DataError", "PreparedData", "Tokenizer", "build_corpus",
-    "get_tokenizer", "iter_texts", "load_tokenizer", "make_dataset", "make_iterator",
+    "count_batches", "get_tokenizer", "iter_texts", "load_tokenizer", "make_dataset", "make_iterator",
     "prepare", "tokenizer_path_for",
 ]

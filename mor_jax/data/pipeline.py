@@ -294,3 +294,36 @@ def make_iterator(config, split: str, *, global_batch_size: int,
                     seed=seed, num_epochs=num_epochs,
                     drop_remainder=drop_remainder)
   return iter(ds)
+
+
+def count_batches(config, split: str, *, global_batch_size: int, process_index: int = 0,
+                  process_count: int = 1) -> int:
+  """How many batches one epoch of `split` gives (`make_iterator(..., num_epochs=1)`), without packing it.
+
+  Packing keeps every token once, so the rows are ceil(sum over this process's documents of
+  ([BOS] + ids + EOS) / (seq_len + 1)). Pre-tokenized data: read from the shards' metadata (one process) or the
+  shards; raw text: the documents are tokenized once in batches (the Rust tokenizer; a validation split takes
+  seconds). Used for the total of the eval progress bar.
+  """
+  split = _resolve_split(split)
+  prepared = prepare(config)
+  d = config.data
+  extra = 1 + int(bool(d.add_bos) and prepared.tokenizer.bos_id is not None)
+  local = global_batch_size // process_count
+  if d.pretokenized and prepared.tokens and process_count == 1:
+    s = prepared.tokens["splits"][split]
+    tokens = int(s["num_tokens"]) + extra * int(s["num_docs"])
+  else:
+    source = (TokenSource(prepared.tokens_dir, split) if d.pretokenized and prepared.tokens_dir
+              else TextSource(prepared.corpus.dataset_dir, split))
+    idx = list(range(process_index, len(source), process_count))
+    tokens = extra * len(idx)
+    for start in range(0, len(idx), 256):
+      docs = [source[i] for i in idx[start:start + 256]]
+      if isinstance(source, TokenSource):
+        tokens += sum(int(x.size) for x in docs)
+      else:
+        texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in docs]
+        tokens += sum(len(ids) for ids in prepared.tokenizer.encode_batch(texts))
+  rows = -(-tokens // (int(d.seq_len) + 1))
+  return -(-rows // max(1, local))

@@ -99,7 +99,7 @@ def _pad_rows(batch: dict, multiple: int) -> dict:
 def evaluate_nll(cfg: ModelConfig, variables, batches: Iterable[dict], *, modes: Sequence[str] = MODES,
                  threshold: float | None = None, step: int = 0, document_mask: bool = False,
                  devices: Sequence[jax.Device] | None = None, max_batches: int | None = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, expected_batches: int | None = None) -> dict:
   """Validation NLL of `variables` over `batches` (numpy dicts: tokens [B, T+1], segment_ids, positions).
 
   Returns {mode: {'nll', 'perplexity', 'tokens', 'mean_recursions'}} for each mode, plus 'gap' (causal NLL -
@@ -117,7 +117,8 @@ def evaluate_nll(cfg: ModelConfig, variables, batches: Iterable[dict], *, modes:
   bar = None
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=max_batches, desc="eval", unit="batch")
+    total = max_batches if max_batches is not None else expected_batches
+    bar = tqdm(total=total, desc="eval", unit="batch")
   n_batches = 0
   try:
     for batch in batches:
@@ -183,12 +184,17 @@ def main_eval(config, workdir: str, *, step: int | None = None, threshold: float
   per_device = int(cfgd.train.get("per_device_batch_size", 1)) if "train" in cfgd else 1
   rows = max(1, per_device) * len(devices)
   rows += (-rows) % max(1, jax.process_count())
+  max_batches = batches if batches is not None and batches >= 0 else None
+  expected = None
+  if progress and max_batches is None:   # the whole split: the bar's total
+    expected = data_lib.count_batches(cfgd, "validation", global_batch_size=rows,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
   it = data_lib.make_iterator(cfgd, "validation", global_batch_size=rows, num_epochs=1)
   t0 = time.time()
   try:
     result = evaluate_nll(cfg, r.variables, it, threshold=threshold, step=r.step,
                           document_mask=bool(cfgd.data.get("document_mask", False)), devices=devices,
-                          max_batches=batches if batches is not None and batches >= 0 else None, progress=progress)
+                          max_batches=max_batches, progress=progress, expected_batches=expected)
   finally:
     close = getattr(it, "close", None)
     if callable(close):
