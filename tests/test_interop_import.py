@@ -218,57 +218,61 @@ def test_weight_formats(tmp_path, monkeypatch):
     hf.read_state_dict(d)
 
 
-TOKEN = "08_mor_token_middle_cycle_rec3_softmax_bal"
-LOSS_FREE_BIAS = np.array([0.0, 0.001, -0.0005], np.float32)   # small: the fixture's random router is near-uniform
+LOSS_FREE = "10_mor_token_middle_cycle_rec3_softmax_lossfree"   # the reference run with a non-zero router_bias
+BIAS_KEY = "model.layers.1.router_bias"                           # where the reference keeps it (a MoR-layer buffer)
 
 
-def _loss_free_model():
-  """Fixture 08 as a loss-free balanced model: (cfg, weights + a non-zero router bias, our variables built directly)."""
-  import jax.numpy as jnp
-  from mor_jax import config as C
-  from mor_jax.interop import layout, reference as ref
-  meta = json.load(open(os.path.join(REFDATA, TOKEN, "config.json")))
-  meta["router"]["balancing"] = "loss_free"
-  cfg = C.model_config(C.validate(ref.config_from_reference(meta), num_devices=1))
-  weights = fixture_weights(TOKEN)
-  weights["model.layers.1.router_bias"] = LOSS_FREE_BIAS        # the reference's key (a buffer of the MoR layer)
-  params = layout.to_model_layout(cfg, ref.params_from_state_dict(cfg, weights))
-  return cfg, weights, {"params": params, "router_bias": {"bias": jnp.asarray(LOSS_FREE_BIAS)}}
+def _reference_depths(name):
+  with np.load(os.path.join(REFDATA, name, "outputs.npz")) as z:
+    return np.asarray(z["token_depth_index_eval"]), np.asarray(z["logits_eval"])
 
 
-def test_loss_free_router_bias_is_imported_and_routes_as_the_source(tmp_path):
-  from mor_jax.model.transformer import MoRLM
-  cfg, weights, direct = _loss_free_model()
-  tokens = np.load(os.path.join(REFDATA, TOKEN, "inputs.npz"))["input_ids"]
-  want_logits, want_aux = MoRLM(cfg).apply(direct, tokens)
-  _, unbiased = MoRLM(cfg).apply({**direct, "router_bias": {"bias": np.zeros(3, np.float32)}}, tokens)
-  depth = np.asarray(want_aux["depth"])
-  assert (depth != np.asarray(unbiased["depth"])).any() and len(set(depth.ravel().tolist())) >= 2  # the bias matters
-  # a reference training output directory with the bias: run YAML says loss_free
-  d = reference_dir(TOKEN, str(tmp_path / "run"), weights=dict(weights), run=False, io=False)
-  run_cfg = json.load(open(os.path.join(REFDATA, TOKEN, "config.json")))["reference_cfg"]
-  run_cfg["mor"]["token"]["balancing"] = "loss_free"
-  with open(os.path.join(d, "run.yaml"), "w") as f:
-    yaml.safe_dump(run_cfg, f)
-  np.savez(os.path.join(d, "inputs.npz"), input_ids=tokens)
-  # outputs as the reference reports them: logits, depths, and balancing_loss 0 (it computes none when loss-free)
-  np.savez(os.path.join(d, "outputs.npz"), logits_eval=np.asarray(want_logits), token_depth_index_eval=depth,
-           balancing_loss=np.float32(0.0))
-  r = importer.import_reference(d, str(tmp_path / "w"), log=lambda _: None)
-  assert r.max_diff is not None and r.max_diff <= 1e-5, r.max_diff
+@pytest.mark.parametrize("layout", ["reference output", "fixture as it is"])
+def test_loss_free_reference_checkpoint_imports_with_its_bias(layout, tmp_path):
+  """Fixture 10 (the PyTorch reference with balancing loss_free and router_bias [0, -5e-4, 1e-3], which moves 19 of
+  the 64 tokens to another depth): the import carries the bias and reproduces the reference's depths exactly and its
+  logits within 1e-4, through the written checkpoint."""
+  bias = fixture_weights(LOSS_FREE)[BIAS_KEY]
+  assert bias.shape == (3,) and np.abs(bias).max() > 0
+  d = reference_dir(LOSS_FREE, str(tmp_path / "run")) if layout == "reference output" else os.path.join(REFDATA,
+                                                                                                         LOSS_FREE)
+  lines = []
+  r = importer.import_reference(d, str(tmp_path / "w"), log=lines.append)
+  assert r.max_diff is not None and r.max_diff <= 1e-4, r.max_diff
+  assert r.depth_mismatches == 0
+  assert any("token depths vs outputs.npz token_depth_index_eval: 64/64 equal (OK)" in ln for ln in lines), lines
   restored = infer_ckpt.restore(str(tmp_path / "w"))
-  np.testing.assert_array_equal(np.asarray(restored.variables["router_bias"]["bias"]), LOSS_FREE_BIAS)
-  logits, aux = MoRLM(restored.cfg).apply(restored.variables, tokens)
-  np.testing.assert_array_equal(np.asarray(aux["depth"]), depth)
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-5, rtol=0)
-  # the parity tool loads the bias too, and does not compare the balancing loss the reference does not compute
+  assert restored.cfg.balancing == "loss_free" and restored.cfg.bal_update_rate == pytest.approx(1e-3)
+  np.testing.assert_array_equal(np.asarray(restored.variables["router_bias"]["bias"]), bias)
+  want_depth, want_logits = _reference_depths(LOSS_FREE)
+  tokens = np.load(os.path.join(REFDATA, LOSS_FREE, "inputs.npz"))["input_ids"]
+  logits, aux = importer.forward_with_aux(restored.cfg)(restored.variables, tokens)
+  np.testing.assert_array_equal(np.asarray(aux["depth"]), want_depth)
+  np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-4, rtol=0)
+  # the bias is what makes these depths: without it (the old import's zeros) the routing is the unbiased one
+  unbiased = {**restored.variables, "router_bias": {"bias": np.zeros(3, np.float32)}}
+  _, aux0 = importer.forward_with_aux(restored.cfg)(unbiased, tokens)
+  changed = int(np.sum(np.asarray(aux0["depth"]) != want_depth))
+  assert changed == 19, changed
+  assert len(set(want_depth.ravel().tolist())) == 3
+
+
+def test_parity_on_the_loss_free_fixture():
+  """The parity tool loads the bias, matches the reference's depths exactly and logits, losses and gradients within
+  1e-4, and does not compare the balancing loss, which the reference reports as 0 when balancing is loss_free."""
+  d = os.path.join(REFDATA, LOSS_FREE)
   ours, expected = parity.compute(d)
   rows = dict(parity.compare(ours, expected))
-  assert "balancing_loss" not in rows
-  assert rows["token_depth_index_eval"] == 0 and rows["logits_eval"] <= 1e-5
-  # a loss-free config whose state dict has no bias is refused, naming the key
-  del weights["model.layers.1.router_bias"]
-  d2 = reference_dir(TOKEN, str(tmp_path / "run2"), weights=weights, run=False, io=False)
-  shutil.copyfile(os.path.join(d, "run.yaml"), os.path.join(d2, "run.yaml"))
-  with pytest.raises(InteropError, match="model.layers.1.router_bias"):
-    importer.import_reference(d2, str(tmp_path / "w2"), log=lambda _: None)
+  assert float(expected["balancing_loss"]) == 0.0 and "balancing_loss" not in rows
+  assert rows["token_depth_index_eval"] == 0 and rows["token_depth_index_train"] == 0
+  assert sum(k.startswith("grad:") for k in rows) == 40
+  bad = {k: v for k, v in rows.items() if v > 1e-4}
+  assert not bad, bad
+
+
+def test_loss_free_checkpoint_without_its_bias_is_refused(tmp_path):
+  weights = fixture_weights(LOSS_FREE)
+  del weights[BIAS_KEY]
+  d = reference_dir(LOSS_FREE, str(tmp_path / "run"), weights=weights, io=False)
+  with pytest.raises(InteropError, match=BIAS_KEY.replace(".", r"\.")):
+    importer.import_reference(d, str(tmp_path / "w"), log=lambda _: None)

@@ -53,6 +53,7 @@ class ImportResult:
   logits: np.ndarray
   max_diff: float | None            # vs the directory's outputs.npz logits_eval, when present
   notes: list
+  depth_mismatches: int | None = None   # token-choice: tokens whose depth differs from outputs.npz's, when present
 
 
 # ------------------------------------------------------------------ settings
@@ -269,12 +270,30 @@ def write_checkpoint(config: ml_collections.ConfigDict, params: dict, workdir: s
 
 
 @functools.lru_cache(maxsize=None)
-def forward(cfg: config_lib.ModelConfig):
-  """A jitted `(variables, tokens) -> float32 logits` for `cfg` (cached: one compile per model config)."""
+def forward_with_aux(cfg: config_lib.ModelConfig):
+  """A jitted `(variables, tokens) -> (float32 logits, aux)` for `cfg` (cached: one compile per model config)."""
   import jax  # pylint: disable=g-import-not-at-top
   from mor_jax.model.transformer import MoRLM  # pylint: disable=g-import-not-at-top
-  model = MoRLM(cfg)
-  return jax.jit(lambda variables, tokens: model.apply(variables, tokens)[0])
+  return jax.jit(MoRLM(cfg).apply)
+
+
+def forward(cfg: config_lib.ModelConfig):
+  """`(variables, tokens) -> float32 logits` for `cfg` (the compiled `forward_with_aux`)."""
+  return lambda variables, tokens: forward_with_aux(cfg)(variables, tokens)[0]
+
+
+def depth_mismatches(cfg: config_lib.ModelConfig, aux, directory: str) -> int | None:
+  """Token-choice: how many tokens' depths (aux['depth']) differ from the directory's outputs.npz
+  token_depth_index_eval; None when the model is not token-choice or no reference depths are stored."""
+  out = os.path.join(directory, "outputs.npz")
+  if not (cfg.mor_enable and cfg.mor_type == "token" and os.path.isfile(out)):
+    return None
+  with np.load(out) as z:
+    if "token_depth_index_eval" not in z.files:
+      return None
+    expected = np.asarray(z["token_depth_index_eval"])
+  ours = np.asarray(aux["depth"])
+  return int(np.sum(ours != expected)) if ours.shape == expected.shape else int(expected.size)
 
 
 def _tokenizer_size(directory):
@@ -335,7 +354,8 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
                                           **tok_meta})
   restored = infer_ckpt.restore(workdir)          # what generate and eval will read
   tokens, expected = probe_tokens(directory, cfg.vocab_size)
-  logits = np.asarray(jax.device_get(forward(restored.cfg)(restored.variables, tokens)))
+  logits, aux = jax.device_get(forward_with_aux(restored.cfg)(restored.variables, tokens))
+  logits, depth_diff = np.asarray(logits), depth_mismatches(restored.cfg, aux, directory)
   np.savez(os.path.join(workdir, PROBE_FILE), tokens=tokens, logits=logits)
   max_diff = None
   if expected is not None and expected.shape == logits.shape:
@@ -352,7 +372,10 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
   log(f"  mean |logits| = {float(np.mean(np.abs(logits))):.6f}; all probe logits in {os.path.join(workdir, PROBE_FILE)}")
   if max_diff is not None:
     log(f"max |logits - outputs.npz logits_eval| = {max_diff:.3e} ({'OK' if max_diff <= 1e-4 else 'ABOVE 1e-4'})")
+  if depth_diff is not None:
+    log(f"token depths vs outputs.npz token_depth_index_eval: {tokens.size - depth_diff}/{tokens.size} equal "
+        f"({'OK' if depth_diff == 0 else 'MISMATCH'})")
   use = "--prompt=..." if c.data.get("tokenizer_path") else "--prompt_ids=1,2,3 (or --tokenizer=PATH --prompt=...)"
   log(f"{n:,} parameters. Use it: python main.py --mode=generate --workdir={workdir} {use}")
   return ImportResult(config=c, cfg=restored.cfg, workdir=workdir, step_dir=step_dir, tokens=tokens, logits=logits,
-                      max_diff=max_diff, notes=notes)
+                      max_diff=max_diff, notes=notes, depth_mismatches=depth_diff)

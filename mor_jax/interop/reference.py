@@ -245,6 +245,7 @@ def config_from_reference(meta: dict):
     else:
       c.mor.balancing = rt.get("balancing", "loss")
       c.mor.bal_coeff = float(rt.get("bal_coeff", 0.1))
+      c.mor.bal_update_rate = float(rt.get("u", 1e-3))   # the reference's mor.token.u (loss-free bias step)
   c.kv_sharing.enable = bool(meta.get("kv_sharing", False))
   if meta.get("attention_shared_across_recursions_fix") is False and kind == "mor_expert":
     pass  # untied attention: params_from_state_dict reports it
