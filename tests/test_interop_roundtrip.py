@@ -54,8 +54,10 @@ def test_export_reimports_as_documented_and_generates_the_same(exported):
     assert "--mode=import --import_from=THIS_DIR" in f.read()
   hfc = json.load(open(os.path.join(exported["hf"], "config.json")))
   assert hfc["mor_jax"]["data"] == {"seq_len": 16, "add_bos": True}
+  assert hfc["mor_jax"]["name"] == "tiny"
   back = str(exported["root"] / "back")
-  importer.import_reference(exported["hf"], back, log=lambda _: None)         # no --config
+  res = importer.import_reference(exported["hf"], back, log=lambda _: None)   # no --config
+  assert res.config.name == "tiny"                                            # the run keeps its name
   assert os.path.isfile(os.path.join(back, "tokenizer", "tokenizer.json"))
   want, text = greedy(exported["workdir"])
   got, text_back = greedy(back)

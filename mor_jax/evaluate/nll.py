@@ -29,11 +29,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mor_jax.config import ModelConfig
+from mor_jax.evaluate import depths
 from mor_jax.model.transformer import MoRLM
 
 MODES = ("topk", "causal")
 MODE_NAMES = {"topk": "top-k (training)", "causal": "causal (threshold)"}
 RESULTS_FILE = "eval_results_step{step}.json"
+DEPTHS_FILE = "token_depths_step{step}"           # .md and .json
 
 
 def _fixed_recursions(cfg: ModelConfig) -> float:
@@ -46,8 +48,9 @@ def _rngs(cfg: ModelConfig):
 
 
 def row_forward(cfg: ModelConfig, variables, tokens_BT, positions_BT=None, segment_ids_BT=None, *, mode: str,
-                threshold=None, step=None):
-  """(float32 logits [B, T, V], mean recursions of each row [B]): the model applied to every row alone."""
+                threshold=None, step=None, per_token: bool = False):
+  """(float32 logits [B, T, V], mean recursions of each row [B]): the model applied to every row alone.
+  With `per_token` (routed models), also the recursions of each position [B, T] (depths.token_recursions)."""
   model = MoRLM(cfg)
   fixed = jnp.float32(_fixed_recursions(cfg))
 
@@ -55,7 +58,8 @@ def row_forward(cfg: ModelConfig, variables, tokens_BT, positions_BT=None, segme
     logits, aux = model.apply(variables, tok_T[None], None if pos_T is None else pos_T[None],
                               None if seg_T is None else seg_T[None], routing_mode=mode, threshold=threshold,
                               step=step, rngs=_rngs(cfg))
-    return logits[0], jnp.asarray(aux.get("mean_recursions", fixed), jnp.float32)
+    out = (logits[0], jnp.asarray(aux.get("mean_recursions", fixed), jnp.float32))
+    return out + (depths.token_recursions(cfg, aux, tok_T.shape[0])[0],) if per_token else out
 
   in_axes = (0, None if positions_BT is None else 0, None if segment_ids_BT is None else 0)
   return jax.vmap(one, in_axes=in_axes)(tokens_BT, positions_BT, segment_ids_BT)
@@ -68,11 +72,16 @@ def _row_sums(variables, batch, step, *, cfg, mode, threshold, document_mask):
   mask = (seg[:, 1:] > 0) if seg is not None else jnp.ones(targets.shape, bool)
   pos = batch["positions"][:, :-1] if document_mask and "positions" in batch else None
   seg_in = seg[:, :-1] if document_mask and seg is not None else None
-  logits, rec = row_forward(cfg, variables, inputs, pos, seg_in, mode=mode, threshold=threshold, step=step)
+  per_token = mode == "causal" and depths.is_routed(cfg)     # which tokens go deep (token_depths_step<N>.md)
+  logits, rec, *token_rec = row_forward(cfg, variables, inputs, pos, seg_in, mode=mode, threshold=threshold,
+                                        step=step, per_token=per_token)
   logp = jax.nn.log_softmax(logits, axis=-1)
   tgt = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   m = mask.astype(jnp.float32)
-  return {"nll": -jnp.sum(tgt * m, axis=-1), "count": jnp.sum(m, axis=-1), "recursions": rec}
+  out = {"nll": -jnp.sum(tgt * m, axis=-1), "count": jnp.sum(m, axis=-1), "recursions": rec}
+  if per_token:
+    out["token_recursions"] = token_rec[0]
+  return out
 
 
 def make_row_scorer(cfg: ModelConfig, mode: str, *, threshold=None, document_mask: bool = False,
@@ -99,7 +108,8 @@ def _pad_rows(batch: dict, multiple: int) -> dict:
 def evaluate_nll(cfg: ModelConfig, variables, batches: Iterable[dict], *, modes: Sequence[str] = MODES,
                  threshold: float | None = None, step: int = 0, document_mask: bool = False,
                  devices: Sequence[jax.Device] | None = None, max_batches: int | None = None,
-                 progress: bool = False, expected_batches: int | None = None) -> dict:
+                 progress: bool = False, expected_batches: int | None = None,
+                 tally: depths.DepthTally | None = None) -> dict:
   """Validation NLL of `variables` over `batches` (numpy dicts: tokens [B, T+1], segment_ids, positions).
 
   Returns {mode: {'nll', 'perplexity', 'tokens', 'mean_recursions'}} for each mode, plus 'gap' (causal NLL -
@@ -128,7 +138,12 @@ def evaluate_nll(cfg: ModelConfig, variables, batches: Iterable[dict], *, modes:
       placed = jax.device_put(batch, rows)
       outs = {m: scorers[m](variables, placed, step_arr) for m in modes}   # dispatch all modes, then fetch
       for m in modes:
-        for k, v in jax.device_get(outs[m]).items():
+        got = jax.device_get(outs[m])
+        token_rec = got.pop("token_recursions", None)
+        if tally is not None and token_rec is not None:
+          seg = batch.get("segment_ids")
+          tally.add(batch["tokens"][:, :-1], token_rec, None if seg is None else seg[:, :-1] > 0)
+        for k, v in got.items():
           acc[m][k].append(np.asarray(v, np.float64))
       n_batches += 1
       if bar is not None:
@@ -190,11 +205,12 @@ def main_eval(config, workdir: str, *, step: int | None = None, threshold: float
     expected = data_lib.count_batches(cfgd, "validation", global_batch_size=rows,
                                       process_index=jax.process_index(), process_count=jax.process_count())
   it = data_lib.make_iterator(cfgd, "validation", global_batch_size=rows, num_epochs=1)
+  tally = depths.DepthTally(cfg.vocab_size, depths.max_recursions(cfg)) if depths.is_routed(cfg) else None
   t0 = time.time()
   try:
     result = evaluate_nll(cfg, r.variables, it, threshold=threshold, step=r.step,
                           document_mask=bool(cfgd.data.get("document_mask", False)), devices=devices,
-                          max_batches=max_batches, progress=progress, expected_batches=expected)
+                          max_batches=max_batches, progress=progress, expected_batches=expected, tally=tally)
   finally:
     close = getattr(it, "close", None)
     if callable(close):
@@ -210,7 +226,22 @@ def main_eval(config, workdir: str, *, step: int | None = None, threshold: float
           f"{len(devices)} device(s)")
     print(format_table(result))
     print(f"results: {path}")
+    if tally is not None:
+      decode = _decoder(cfgd)
+      md, _ = tally.write(os.path.join(workdir, DEPTHS_FILE.format(step=r.step)), decode)
+      result["token_depths_file"] = md
+      print(f"which tokens go deepest (causal routing): {md}")
   return result
+
+
+def _decoder(cfgd):
+  """token ids -> text with the model's tokenizer, or None (ids are shown)."""
+  try:
+    from mor_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    tok = tokenizer_lib.load_tokenizer(cfgd.data.tokenizer_path)
+  except (OSError, ValueError, KeyError):   # no tokenizer: the table shows ids
+    return None
+  return tok.decode
 
 
 def _with_tokenizer(r, override: str | None):

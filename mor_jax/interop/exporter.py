@@ -72,7 +72,8 @@ def export_hf(path: str, out_dir: str, *, step: int | None = None, config=None, 
   if not llama:
     hf_config.update(architectures=["MoRLlamaForCausalLM"], model_type="mor_llama",
                      mor_jax={**{s: restored.config[s].to_dict() for s in CONFIG_SECTIONS if s in restored.config},
-                              "data": _data_settings(restored.config, cfg)},
+                              "data": _data_settings(restored.config, cfg),
+                              "name": str(restored.config.get("name", ""))},
                      mor_note=MOR_NOTE.strip())
     with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
       f.write(MOR_NOTE)

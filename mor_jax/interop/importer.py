@@ -185,7 +185,10 @@ def load_source(directory: str, *, config: ml_collections.ConfigDict | None = No
     from mor_jax.config import defaults  # pylint: disable=g-import-not-at-top
     c = defaults()
     for section, values in hfc["mor_jax"].items():
-      c[section].update(values)
+      if section == "name":        # the exported run's name (re-imports keep it)
+        c.name = str(values) or c.name
+      else:
+        c[section].update(values)
     hf.check_dims(c.model, dims, cfg_json)
     if "seq_len" not in hfc["mor_jax"].get("data", {}):    # older exports: the default exceeds small models
       c.data.seq_len = min(int(c.data.seq_len), int(c.model.max_seq_len))
