@@ -241,7 +241,8 @@ def plot(results: list[dict], path: str, title: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line (also used by benchmarks/isoflop_seeds.py)."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
   p.add_argument("--vanilla_steps", type=int, default=450,
@@ -265,11 +266,19 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="smoke test: tiny model, few steps (< 2 minutes)")
   p.add_argument("--out_dir", default=os.path.join(ROOT, "benchmarks", "results", "isoflop"))
   args = p.parse_args(argv)
+  args.parser = p
   if args.quick:
     args.hidden, args.ffn, args.heads, args.kv_heads, args.seq_len, args.batch = 64, 128, 2, 1, 64, 8
     args.vanilla_steps, args.eval_points, args.eval_batches, args.eval_rows, args.log_every = 12, 2, 2, 8, 1000
     if args.out_dir == p.get_default("out_dir"):
       args.out_dir = os.path.join("/tmp", "mor_isoflop_quick")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  p = args.parser
+  del args.parser
   names = [n for n in args.runs.split(",") if n]
   for n in names:
     if n not in RUNS:
