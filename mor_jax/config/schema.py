@@ -181,6 +181,17 @@ FIELDS = (
          NONNEG),
         ("progress_bar", True, "tqdm bar on the main process (else log lines every log_every_steps)"),
         ("allow_changes", (), "config fields (section.name) that may differ from the checkpoint's on resume"),
+        ("profile_steps", "", "'START,COUNT': a jax.profiler trace of steps START..START+COUNT-1 into "
+         "WORKDIR/profile ('' off)"),
+    ),
+    *_section(
+        "logging",   # Weights & Biases (mor_jax/train/wandb_log.py); metrics.jsonl and TensorBoard are always on
+        ("wandb", "off", "Weights & Biases: off | offline (local run folder, `wandb sync` later) | online", False,
+         ("off", "offline", "online")),
+        ("wandb_project", "mor-jax", "W&B project"),
+        ("wandb_entity", "", "W&B entity (team or user; '' -> your default)"),
+        ("wandb_run_name", "", "W&B run name ('' -> the run's name)"),
+        ("wandb_tags", (), "W&B tags, e.g. ('mor', 'ablation'); on the command line also mor,ablation"),
     ),
     *_section(
         "parallel",

@@ -185,8 +185,27 @@ def _check_train(c, num_devices):
   if not all(isinstance(x, str) and x.count(".") == 1 and x in schema.BY_KEY for x in t.allow_changes):
     _fail("train.allow_changes", f"must list config fields as 'section.name' (e.g. 'train.learning_rate'), "
           f"got {tuple(t.allow_changes)}.")
+  profile_steps(t.profile_steps)
+  if not all(isinstance(x, str) and x for x in c.logging.wandb_tags):
+    _fail("logging.wandb_tags", f"must be a tuple of non-empty strings, e.g. ('mor', 'ablation'), got "
+          f"{tuple(c.logging.wandb_tags)}.")
   _check_mesh(c.parallel, num_devices)
   _check_distributed(c.distributed)
+
+
+def profile_steps(value: str) -> tuple[int, int] | None:
+  """train.profile_steps 'START,COUNT' -> (START, COUNT) (steps START..START+COUNT-1, 1-based); '' -> None."""
+  if not str(value).strip():
+    return None
+  parts = str(value).split(",")
+  try:
+    start, count = (int(p) for p in parts)
+  except ValueError:
+    start = count = 0
+  if len(parts) != 2 or start < 1 or count < 1:
+    _fail("train.profile_steps", f"{value!r} is not 'START,COUNT' with START >= 1 and COUNT >= 1 (e.g. "
+          "--config.train.profile_steps=10,5 traces steps 10 to 14); '' turns profiling off.")
+  return start, count
 
 
 def _convert_eval_batches(c, num_devices):

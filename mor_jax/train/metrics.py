@@ -3,8 +3,9 @@
 - `MetricWriter`: one JSON object per logged step in WORKDIR/metrics.jsonl
   (stable keys: step, loss, total_loss, learning_rate, grad_norm,
   tokens_per_second, and val_loss on evaluation steps) and the same scalars
-  as TensorBoard events in WORKDIR/tensorboard (tensorboardX). Per-recursion
-  arrays are lists in JSON and `name/r<i>` scalars in TensorBoard.
+  as TensorBoard events in WORKDIR/tensorboard (tensorboardX), and to any
+  `sinks` (W&B: wandb_log.py). Per-recursion arrays are lists in JSON and
+  `name/r<i>` scalars in TensorBoard and W&B.
 - Throughput: tokens/s counts input tokens (rows x seq_len); TFLOP/s uses
   `mor_jax.model.accounting.flops_per_token(...)["train"]` (model FLOPs, 3x
   forward, remat not counted); MFU divides by the device's peak dense bf16
@@ -62,6 +63,7 @@ class MetricWriter:
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    self.sinks: list = []          # more sinks of each row: objects with write(step, record), e.g. wandb_log.WandbRun
     if not enabled:
       return
     if resume_step >= 0 and os.path.exists(self.path):
@@ -94,6 +96,8 @@ class MetricWriter:
     if jsonl:
       self._file.write(json.dumps(record) + "\n")
       self._file.flush()
+    for sink in self.sinks:
+      sink.write(step, record)
     for k, v in metrics.items():
       arr = np.asarray(v, dtype=np.float64)
       if arr.ndim == 0:

@@ -123,17 +123,18 @@ def plot(path: str, steps, losses, lrs, val_steps=(), val_losses=()) -> None:
   plt.close(fig)
 
 
-def _clean(v):
+def clean(v):
+  """`v` with non-finite floats as strings ('nan', 'inf') and tuples as lists (JSON-able)."""
   if isinstance(v, float) and not math.isfinite(v):
     return str(v)
   if isinstance(v, dict):
-    return {k: _clean(x) for k, x in v.items()}
+    return {k: clean(x) for k, x in v.items()}
   if isinstance(v, (list, tuple)):
-    return [_clean(x) for x in v]
+    return [clean(x) for x in v]
   return v
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
   """Writes `text` to a temporary file next to `path` and renames it over `path` (never a half-written file)."""
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:
@@ -149,8 +150,8 @@ def now() -> str:
 
 def write_report(workdir: str, report: dict, history: dict, val_history: Sequence[Sequence[float]] = ()) -> None:
   """Writes report.json and report.md (atomically) and loss.png into `workdir`."""
-  _write_atomic(os.path.join(workdir, "report.json"), json.dumps(_clean(report), indent=2))
-  _write_atomic(os.path.join(workdir, "report.md"), markdown(report))
+  write_atomic(os.path.join(workdir, "report.json"), json.dumps(clean(report), indent=2))
+  write_atomic(os.path.join(workdir, "report.md"), markdown(report))
   if history.get("step"):
     vs = [int(s) for s, _ in val_history]
     vl = [float(v) for _, v in val_history]

@@ -68,6 +68,11 @@ class Tracker:
   def pause(self):
     self.mark = None
 
+  def exclude(self, seconds: float):
+    """Leaves `seconds` just spent outside the steps (e.g. writing a profile) out of the throughput."""
+    if self.mark is not None and seconds > 0:
+      self.mark += seconds
+
   def process(self, step: int, metrics: dict, *, defer_log: bool = False) -> None:
     """Host metrics of `step`: NaN check, history, timing; logs them (or later, in `flush`, with val_loss)."""
     now = time.perf_counter()

@@ -9,6 +9,8 @@ What lands in WORKDIR:
   checkpoints/<step>/   Orbax: train state, data-iterator state, meta; checksums.json
   metrics.jsonl         one JSON object per logged step (see metrics.py)
   tensorboard/          TensorBoard events
+  wandb/, wandb_run_id  with logging.wandb=offline|online: the W&B run folders and the run id (wandb_log.py)
+  profile/              with train.profile_steps=START,COUNT: the jax.profiler trace (profile.py)
   report.md, report.json, loss.png   written at the end, on interruption and on failure
 
 Statuses (`report["status"]`): 'completed'; 'interrupted' (SIGTERM/SIGINT: the step finishes, a checkpoint
@@ -41,8 +43,10 @@ from mor_jax.train import evaluation
 from mor_jax.train import metrics as metrics_lib
 from mor_jax.train import report as report_lib
 from mor_jax.train import setup
+from mor_jax.train import wandb_log
 from mor_jax.train.optimizer import make_optimizer
 from mor_jax.train.parallel import DevicePrefetcher
+from mor_jax.train.profile import StepProfiler
 from mor_jax.train.signals import SignalGuard
 from mor_jax.train.state import abstract_state, init_state, num_params
 from mor_jax.train.step import make_eval_step, make_train_step, routing_mode_for_step
@@ -87,6 +91,7 @@ class Trainer:
     self.dp = setup.select_devices(config)
     self.config = config_lib.validate(config, num_devices=self.dp.num_devices)
     self.cfg = config_lib.model_config(self.config)
+    wandb_log.check_installed(self.config)      # before any heavy work
     self.policy = policy_lib.resolve(self.config, jax.default_backend())   # how this backend runs the model
     logging.info("%s", self.policy.describe())
     self.tx, self.schedule = make_optimizer(self.config)
@@ -183,6 +188,7 @@ class Trainer:
                                                self.eval_sequences)
     self.save_every = setup.save_every(self.config)
     self.max_this_run = int(t.get("max_steps_per_run", 0) or 0)
+    self.profiler = StepProfiler(self.config, self.workdir, self.start)
 
   def _train(self) -> dict:
     status, message, error = "completed", "", None
@@ -191,6 +197,9 @@ class Trainer:
     self.t_loop = time.time()
     self.feed = DevicePrefetcher(self.train_iterator, lambda b: self.dp.shard_train_batch(b, int(
         self.config.train.grad_accum_steps)), int(self.config.get("parallel", {}).get("prefetch", 0) or 0))
+    self.wandb = wandb_log.open_run(self.config, self.workdir, enabled=self.is_main)
+    if self.wandb is not None:
+      self.writer.sinks.append(self.wandb)
     try:
       with SignalGuard() as guard:
         status, message = self._loop(guard)
@@ -207,11 +216,14 @@ class Trainer:
     if status == "failed":
       logging.error(message)
     report = self._report(status, message)
+    if self.wandb is not None:
+      self.wandb.finish(report, self.workdir)
     if error is not None:
       raise error
     return report
 
   def _close_all(self) -> ckpt_lib.CheckpointSaveError | None:
+    self.profiler.stop()
     self.tracker.close()
     self.feed.close()
     try:
@@ -268,9 +280,13 @@ class Trainer:
 
   def train_step(self, device_batch, pending, guard: SignalGuard):
     """One optimizer step; fetches the previous step's metrics meanwhile; evaluates / saves when due."""
+    self.tracker.exclude(self.profiler.before(self.step + 1))   # starting or writing a trace is no step time
     self.state, metrics = self.train_fn(self.state, device_batch, routing_mode_for_step(self.cfg, self.step))
     self.step += 1
     step = self.step
+    if step == self.start + 1:               # this process's first step was compiled in the call: time from here
+      self.tracker.start_clock()
+    self.tracker.exclude(self.profiler.after(step, self.state))
     if jax.process_count() > 1:
       self.stop_flags.append(self.dp.any_process(guard.received is not None))
     if pending is not None:                  # the previous step's metrics: the device is busy with this one
