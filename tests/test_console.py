@@ -33,6 +33,8 @@ def test_default_job_console_is_clean(tmp_path):
                 "fontManager"):
     assert noise not in out, noise
   assert os.listdir(tmp_path / "mpl")                      # the font cache was built (quietly)
+  for name in ("routing.png", "routing_sample.html", "routing_sample.png"):   # the default job draws its routing
+    assert os.path.isfile(tmp_path / "w" / name), name
   # a terminal starts a line again at \r: every piece between \r / \n holds a bar or a log line, never both
   pieces = re.split(r"[\r\n]", out)
   bars = [p for p in pieces if "step/s" in p]

@@ -183,6 +183,8 @@ FIELDS = (
         ("allow_changes", (), "config fields (section.name) that may differ from the checkpoint's on resume"),
         ("profile_steps", "", "'START,COUNT': a jax.profiler trace of steps START..START+COUNT-1 into "
          "WORKDIR/profile ('' off)"),
+        ("routing_pictures", True, "routed MoR models: depth of a validation sample at each evaluation "
+         "(routing.jsonl, TensorBoard histogram, routing.png, routing_sample.html/.png in report.md)"),
     ),
     *_section(
         "logging",   # Weights & Biases (mor_jax/train/wandb_log.py); metrics.jsonl and TensorBoard are always on

@@ -106,6 +106,11 @@ class MetricWriter:
         for i, x in enumerate(arr.reshape(-1)):
           self._tb.add_scalar(f"{k}/r{i}", float(x), int(step))
 
+  def histogram(self, step: int, name: str, values) -> None:
+    """A TensorBoard histogram (e.g. the recursions of each validation token)."""
+    if self.enabled:
+      self._tb.add_histogram(name, np.asarray(values, np.float64), int(step))
+
   def close(self) -> None:
     if self.enabled:
       self._file.close()

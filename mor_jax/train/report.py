@@ -144,6 +144,18 @@ def write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def add_section(workdir: str, title: str, lines) -> None:
+  """Appends (or replaces) the section `## title` of WORKDIR/report.md, atomically (hooks add figures this way)."""
+  path = os.path.join(workdir, "report.md")
+  text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+  head = f"## {title}\n"
+  if head in text:
+    start = text.index(head)
+    nxt = text.find("\n## ", start + len(head))
+    text = text[:start] + (text[nxt + 1:] if nxt >= 0 else "")
+  write_atomic(path, text.rstrip("\n") + "\n\n" + head + "\n" + "\n".join(lines) + "\n")
+
+
 def now() -> str:
   return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 

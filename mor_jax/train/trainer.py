@@ -103,6 +103,9 @@ class Trainer:
       from mor_jax.interop import pretrained_init  # pylint: disable=g-import-not-at-top
       pretrained_init.check_source(self.config, self.cfg, self.workdir)
     self.hooks = list(hooks)
+    if self.cfg.mor_enable and self.config.train.routing_pictures:
+      from mor_jax.train.routing_pictures import RoutingPictures  # pylint: disable=g-import-not-at-top
+      self.hooks.append(RoutingPictures())
     eval_every = int(self.config.train.eval_every_steps)
     self.eval_at = eval_at or (lambda s: eval_every > 0 and s % eval_every == 0)
     self._given = (train_iterator, eval_iterator_fn)

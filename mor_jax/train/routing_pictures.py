@@ -1,0 +1,143 @@
+"""Pictures of routing during training (routed MoR models): a trainer hook.
+
+At every evaluation the hook runs the current model with causal routing (what generation does) over a fixed
+sample of validation rows and records how many recursions each token got:
+
+  WORKDIR/routing.jsonl        {"step", "shares": [share of tokens with 1..R recursions], "mean_recursions"}
+  TensorBoard                  histogram "routing/recursions_per_token" at each evaluation
+  WORKDIR/routing.png          the shares over training (from routing.jsonl, so resumed runs continue it)
+  WORKDIR/routing_sample.html  the sample's text coloured by each token's depth (and routing_sample.png)
+
+and report.md gets a section with both figures. One process only (several processes: skipped with a note).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import logging
+import jax
+import numpy as np
+
+from mor_jax.evaluate import depths
+from mor_jax.train import report as report_lib
+from mor_jax.train.trainer import Hook
+
+ROUTING_FILE = "routing.jsonl"
+SAMPLE_ROWS = 2
+
+
+def read_history(workdir: str) -> dict[int, dict]:
+  """routing.jsonl rows by step (a resumed run's row for the same step replaces the earlier one)."""
+  rows = {}
+  path = os.path.join(workdir, ROUTING_FILE)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:      # a torn last line after a kill
+          continue
+        rows[int(row["step"])] = row
+  return dict(sorted(rows.items()))
+
+
+def plot_shares(history: dict[int, dict], R: int, path: str) -> str:
+  """Stacked shares of tokens per recursion count against the training step."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  steps = list(history)
+  shares = np.array([history[s]["shares"] for s in steps]).T.reshape(R, -1)
+  fig, ax = plt.subplots(figsize=(6.4, 3.6))
+  ax.stackplot(steps, shares, colors=[depths.color(d) for d in range(1, R + 1)],
+               labels=[f"{d} recursion{'s' if d > 1 else ''}" for d in range(1, R + 1)])
+  ax.set_xlabel("step")
+  ax.set_ylabel("share of validation tokens")
+  ax.set_ylim(0, 1)
+  ax.set_title("recursions per token (causal routing)")
+  ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path + ".tmp.png", dpi=110)
+  plt.close(fig)
+  os.replace(path + ".tmp.png", path)
+  return path
+
+
+def _pieces(workdir: str, ids) -> list[str]:
+  """Each token's text with the workdir's tokenizer (WORKDIR/tokenizer/), else its id in brackets."""
+  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
+  from mor_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  folder = ckpt_params.workdir_tokenizer(os.path.join(workdir, "checkpoints", "0"))
+  if folder is None:
+    return [f"[{int(i)}]" for i in ids]
+  tok = tokenizer_lib.load_tokenizer(folder)
+  return [tok.decode([int(i)]) for i in ids]
+
+
+class RoutingPictures(Hook):
+  """See the module docstring. `rows`: validation rows in the sample."""
+
+  def __init__(self, rows: int = SAMPLE_ROWS):
+    self.rows = rows
+    self.sample = self.rec = self.fn = None
+    self.active = True
+
+  def _setup(self, trainer) -> bool:
+    if self.fn is not None or not self.active:
+      return self.active
+    if not depths.is_routed(trainer.cfg) or jax.process_count() > 1 or not trainer.is_main:
+      self.active = False
+      if depths.is_routed(trainer.cfg) and trainer.is_main:
+        logging.info("routing pictures: skipped with several processes")
+      return False
+    it = trainer.eval_iterator_fn(self.rows)
+    try:
+      batch = next(iter(it))
+    finally:
+      close = getattr(it, "close", None)
+      if callable(close):
+        close()
+    self.sample = {k: np.asarray(v)[:self.rows] for k, v in batch.items()}
+    self.fn = depths.make_depth_fn(trainer.cfg, "causal")
+    return True
+
+  def on_eval(self, trainer, step: int, val_loss: float) -> None:
+    if not self._setup(trainer):
+      return
+    variables = trainer.dp.unreplicate(trainer.state).variables()
+    tokens = self.sample["tokens"][:, :-1]
+    mask = self.sample["segment_ids"][:, :-1] > 0
+    self.rec = np.asarray(jax.device_get(self.fn(variables, tokens)))
+    R = depths.max_recursions(trainer.cfg)
+    row = {"step": int(step), "shares": depths.shares(self.rec, R, mask),
+           "mean_recursions": float(self.rec[mask].mean()) if mask.any() else float("nan")}
+    with open(os.path.join(trainer.workdir, ROUTING_FILE), "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+    histogram = getattr(trainer.writer, "histogram", None)
+    if callable(histogram):
+      histogram(int(step), "routing/recursions_per_token", self.rec[mask])
+
+  def on_end(self, trainer, report: dict) -> None:
+    if not self.active or self.rec is None:
+      return
+    R = depths.max_recursions(trainer.cfg)
+    w = trainer.workdir
+    history = read_history(w)
+    plot_shares(history, R, os.path.join(w, "routing.png"))
+    mask = self.sample["segment_ids"][0, :-1] > 0
+    ids = self.sample["tokens"][0, :-1][mask]
+    pieces = _pieces(w, ids)
+    title = f"{trainer.config.get('name', 'model')} at step {max(history)}: recursions per token (causal routing)"
+    report_lib.write_atomic(os.path.join(w, "routing_sample.html"), depths.colored_html(pieces, self.rec[0][mask],
+                                                                                          R, title))
+    depths.colored_png(pieces, self.rec[0][mask], R, os.path.join(w, "routing_sample.png"),
+                       title="recursions per token")
+    last = history[max(history)]
+    report_lib.add_section(w, "Routing", [
+        f"Validation tokens by recursions at step {last['step']} (causal routing, {int(mask.sum())}-token sample x "
+        f"{self.rows}): " + ", ".join(f"{d}: {s:.0%}" for d, s in enumerate(last["shares"], 1)) + ".", "",
+        "![routing](routing.png)", "",
+        "A validation sample coloured by each token's depth ([routing_sample.html](routing_sample.html)):", "",
+        "![routing sample](routing_sample.png)"])
