@@ -2,11 +2,13 @@
 
   python main.py --config=configs/shakespeare_mor.py --workdir=/tmp/mor           # train (resumes if WORKDIR has checkpoints)
   python main.py --config=configs/smollm360_rec2.py --mode=info                    # parameters and FLOPs
+  python main.py --mode=info --workdir=/tmp/imported                                # ... of a workdir's model
   python main.py --config=configs/smollm360_rec2.py --mode=prepare                 # build corpus, tokenizer, shards
   python main.py --mode=generate --workdir=/tmp/mor --prompt="ROMEO:"               # sample from the latest checkpoint
   python main.py --mode=eval --workdir=/tmp/mor                                     # validation NLL, top-k and causal routing
   python main.py --mode=import --import_from=REF_OUTPUT_DIR --workdir=/tmp/imported # PyTorch-reference / HF checkpoint -> Orbax
   python main.py --mode=export_hf --workdir=/tmp/mor --export_to=/tmp/hf            # -> Hugging Face LlamaForCausalLM directory
+  python main.py --mode=serve --workdir=/tmp/mor --port=8000                       # OpenAI-compatible HTTP server + web page
 
 Config fields can be overridden on the command line: --config.train.num_steps=100.
 Everything below is importable: `mor_jax.train.train_and_evaluate(config, workdir)` does the same from a notebook.
@@ -30,8 +32,9 @@ from ml_collections import config_flags
 
 from mor_jax import runtime
 from mor_jax.infer import cli as infer_cli
+from mor_jax import serve as serve_lib
 
-MODES = ("train", "eval", "generate", "info", "prepare", "import", "export_hf")
+MODES = ("train", "eval", "generate", "info", "prepare", "import", "export_hf", "serve")
 EXIT_OK, EXIT_ERROR, EXIT_AGAIN = 0, 1, 75
 # report status -> exit code of --mode=train
 STATUS_EXIT = {"completed": EXIT_OK, "interrupted": EXIT_AGAIN, "paused": EXIT_AGAIN}
@@ -46,6 +49,7 @@ flags.DEFINE_string("import_run_config", None, "import: the run's YAML (recursiv
                     "directory holds several or none.")
 flags.DEFINE_string("export_to", None, "export_hf: the Hugging Face directory to write.")
 infer_cli.define_flags()  # --prompt, --interactive, --prompts_file, --step, --threshold, ... (generate; eval uses --step/--threshold)
+serve_lib.define_flags()  # --host, --port, --slots, --max_queue, ... (serve; it reuses --tokenizer/--step/--threshold)
 FLAGS = flags.FLAGS
 
 
@@ -107,15 +111,20 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
-  if config is None and FLAGS.mode not in ("generate", "eval", "import", "export_hf"):
-    raise app.UsageError(f"--config is required for --mode={FLAGS.mode}.")
+  if config is None and FLAGS.mode not in ("generate", "eval", "import", "export_hf", "serve") and not (
+      FLAGS.mode == "info" and FLAGS.workdir):
+    raise app.UsageError(f"--config is required for --mode={FLAGS.mode}" +
+                         (" (or --workdir=W: the config stored with its checkpoint)." if FLAGS.mode == "info" else "."))
   if FLAGS.mode == "train":     # several processes (config.distributed, JAX_COORDINATOR_ADDRESS, SLURM): before any device use
     from mor_jax import distributed
     distributed.initialize(config)
     distributed.quiet_other_processes()   # logs and reports come from process 0
-  if FLAGS.mode == "info":
+  if FLAGS.mode == "info":      # --config, or --workdir alone: the config stored with its (newest / --step) checkpoint
     from mor_jax.model import accounting
-    print(accounting.summary(config))
+    try:
+      print(accounting.summary(config) if config is not None else accounting.workdir_summary(FLAGS.workdir, FLAGS.step))
+    except ValueError as e:     # CheckpointError, ConfigError: the message names what is missing and what to do
+      sys.exit(f"error: {e}")
   elif FLAGS.mode == "prepare":
     from mor_jax import data
     prepared = data.prepare(config)
@@ -155,6 +164,12 @@ def main(argv):
     try:
       exporter.main_export(FLAGS.workdir, FLAGS.export_to, step=FLAGS.step, config=config)
     except ValueError as e:      # InteropError, InferenceError
+      sys.exit(f"error: {e}")
+  elif FLAGS.mode == "serve":
+    from mor_jax.infer.decode import InferenceError
+    try:
+      return serve_lib.run_from_flags(config, FLAGS.workdir)
+    except InferenceError as e:  # the message names the flag or field and the fix
       sys.exit(f"error: {e}")
   else:
     raise app.UsageError(f"--mode={FLAGS.mode} is not implemented.")

@@ -174,3 +174,27 @@ def test_greedy_generation_matches_transformers(imported, hf_side):
     assert out.tokens == seq, (tok.decode(p), tok.decode(out.tokens), tok.decode(seq))
   assert all(o.finish_reason == ("eos" if o.tokens[-1] == tok.eos_id else "length") for o in outs)
   assert {o.finish_reason for o in outs} == {"eos", "length"}    # both ends compared: EOS and 64 full tokens
+
+
+def test_chat_answers_a_question(imported):
+  """--mode=generate --chat on the imported model: the template's prompt, a sensible answer, stopped at <|im_end|>."""
+  import io  # noqa: PLC0415
+  from mor_jax.infer import main_generate  # noqa: PLC0415
+  result = imported[0]
+  out, err = io.StringIO(), io.StringIO()
+  (res,) = main_generate(None, result.workdir, prompt="What is the capital of France?", chat=True, temperature=0.0,
+                         max_new_tokens=32, stdout=out, stderr=err)
+  answer = out.getvalue()
+  assert "Paris" in answer and res.finish_reason == "eos", (answer, err.getvalue())
+  assert "<|im_start|>" not in answer and "<|im_end|>" not in answer and "user" not in answer
+  assert answer.strip() == res.text.strip()              # only the answer is printed
+
+
+def test_info_on_the_imported_workdir(imported):
+  """`python main.py --mode=info --workdir=W` (no --config) reads the stored config: SmolLM2-135M's parameters."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  out = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--mode=info", f"--workdir={imported[0].workdir}"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"{PARAMS:,}" in out.stdout, out.stdout

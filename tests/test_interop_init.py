@@ -210,3 +210,66 @@ def test_apply_to_a_placed_train_state(source):
   new_sh = jax.tree.map(lambda a: a.sharding, new.params)
   assert jax.tree.leaves(jax.tree.map(lambda a, b: a == b, old_sh, new_sh)) and \
       all(jax.tree.leaves(jax.tree.map(lambda a, b: a == b, old_sh, new_sh)))
+
+
+# ------------------------------------------------------------------ middle_cycle R = 2 and R = 3, one test per strategy
+def layer_schedule(cfg, params):
+  """The vanilla layer each of the model's L layer applications was initialised from, in execution order (the
+  mean for 'average'): middle_cycle runs first, the block positions 0..base-1 R times, then last."""
+  p = layout.to_stacked_layout(cfg, params)
+  block = block_sources(cfg, params)                     # also checks every tensor of a position agrees
+  first = float(p["first"]["attn"]["q_proj"]["kernel"].flat[0])
+  last = float(p["last"]["mlp"]["down_proj"]["kernel"].flat[0])
+  for part, value in (("first", first), ("last", last)):  # unique layers: one source layer in every tensor
+    for sub in LAYER_KEYS:
+      node = p[part]
+      for name in sub:
+        node = node[name]
+      np.testing.assert_array_equal(node, value + (100.0 if "norm" in sub[0] else 0.0), err_msg=f"{part} {sub}")
+  return [first] + block * cfg.recursions + [last]
+
+
+def initialised(source, strategy, R, seed=0):
+  c = config("middle_cycle", R, strategy, source)
+  c.train.seed = seed
+  c = C.validate(c)
+  cfg = C.model_config(c)
+  assert cfg.num_layers == L and cfg.base_depth == (L - 2) // R
+  return layer_schedule(cfg, pretrained_init.initial_params(c, cfg, fresh(cfg)))
+
+
+@pytest.mark.parametrize("R,expected", [(2, [0, 1, 4, 6, 1, 4, 6, 7]), (3, [0, 1, 6, 1, 6, 1, 6, 7])])
+def test_stepwise_middle_cycle(source, R, expected):
+  """Block position i <- vanilla layer round(linspace(1, L-2, base))[i]: spread evenly over the middle layers."""
+  assert initialised(source, "stepwise", R) == expected
+
+
+@pytest.mark.parametrize("R,expected", [(2, [0, 1, 2, 3, 1, 2, 3, 7]), (3, [0, 1, 2, 1, 2, 1, 2, 7])])
+def test_lower_middle_cycle(source, R, expected):
+  """Block position i <- vanilla layer i + 1: the lowest middle layers."""
+  assert initialised(source, "lower", R) == expected
+
+
+@pytest.mark.parametrize("R,expected", [(2, [0, 4, 5, 6, 4, 5, 6, 7]), (3, [0, 5, 6, 5, 6, 5, 6, 7])])
+def test_upper_middle_cycle(source, R, expected):
+  """Block position i <- the base middle layers just below the last layer."""
+  assert initialised(source, "upper", R) == expected
+
+
+@pytest.mark.parametrize("R,expected", [
+    (2, [0] + [(1 + 4) / 2, (2 + 5) / 2, (3 + 6) / 2] * 2 + [7]),
+    (3, [0] + [(1 + 3 + 5) / 3, (2 + 4 + 6) / 3] * 3 + [7])])
+def test_average_middle_cycle(source, R, expected):
+  """Block position i <- the mean of the vanilla layers the cycle runs at position i (1 + i + r * base)."""
+  assert initialised(source, "average", R) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("R,expected", [(2, [0, 2, 3, 6, 2, 3, 6, 7]), (3, [0, 3, 6, 3, 6, 3, 6, 7])])
+def test_random_middle_cycle(source, R, expected):
+  """Block positions <- a sorted random choice of base middle layers, seeded by train.seed (seed 0 here; the
+  expected layers are the reference's sorted(np.random.choice(range(1, L-1), base, replace=False)))."""
+  assert initialised(source, "random", R) == expected
+  np.random.seed(0)
+  base = (L - 2) // R
+  assert expected[1:1 + base] == sorted(np.random.choice(range(1, L - 1), base, replace=False).tolist())
+  assert initialised(source, "random", R, seed=1) != expected                # another seed, other layers

@@ -5,6 +5,12 @@
   python main.py --mode=generate --workdir=W --prompts_file=p.txt --output_file=out.jsonl
   python main.py --mode=generate --workdir=W --prompt="ROMEO:" --tokenizer=assets/tokenizers/smollm
   python main.py --mode=generate --workdir=W --prompt_ids=1,2,3          # a model without a tokenizer: ids out
+  python main.py --mode=generate --workdir=W --chat --prompt="What is the capital of France?"   # a chat model
+
+--chat wraps each prompt in the model's chat template (the `chat_template` of the tokenizer_config.json next to its
+tokenizer: WORKDIR/tokenizer/ after a GGUF or Hugging Face import) as one user turn, prints only the assistant's
+answer, and stops at the end-of-turn token (the tokenizer's EOS, e.g. <|im_end|>). With --interactive the
+conversation is kept: each answer becomes part of the next prompt (":reset" starts a new conversation).
 
 The tokenizer is the workdir's copy (WORKDIR/tokenizer/, written by train, prepare and import), else the one
 the stored config names; --tokenizer (a tokenizer.json or a Hugging Face tokenizer folder) supplies or
@@ -31,7 +37,7 @@ from typing import Sequence, TextIO
 
 FLAG_DEFAULTS = dict(prompt=None, interactive=False, prompts_file=None, output_file=None, max_new_tokens=256,
                      temperature=0.8, top_k=0, top_p=1.0, seed=0, threshold=None, step=None, stop=(),
-                     kv_capacity="full", batch_size=16, tokenizer=None, prompt_ids=None)
+                     kv_capacity="full", batch_size=16, tokenizer=None, prompt_ids=None, chat=False)
 
 
 def define_flags(flags=None) -> None:
@@ -58,6 +64,8 @@ def define_flags(flags=None) -> None:
                       "Face tokenizer folder); default: the workdir's tokenizer/, then the stored config's.")
   flags.DEFINE_string("prompt_ids", d["prompt_ids"], "generate: a prompt as token ids (e.g. 1,2,3), for a model "
                       "without a tokenizer; prints the generated ids.")
+  flags.DEFINE_bool("chat", d["chat"], "generate: wrap prompts in the model's chat template (tokenizer_config.json), "
+                    "print only the answer, stop at the end of the turn; --interactive keeps the conversation.")
 
 
 def run_from_flags(config, workdir):
@@ -172,7 +180,7 @@ def main_generate(config, workdir: str, *, prompt: str | None = None, interactiv
                   temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                   threshold: float | None = None, step: int | None = None, stop: Sequence[str] = (),
                   kv_capacity="full", batch_size: int = 16, tokenizer: str | None = None,
-                  prompt_ids: str | Sequence[int] | None = None, stdout: TextIO | None = None,
+                  prompt_ids: str | Sequence[int] | None = None, chat: bool = False, stdout: TextIO | None = None,
                   stderr: TextIO | None = None, stdin: TextIO | None = None):
   """The generate command. `config` may be None (the checkpoint's own config is used).
 
@@ -186,6 +194,8 @@ def main_generate(config, workdir: str, *, prompt: str | None = None, interactiv
   modes = sum([prompt is not None, bool(interactive), bool(prompts_file), prompt_ids is not None])
   if modes != 1:
     raise InferenceError("give exactly one of --prompt, --prompt_ids, --prompts_file or --interactive.")
+  if chat and prompt_ids is not None:
+    raise InferenceError("--chat needs text prompts (the chat template is text); use --prompt instead of --prompt_ids.")
   ids = parse_prompt_ids(",".join(map(str, prompt_ids)) if isinstance(prompt_ids, (list, tuple)) else prompt_ids)
   # fail fast, before loading anything
   kv_capacity = check_flags(output_file=output_file, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -195,36 +205,65 @@ def main_generate(config, workdir: str, *, prompt: str | None = None, interactiv
   stop = tuple(unescape(s) for s in (stop or ()))
   from mor_jax.infer.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
   sampling = SamplingParams(float(temperature), int(top_k), float(top_p))
-  gen = _load_generator(config, workdir, step=step, tokenizer=tokenizer, by_ids=ids is not None,
-                        threshold=threshold, kv_capacity=kv_capacity, err=err)
+  gen, tok_path = _load_generator(config, workdir, step=step, tokenizer=tokenizer, by_ids=ids is not None,
+                                  threshold=threshold, kv_capacity=kv_capacity, err=err)
+  wrap = _chat_wrapper(tok_path) if chat else None
   if ids is not None:
     if stop:
       raise InferenceError("--stop needs a tokenizer (strings); leave it out with --prompt_ids.")
     return [_one_ids(gen, out, err, ids, seed=seed, max_new_tokens=max_new_tokens, sampling=sampling)]
-  one = functools.partial(_one, gen, out, err, dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop))
+  one = functools.partial(_one, gen, out, err, dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop),
+                          echo=not chat)
   if prompt is not None:
-    return [one(unescape(prompt), seed)]
+    return [one(wrap([_user(unescape(prompt))]) if chat else unescape(prompt), seed)]
   if prompts_file:
-    return _run_file(gen, prompts, output_file, out, err, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                     sampling=sampling, seed=seed, stop=stop)
-  return _interactive(one, seed, err, stdin)
+    return _run_file(gen, [wrap([_user(p)]) for p in prompts] if chat else prompts, output_file, out, err,
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop=stop)
+  return _interactive(_Conversation(one, wrap) if chat else one, seed, err, stdin)
+
+
+def _user(text: str) -> dict:
+  return {"role": "user", "content": text}
+
+
+def _chat_wrapper(tok_path):
+  """messages -> prompt text with the model's chat template (checked now: a model without one fails here)."""
+  from mor_jax.infer.prompts import chat_settings, render_chat  # pylint: disable=g-import-not-at-top
+  settings = chat_settings(tok_path)
+  render_chat(settings, [_user("hi")])       # a template that does not render fails before the first prompt
+  return functools.partial(render_chat, settings)
+
+
+class _Conversation:
+  """--chat --interactive: one conversation; each turn's prompt holds the earlier turns (':reset' clears them)."""
+
+  def __init__(self, one, wrap):
+    self.one, self.wrap, self.messages = one, wrap, []
+
+  def __call__(self, text: str, seed: int):
+    if text.strip() == ":reset":
+      self.messages = []
+      return None
+    res = self.one(self.wrap(self.messages + [_user(text)]), seed)
+    self.messages += [_user(text), {"role": "assistant", "content": res.text or ""}]
+    return res
 
 
 def _load_generator(config, workdir, *, step, tokenizer, by_ids, threshold, kv_capacity, err):
   """Restores the model and its tokenizer (none for --prompt_ids unless --tokenizer is given)."""
-  from mor_jax.infer.checkpoint import describe, load_tokenizer, restore  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
   from mor_jax.infer.generate import Generator  # pylint: disable=g-import-not-at-top
   _enable_compilation_cache()
   t0 = time.time()
-  restored = restore(workdir, step=step, config=config)
+  restored = infer_ckpt.restore(workdir, step=step, config=config)
   tok = None
   if tokenizer or not by_ids:
-    tok = load_tokenizer(restored.config, restored.cfg, directory=restored.directory, override=tokenizer)
+    tok = infer_ckpt.load_tokenizer(restored.config, restored.cfg, directory=restored.directory, override=tokenizer)
   _check_against_model(restored.cfg, kv_capacity, threshold, err)
   gen = Generator(restored.cfg, restored.variables, tok, threshold=threshold, kv_capacity=kv_capacity,
                   add_bos=bool(restored.config.data.get("add_bos", False)) and not by_ids)
-  print(f"[{describe(restored)}; loaded in {time.time() - t0:.1f}s]", file=err, flush=True)
-  return gen
+  print(f"[{infer_ckpt.describe(restored)}; loaded in {time.time() - t0:.1f}s]", file=err, flush=True)
+  return gen, infer_ckpt.tokenizer_source(restored.config, directory=restored.directory, override=tokenizer)
 
 
 def _one_ids(gen, out, err, ids, *, seed: int, **kw):
@@ -238,16 +277,40 @@ def _one_ids(gen, out, err, ids, *, seed: int, **kw):
   return res
 
 
-def _one(gen, out, err, kw: dict, text: str, seed: int):
-  """One prompt, streamed to `out`; timing and depth on `err`."""
+_COMPILED = {"seconds": 0.0}          # XLA compilation time of this process (persistent-cache hits add nothing)
+
+
+@functools.cache
+def _track_compilation() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def listener(event, seconds, **unused):
+    if event == "/jax/core/compile/backend_compile_duration":
+      _COMPILED["seconds"] += seconds
+  jax.monitoring.register_event_duration_secs_listener(listener)
+
+
+def rate_note(tokens: int, seconds: float, compiled: float) -> str:
+  """'N tokens/s', and when XLA compiled during the call, the rate with and without the compilation time."""
+  rate = f"{tokens / max(seconds, 1e-9):.1f} tokens/s"
+  if compiled <= 0:
+    return rate
+  steady = max(seconds - compiled, 1e-9)
+  return f"{rate} incl. {compiled:.1f}s compilation; {tokens / steady:.1f} tokens/s without it"
+
+
+def _one(gen, out, err, kw: dict, text: str, seed: int, echo: bool = True):
+  """One prompt, streamed to `out` (after the prompt itself when `echo`); timing and depth on `err`."""
   gen.encode([text])   # errors (empty, too long) before anything is printed
-  print(text, end="", file=out, flush=True)
-  t = time.time()
+  if echo:
+    print(text, end="", file=out, flush=True)
+  _track_compilation()
+  t, c = time.time(), _COMPILED["seconds"]
   res = gen.generate([text], seed=seed, on_text=lambda _, s: print(s, end="", file=out, flush=True), **kw)[0]
   dt = time.time() - t
   print("", file=out, flush=True)
-  print(f"[{len(res.tokens)} tokens in {dt:.2f}s ({len(res.tokens) / max(dt, 1e-9):.1f} tokens/s incl. "
-        f"compilation); finish: {res.finish_reason}; mean recursions per token {res.mean_recursions:.2f} of "
+  print(f"[{len(res.tokens)} tokens in {dt:.2f}s ({rate_note(len(res.tokens), dt, _COMPILED['seconds'] - c)}); "
+        f"finish: {res.finish_reason}; mean recursions per token {res.mean_recursions:.2f} of "
         f"{gen.cfg.recursions}]", file=err, flush=True)
   return res
 
@@ -292,7 +355,9 @@ def _interactive(one, seed: int, err, stdin):
       print("", file=err)
       break
     try:
-      results.append(one(unescape(line.rstrip("\n")), seed + turn))
+      res = one(unescape(line.rstrip("\n")), seed + turn)
+      if res is not None:
+        results.append(res)
     except InferenceError as e:
       print(f"error: {e}", file=err, flush=True)
     except KeyboardInterrupt:

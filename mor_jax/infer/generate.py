@@ -209,7 +209,7 @@ class Generator:
 
     state, prompt_rec = prefill(self.variables, jnp.asarray(tokens), jnp.asarray(lengths), keys,
                                 jnp.asarray(limits), thr, sp, eos, n_out=n_out)
-    stream = _Stream(B, self.tokenizer, stop, on_text, on_tokens)
+    stream = _Stream(B, self.tokenizer, stop, on_text, on_tokens, eos_id)
     while True:
       if streaming:
         state = stream.update(state)
@@ -239,8 +239,9 @@ class Generator:
 class _Stream:
   """Host side of streaming: new tokens / text to the callbacks, stop strings (a row that hits one is done)."""
 
-  def __init__(self, B: int, tokenizer, stop: Sequence[str], on_text, on_tokens):
+  def __init__(self, B: int, tokenizer, stop: Sequence[str], on_text, on_tokens, eos_id: int | None = None):
     self.tokenizer, self.stop, self.on_text, self.on_tokens = tokenizer, stop, on_text, on_tokens
+    self.eos_id = eos_id
     self.emitted_tok, self.emitted_txt = [0] * B, [0] * B
     self.texts: list[str | None] = [None] * B
     self.stopped = [False] * B
@@ -261,7 +262,7 @@ class _Stream:
     self.emitted_tok[b] = n
     if self.tokenizer is None or (self.on_text is None and not self.stop):
       return False
-    text = self.tokenizer.decode(out[:n])
+    text = self._decode(out[:n])
     finished, newly = done, False
     cut = _find_stop(text, self.stop, self.emitted_txt[b] - self.hold)
     if cut is not None:
@@ -275,13 +276,17 @@ class _Stream:
     self.emitted_txt[b] = max(self.emitted_txt[b], end)
     return newly
 
+  def _decode(self, toks) -> str:
+    """The text of `toks` without the end-of-turn token (a tokenizer that does not mark EOS special keeps it)."""
+    return self.tokenizer.decode([t for t in toks if t != self.eos_id])
+
   def final_text(self, b: int, toks: list[int]) -> tuple[str | None, bool]:
     """(row b's text cut before a stop string, did a stop string end it)."""
     if self.tokenizer is None:
       return None, self.stopped[b]
     if self.stopped[b] and self.texts[b] is not None:
       return self.texts[b], True
-    text = self.tokenizer.decode(toks)
+    text = self._decode(toks)
     cut = _find_stop(text, self.stop, 0)
     if cut is not None:
       return text[:cut], True

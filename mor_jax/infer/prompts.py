@@ -111,3 +111,55 @@ def read_prompts_file(path: str, flag: str = "--prompts_file") -> list[str]:
   if not prompts:
     raise InferenceError(f"{flag}={path} holds no prompts.")
   return prompts
+
+
+# ------------------------------------------------------------------ chat
+CHAT_HINT = ("leave out --chat, or pass --tokenizer=FOLDER whose tokenizer_config.json has a 'chat_template' "
+             "(a Hugging Face chat model's tokenizer folder)")
+
+
+def chat_settings(tokenizer_path: str | None) -> dict:
+  """The tokenizer_config.json next to the model's tokenizer (a folder or its tokenizer.json), checked for --chat:
+  {'chat_template', 'bos_token', 'eos_token', ...}."""
+  folder = tokenizer_path if tokenizer_path and os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path or "")
+  file = os.path.join(folder, "tokenizer_config.json")
+  settings = {}
+  if tokenizer_path and os.path.isfile(file):
+    try:
+      with open(file, encoding="utf-8") as f:
+        settings = json.load(f)
+    except (OSError, ValueError) as e:
+      raise InferenceError(f"--chat: {file} cannot be read as JSON ({e}); {CHAT_HINT}.") from None
+  template = settings.get("chat_template") if isinstance(settings, dict) else None
+  if isinstance(template, list):             # [{'name': 'default', 'template': ...}, ...]
+    template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+  if not isinstance(template, str) or not template.strip():
+    where = file if os.path.isfile(file) else (folder or "the model's tokenizer")
+    raise InferenceError(f"--chat: this model has no chat template (no 'chat_template' in {where}); {CHAT_HINT}.")
+  return {**settings, "chat_template": template}
+
+
+def _token_text(value) -> str:
+  """A special token of tokenizer_config.json: a string or an AddedToken dict ({'content': ...})."""
+  if isinstance(value, dict):
+    return str(value.get("content", ""))
+  return str(value or "")
+
+
+def render_chat(settings: dict, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+  """The prompt text for chat `messages` ([{role, content}]) with a Hugging Face chat template (Jinja, sandboxed)."""
+  import jinja2  # pylint: disable=g-import-not-at-top
+  from jinja2.sandbox import ImmutableSandboxedEnvironment  # pylint: disable=g-import-not-at-top
+
+  def raise_exception(message):
+    raise InferenceError(f"--chat: the chat template refused the conversation: {message}")
+
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  env.globals["raise_exception"] = raise_exception
+  try:
+    return env.from_string(settings["chat_template"]).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt,
+        bos_token=_token_text(settings.get("bos_token")), eos_token=_token_text(settings.get("eos_token")))
+  except jinja2.TemplateError as e:
+    raise InferenceError(f"--chat: the model's chat template does not render ({type(e).__name__}: {e}); "
+                         f"{CHAT_HINT}.") from None

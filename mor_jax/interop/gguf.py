@@ -223,14 +223,11 @@ def write_tokenizer(meta: dict, directory: str, where: str) -> tuple[bool, list]
 
 def apply_chat_template(tokenizer_dir: str, messages, add_generation_prompt: bool = True) -> str:
   """The prompt text for chat `messages` ([{role, content}]) with the chat template stored in tokenizer_dir."""
-  from jinja2.sandbox import ImmutableSandboxedEnvironment  # pylint: disable=g-import-not-at-top
-  tc = hf.read_json(os.path.join(tokenizer_dir, "tokenizer_config.json"))
-  if not tc.get("chat_template"):
-    raise InteropError(f"{tokenizer_dir}/tokenizer_config.json has no chat_template.")
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-  return env.from_string(tc["chat_template"]).render(
-      messages=list(messages), add_generation_prompt=add_generation_prompt,
-      bos_token=tc.get("bos_token", ""), eos_token=tc.get("eos_token", ""))
+  from mor_jax.infer import prompts  # pylint: disable=g-import-not-at-top
+  try:
+    return prompts.render_chat(prompts.chat_settings(tokenizer_dir), messages, add_generation_prompt)
+  except prompts.InferenceError as e:
+    raise InteropError(str(e)) from None
 
 
 # ------------------------------------------------------------------ import

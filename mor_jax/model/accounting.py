@@ -117,3 +117,24 @@ def summary(config) -> str:
   lines.append(f"  forward {fl['forward'] / 1e9:10.3f} GFLOP   training (3x) {fl['train'] / 1e9:10.3f} GFLOP")
   lines.append(f"  6N = {6 * counts['total'] / 1e9:.3f} GFLOP for comparison")
   return "\n".join(lines)
+
+
+def workdir_summary(workdir: str, step: int | None = None) -> str:
+  """`--mode=info --workdir=W` without --config: the summary of the config stored with W's newest (or `step`'s)
+  checkpoint, e.g. an imported model's. Raises CheckpointError (a ValueError) naming what is missing."""
+  import os  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
+  from mor_jax.checkpoint.layout import CheckpointError, find_checkpoints  # pylint: disable=g-import-not-at-top
+  ckpt_dir, steps = find_checkpoints(workdir)
+  if step is not None and step not in steps:
+    raise CheckpointError(f"--step={step}: no checkpoint of that step in {ckpt_dir}; available steps: {steps}.")
+  step_dir = os.path.join(ckpt_dir, str(steps[-1] if step is None else step))
+  meta = ckpt_params.read_meta(step_dir)
+  if "config" not in meta:
+    raise CheckpointError(f"the checkpoint {step_dir} stores no config; pass the model's config with --config.")
+  config = ml_collections.ConfigDict(meta["config"])
+  for section in ("train", "parallel"):    # batch sizes of the run that wrote it: not part of the model
+    if section in config:
+      del config[section]
+  return f"checkpoint: step {os.path.basename(step_dir)} of {ckpt_dir}\n" + summary(config)

@@ -55,14 +55,16 @@ strategies run different layers at each depth (no shared block to batch
 across depths) and are rejected.
 
 Layout: `layout.py` (static shapes, the state pytree), `tick.py` (the jitted tick and its phases),
-`scheduler.py` (admission, the request queue, `Engine`).
+`admit.py` (prefill into free slots), `scheduler.py` (the request queue, the step-wise session API `start` /
+`submit` / `step` / `cancel` / `finish` a server drives, `Engine`).
 """
 
 from mor_jax.infer.engine.layout import (BLOCK, DONE, EMPTY, ENTER, EXIT, PHASES, STATS, EngineCache, EngineLayout,
                                          EngineState, expected_recursions, init_state, kv_bytes, make_layout)
-from mor_jax.infer.engine.scheduler import Engine, Request, admit_requests
+from mor_jax.infer.engine.admit import admit_requests
+from mor_jax.infer.engine.scheduler import Engine, Progress, Request
 from mor_jax.infer.engine.tick import SKIP_EMPTY_PHASES, run_ticks, tick
 
 __all__ = ["BLOCK", "DONE", "EMPTY", "ENTER", "EXIT", "PHASES", "SKIP_EMPTY_PHASES", "STATS", "Engine", "EngineCache",
-           "EngineLayout", "EngineState", "Request", "admit_requests", "expected_recursions", "init_state", "kv_bytes",
+           "EngineLayout", "EngineState", "Progress", "Request", "admit_requests", "expected_recursions", "init_state", "kv_bytes",
            "make_layout", "run_ticks", "tick"]

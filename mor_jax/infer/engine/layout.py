@@ -102,6 +102,9 @@ class EngineState:
   limit: jax.Array     # [B] int32 tokens it may generate
   finish: jax.Array    # [B] int32 FINISH_REASONS index
   keys: jax.Array      # [B, 2] uint32 sampling key of the request
+  temperature: jax.Array   # [B] float32 sampling parameters of the request (0: greedy)
+  top_k: jax.Array         # [B] int32 (0: off)
+  top_p: jax.Array         # [B] float32 (1: off)
   out: jax.Array       # [B, N] int32 generated tokens
   out_rec: jax.Array   # [B, N] int32 recursions behind each
   stats: dict          # int32 counters (see STATS)
@@ -130,7 +133,8 @@ def init_state(cfg: ModelConfig, lay: EngineLayout) -> EngineState:
   return EngineState(cache=cache, phase=zi, h=jnp.zeros((B, D), dt), h0=jnp.zeros((B, D), dt), depth=zi,
                      apply=jnp.zeros((B,), bool), target=zi, gate=jnp.zeros((B,), jnp.float32), token=zi, pos=zi,
                      rec=zi, req=jnp.full((B,), -1, jnp.int32), count=zi, limit=zi, finish=zi,
-                     keys=jnp.zeros((B, 2), jnp.uint32), out=jnp.zeros((B, lay.max_new), jnp.int32),
+                     keys=jnp.zeros((B, 2), jnp.uint32), temperature=jnp.zeros((B,), jnp.float32), top_k=zi,
+                     top_p=jnp.ones((B,), jnp.float32), out=jnp.zeros((B, lay.max_new), jnp.int32),
                      out_rec=jnp.zeros((B, lay.max_new), jnp.int32), stats={k: jnp.int32(0) for k in STATS})
 
 

@@ -1,8 +1,10 @@
-"""The engine's host side: admission (prefill into free slots), the request queue and the `Engine` class.
+"""The engine's host side: the request queue, the step-wise loop and the `Engine` class.
 
-Ticks run in a `lax.while_loop` until enough slots are free to be worth refilling (`refill_min`) or everything
-is done; the scheduler then collects finished requests, prefills waiting ones (the plain path's
-`forward_cached`, batched, prompt length bucketed) and inserts their caches into the free slots, and resumes.
+Ticks run in a `lax.while_loop` until enough slots are free to be worth refilling (`refill_min`), a tick budget
+is spent (`step(max_ticks)`, for streaming) or everything is done; the scheduler then collects finished
+requests, prefills waiting ones (admit.py: the plain path's `forward_cached`, batched, prompt length bucketed)
+into the free slots, and resumes. A server drives `start` / `submit` / `step` / `cancel` from one thread
+(`step` returns the tokens each request made since the last step); `run` / `generate` drive it to completion.
 """
 
 from __future__ import annotations
@@ -18,64 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mor_jax.config import ModelConfig
-from mor_jax.infer import cache as cache_lib
 from mor_jax.infer import prompts as prompts_lib
-from mor_jax.infer.decode import check_supported, forward_cached, logits_fn
-from mor_jax.infer.engine.layout import (DONE, ENTER, EngineLayout, EngineState, expected_recursions, init_state,
-                                         kv_bytes, live, make_layout)
+from mor_jax.infer.decode import check_supported
+from mor_jax.infer.engine.admit import admit_requests
+from mor_jax.infer.engine.layout import (DONE, EngineLayout, EngineState, expected_recursions, init_state, kv_bytes,
+                                         live, make_layout)
 from mor_jax.infer.engine.tick import run_ticks
 from mor_jax.infer.errors import InferenceError
 from mor_jax.infer.generate import Generation
-from mor_jax.infer.sampling import FINISH_REASONS, RUNNING, SamplingParams, finish_code, sample_logits, sampling_arrays
-
-
-def _insert_caches(cfg: ModelConfig, lay: EngineLayout, c, pc: dict, slots_B):
-  """The prefill caches `pc` (the plain path's plan) moved into slots `slots_B` of the engine's caches `c`."""
-  k, v, idx, ln = c.stage_k, c.stage_v, c.stage_index, c.stage_len
-  for g, kv in enumerate(pc["stage"]):
-    o, cap = lay.offsets[g], lay.capacity[g]
-    k = k.at[:, slots_B, o:o + cap].set(kv.k, mode="drop")
-    v = v.at[:, slots_B, o:o + cap].set(kv.v, mode="drop")
-    idx = idx.at[slots_B, o:o + cap].set(kv.index, mode="drop")
-    ln = ln.at[g, slots_B].set(kv.length, mode="drop")
-  c = c.replace(stage_k=k, stage_v=v, stage_index=idx, stage_len=ln)
-
-  def put_kv(dst, src):
-    return dst.replace(k=dst.k.at[:, slots_B].set(src.k, mode="drop"), v=dst.v.at[:, slots_B].set(src.v, mode="drop"),
-                       index=dst.index.at[slots_B].set(src.index, mode="drop"),
-                       length=dst.length.at[slots_B].set(src.length, mode="drop"))
-  if cfg.has_middle:
-    c = c.replace(first=put_kv(c.first, pc["first"]), last=put_kv(c.last, pc["last"]))
-  return c
-
-
-def admit_requests(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, tokens_BP, lengths_B, slots_B,
-                   keys_B2, limits_B, reqs_B, threshold, sp, eos_id):
-  """Prefills a batch of prompts (the plain path's forward_cached) and moves them into free slots.
-
-  slots_B: the slot of each prompt (B = lay.slots for padding rows: nothing is written). The first token is
-  sampled from the prompt's last position (key fold_in(key, 0)), as in the plain path.
-  Returns (state, prompt recursions [Bp, P]).
-  """
-  Bp, P = tokens_BP.shape
-  pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (Bp, P))
-  valid = pos < lengths_B[:, None]
-  pc = cache_lib.init_cache(cfg, lay.plan, Bp)
-  h, pc, info = forward_cached(cfg, lay.plan, variables, pc, tokens_BP, pos, valid, threshold=threshold)
-  last = jnp.take_along_axis(h, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-  tok = sample_logits(jax.vmap(jax.random.fold_in)(keys_B2, jnp.zeros((Bp,), jnp.int32)),
-                      logits_fn(cfg, variables, last), sp)
-  rec_last = jnp.take_along_axis(info["recursions"], (lengths_B - 1)[:, None], axis=1)[:, 0]
-  c = _insert_caches(cfg, lay, st.cache, pc, slots_B)
-  put = lambda a, x: a.at[slots_B].set(x.astype(a.dtype), mode="drop")
-  finish = finish_code(tok, 1, limits_B, eos_id)
-  st = st.replace(cache=c, phase=put(st.phase, jnp.where(finish != RUNNING, DONE, ENTER)), token=put(st.token, tok),
-                  pos=put(st.pos, lengths_B), rec=put(st.rec, jnp.zeros_like(tok)), req=put(st.req, reqs_B),
-                  count=put(st.count, jnp.ones_like(tok)), limit=put(st.limit, limits_B),
-                  finish=put(st.finish, finish), keys=st.keys.at[slots_B].set(keys_B2, mode="drop"),
-                  out=st.out.at[slots_B, 0].set(tok, mode="drop"),
-                  out_rec=st.out_rec.at[slots_B, 0].set(rec_last, mode="drop"))
-  return st, jnp.where(valid, info["recursions"], 0)
+from mor_jax.infer.sampling import FINISH_REASONS, STOP, SamplingParams
 
 
 @functools.lru_cache(maxsize=32)
@@ -93,6 +46,12 @@ def _programs(cfg: ModelConfig, lay: EngineLayout):
   return _run_program(cfg, lay), _admit_program(cfg, dataclasses.replace(lay, entry_rows=0, exit_rows=0))
 
 
+@jax.jit
+def _request_keys(seeds_B, rows_B):
+  """Sampling key of each request: fold_in(PRNGKey(seed), row id), as the plain path's."""
+  return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seeds_B, rows_B)
+
+
 @dataclasses.dataclass
 class Request:
   id: int
@@ -101,14 +60,31 @@ class Request:
   row_id: int
   prompt: str | None = None
   submitted: float = 0.0
+  sampling: SamplingParams | None = None   # None: the session's
+  seed: int | None = None                  # None: the session's
+
+
+@dataclasses.dataclass
+class Progress:
+  """What `Engine.step` reports for one request: the tokens it made since the last step (with the recursions
+  behind each), and its Generation once it is finished (or cancelled: finish_reason 'stop')."""
+  id: int
+  tokens: list[int]
+  recursions: list[int]
+  result: Generation | None = None
 
 
 @dataclasses.dataclass
 class _Run:
-  """Host-side bookkeeping of one `Engine.run` call."""
+  """Host-side bookkeeping of one serving session (`start` ... `finish`)."""
   owner: list                      # per slot: the Request in it, or None
-  base_key: jax.Array
-  args: tuple                      # (threshold, sampling arrays, eos id): traced arguments of both programs
+  sent: list                       # per slot: tokens of its request already reported
+  sampling: SamplingParams
+  seed: int
+  args: tuple                      # (threshold, eos id): traced arguments of both programs
+  stream: bool
+  stats0: dict
+  t0: float
   prompt_rec: dict = dataclasses.field(default_factory=dict)
   done: dict = dataclasses.field(default_factory=dict)
   admit_s: float = 0.0
@@ -153,11 +129,22 @@ class Engine:
     self.results: dict[int, Generation] = {}
     self._next_id = 0
     self._state: EngineState | None = None
+    self._run: _Run | None = None
     self.stats: dict = {}
 
   @property
   def slots(self) -> int:
     return self.layout.slots
+
+  @property
+  def busy(self) -> int:
+    """Slots holding a request of the open session."""
+    run = self._run   # (read once: a server's health check reads it from another thread)
+    return 0 if run is None else sum(r is not None for r in run.owner)
+
+  @property
+  def idle(self) -> bool:
+    return not self.queue and self.busy == 0
 
   def kv_bytes(self) -> int:
     return kv_bytes(self.cfg, self.layout)
@@ -167,28 +154,50 @@ class Engine:
     return prompts_lib.encode_prompt(prompt, i, vocab_size=self.cfg.vocab_size, tokenizer=self.tokenizer,
                                      add_bos=self.add_bos)
 
-  def submit(self, prompt, max_new_tokens: int | None = None, *, row_id: int | None = None) -> int:
-    """Queues a request; returns its id. row_id fixes its sampling key (default: the id)."""
+  def check_request(self, prompt_len: int, n: int, who: str = "request") -> None:
+    """Raises InferenceError when a prompt of `prompt_len` tokens asking for `n` new tokens does not fit."""
+    ctx = self.cfg.max_seq_len
+    if n < 1:
+      raise InferenceError(f"{who}: max_new_tokens must be >= 1, got {n}.")
+    if n > self.layout.max_new:
+      raise InferenceError(f"{who} asks for {n} new tokens but the engine was built for at most "
+                           f"{self.layout.max_new} (Engine(max_new_tokens=...)).")
+    if prompt_len + n > ctx:
+      raise InferenceError(f"{who}: prompt of {prompt_len} tokens + {n} new tokens = {prompt_len + n} exceeds the "
+                           f"model's context of {ctx} tokens (model.max_seq_len). Shorten the prompt or ask for at "
+                           f"most {max(0, ctx - prompt_len)} new tokens.")
+    if prompt_len + n - 1 > self.layout.max_len:
+      raise InferenceError(f"{who}: prompt of {prompt_len} tokens + {n} new tokens needs {prompt_len + n - 1} cache "
+                           f"positions but the engine holds {self.layout.max_len} (Engine(max_len=...)).")
+
+  def submit(self, prompt, max_new_tokens: int | None = None, *, row_id: int | None = None,
+             sampling: SamplingParams | None = None, seed: int | None = None) -> int:
+    """Queues a request; returns its id. row_id fixes its sampling key (default: the id); sampling / seed:
+    its own (default: those of the session that serves it). May be called while a session runs."""
     rid = self._next_id
     t = self.encode(prompt, rid)
     n = self.layout.max_new if max_new_tokens is None else int(max_new_tokens)
-    ctx = self.cfg.max_seq_len
-    if n < 1:
-      raise InferenceError(f"request {rid}: max_new_tokens must be >= 1, got {n}.")
-    if n > self.layout.max_new:
-      raise InferenceError(f"request {rid} asks for {n} new tokens but the engine was built for at most "
-                           f"{self.layout.max_new} (Engine(max_new_tokens=...)).")
-    if len(t) + n > ctx:
-      raise InferenceError(f"request {rid}: prompt of {len(t)} tokens + {n} new tokens = {len(t) + n} exceeds the "
-                           f"model's context of {ctx} tokens (model.max_seq_len). Shorten the prompt or ask for at "
-                           f"most {max(0, ctx - len(t))} new tokens.")
-    if len(t) + n - 1 > self.layout.max_len:
-      raise InferenceError(f"request {rid}: prompt of {len(t)} tokens + {n} new tokens needs {len(t) + n - 1} cache "
-                           f"positions but the engine holds {self.layout.max_len} (Engine(max_len=...)).")
+    self.check_request(len(t), n, f"request {rid}")
     self._next_id += 1
     self.queue.append(Request(rid, t, n, rid if row_id is None else int(row_id),
-                              prompt if isinstance(prompt, str) else None, time.perf_counter()))
+                              prompt if isinstance(prompt, str) else None, time.perf_counter(), sampling,
+                              None if seed is None else int(seed)))
     return rid
+
+  def cancel(self, rid: int) -> bool:
+    """Drops a waiting request, or ends a running one at the next step (its slot is freed there; its result
+    has finish_reason 'stop'). False if the request is unknown or already finished."""
+    for r in self.queue:
+      if r.id == rid:
+        self.queue.remove(r)
+        return True
+    run = self._run
+    for b, r in enumerate(run.owner if run is not None else ()):
+      if r is not None and r.id == rid:
+        st = self._state
+        self._state = st.replace(phase=st.phase.at[b].set(DONE), finish=st.finish.at[b].set(STOP))
+        return True
+    return False
 
   # ------------------------------------------------------------------ running
   def _admit(self, run: _Run, admit, st: EngineState, free: list[int]):
@@ -201,15 +210,19 @@ class Engine:
     tokens = np.zeros((Bp, P), np.int32)
     lengths, limits = np.ones((Bp,), np.int32), np.ones((Bp,), np.int32)
     slots_arr, reqs, row_ids = np.full((Bp,), B, np.int32), np.full((Bp,), -1, np.int32), np.zeros((Bp,), np.int32)
+    seeds, sp = np.zeros((Bp,), np.int32), {"temperature": np.zeros((Bp,), np.float32),
+                                            "top_k": np.zeros((Bp,), np.int32), "top_p": np.ones((Bp,), np.float32)}
     for i, (r, b) in enumerate(zip(take, free)):
       tokens[i, :len(r.prompt_tokens)] = r.prompt_tokens
       lengths[i], slots_arr[i], limits[i] = len(r.prompt_tokens), b, r.max_new_tokens
-      reqs[i], row_ids[i] = r.id, r.row_id
-      run.owner[b] = r
-    keys = jax.vmap(lambda i: jax.random.fold_in(run.base_key, i))(jnp.asarray(row_ids))
+      reqs[i], row_ids[i], seeds[i] = r.id, r.row_id, run.seed if r.seed is None else r.seed
+      rs = r.sampling or run.sampling
+      sp["temperature"][i], sp["top_k"][i], sp["top_p"][i] = rs.temperature, rs.top_k, rs.top_p
+      run.owner[b], run.sent[b] = r, 0
     ta = time.perf_counter()
-    st, prec = admit(self.variables, st, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slots_arr), keys,
-                     jnp.asarray(limits), jnp.asarray(reqs), *run.args)
+    st, prec = admit(self.variables, st, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slots_arr),
+                     _request_keys(jnp.asarray(seeds), jnp.asarray(row_ids)), jnp.asarray(limits),
+                     jnp.asarray(reqs), jax.tree.map(jnp.asarray, sp), *run.args)
     prec, phase = jax.device_get((prec, st.phase))
     run.admit_s += time.perf_counter() - ta
     run.admit_calls += 1
@@ -217,27 +230,36 @@ class Engine:
       run.prompt_rec[r.id] = [int(x) for x in prec[i, :len(r.prompt_tokens)]]
     return st, phase
 
-  def _collect(self, run: _Run, st: EngineState, phase) -> bool:
-    """Moves the finished requests' results out of their slots; True if any finished."""
-    fin = [b for b, r in enumerate(run.owner) if r is not None and phase[b] == DONE]
-    if not fin:
-      return False
-    out, out_rec, count, finish = jax.device_get((st.out, st.out_rec, st.count, st.finish))
-    for b in fin:
-      r, n = run.owner[b], int(count[b])
-      toks = [int(x) for x in out[b, :n]]
-      run.done[r.id] = Generation(prompt_tokens=r.prompt_tokens, tokens=toks,
-                                  recursions=[int(x) for x in out_rec[b, :n]],
-                                  prompt_recursions=run.prompt_rec.pop(r.id),
-                                  finish_reason=FINISH_REASONS[int(finish[b])],
-                                  text=self.tokenizer.decode(toks) if self.tokenizer is not None else None,
-                                  prompt=r.prompt)
-      run.owner[b] = None
-    return True
+  def _generation(self, run: _Run, r: Request, toks: list[int], recs: list[int], finish: int) -> Generation:
+    return Generation(prompt_tokens=r.prompt_tokens, tokens=toks, recursions=recs,
+                      prompt_recursions=run.prompt_rec.pop(r.id), finish_reason=FINISH_REASONS[finish],
+                      text=(self.tokenizer.decode([t for t in toks if t != self.tokenizer.eos_id])   # EOS: no text
+                            if self.tokenizer is not None else None), prompt=r.prompt)
 
-  def _record_stats(self, run: _Run, st: EngineState, stats0, wall: float) -> None:
+  def _collect(self, run: _Run, st: EngineState, phase) -> list[Progress]:
+    """New tokens of the requests in flight (streaming sessions) and the finished requests' results, whose
+    slots become free."""
+    owned = [b for b, r in enumerate(run.owner) if r is not None]
+    fin = [b for b in owned if phase[b] == DONE]
+    if not fin and not (run.stream and owned):
+      return []
+    out, out_rec, count, finish = jax.device_get((st.out, st.out_rec, st.count, st.finish))
+    events = []
+    for b in owned if run.stream else fin:
+      r, n, k = run.owner[b], int(count[b]), run.sent[b]
+      ev = Progress(r.id, [int(x) for x in out[b, k:n]], [int(x) for x in out_rec[b, k:n]])
+      run.sent[b] = n
+      if phase[b] == DONE:
+        ev.result = run.done[r.id] = self._generation(run, r, [int(x) for x in out[b, :n]],
+                                                      [int(x) for x in out_rec[b, :n]], int(finish[b]))
+        run.owner[b] = None
+      if ev.tokens or ev.result is not None:
+        events.append(ev)
+    return events
+
+  def _record_stats(self, run: _Run, st: EngineState, wall: float) -> None:
     B = self.layout.slots
-    s = {k: int(v) - int(stats0[k]) for k, v in jax.device_get(st.stats).items()}   # this call's counts
+    s = {k: int(v) - int(run.stats0[k]) for k, v in jax.device_get(st.stats).items()}   # this session's counts
     ticks = max(1, s["ticks"])
     gen_tokens = sum(len(g.tokens) for g in run.done.values())
     self.stats = {**s, "wall_s": wall, "admit_s": run.admit_s, "admit_calls": run.admit_calls,
@@ -246,37 +268,58 @@ class Engine:
                   "mean_recursions": (sum(sum(g.recursions) for g in run.done.values()) / max(1, gen_tokens)),
                   "tokens_per_tick": s["tokens"] / ticks}
 
+  def start(self, *, sampling: SamplingParams = SamplingParams(), seed: int = 0, stop_at_eos: bool = True,
+            stream: bool = False) -> None:
+    """Opens a serving session: `step` serves the queued requests and those submitted later. sampling / seed:
+    defaults of requests that give none; stream: `step` also reports the tokens of unfinished requests."""
+    if self._run is not None:
+      raise InferenceError("the engine already serves a session; call finish() before start().")
+    cfg, lay = self.cfg, self.layout
+    eos_id = self.tokenizer.eos_id if (stop_at_eos and self.tokenizer is not None) else None
+    if self._state is None:
+      self._state = jax.jit(functools.partial(init_state, cfg, lay))()
+    self._run = _Run(owner=[None] * lay.slots, sent=[0] * lay.slots, sampling=sampling, seed=int(seed),
+                     args=(jnp.float32(self.threshold), jnp.int32(-1 if eos_id is None else eos_id)), stream=stream,
+                     stats0=jax.device_get(self._state.stats), t0=time.perf_counter())
+
+  def step(self, max_ticks: int = 1 << 30) -> list[Progress]:
+    """Admits waiting requests into free slots, runs up to `max_ticks` ticks (fewer once enough slots are free to
+    admit the waiting ones, or nothing is live) and reports progress (see `Progress`)."""
+    run, st, B = self._run, self._state, self.layout.slots
+    if run is None:
+      raise InferenceError("no session: call start() before step().")
+    ticks, admit = _programs(self.cfg, self.layout)
+    free = [b for b in range(B) if run.owner[b] is None]
+    phase = None
+    if self.queue and free:
+      st, phase = self._admit(run, admit, st, free)
+    if phase is None or np.any(live(phase)):
+      refill_at = max(1, min(len(self.queue), self.refill_min)) if self.queue else B + 1
+      st = ticks(self.variables, st, *run.args, jnp.int32(max(1, max_ticks)), jnp.int32(refill_at))
+      phase = np.asarray(st.phase)
+    self._state = st
+    return self._collect(run, st, phase)
+
+  def finish(self) -> dict[int, Generation]:
+    """Closes the session (the slots keep their buffers for the next); returns {id: Generation} of its requests."""
+    run, self._run = self._run, None
+    if run is None:
+      return {}
+    self._record_stats(run, self._state, time.perf_counter() - run.t0)
+    self.results.update(run.done)
+    return run.done
+
   def run(self, *, sampling: SamplingParams = SamplingParams(), seed: int = 0, stop_at_eos: bool = True,
           max_ticks_per_call: int = 1 << 30) -> dict[int, Generation]:
     """Serves every queued request; returns {id: Generation} for those finished in this call."""
-    cfg, lay = self.cfg, self.layout
-    B = lay.slots
-    ticks, admit = _programs(cfg, lay)
-    eos_id = self.tokenizer.eos_id if (stop_at_eos and self.tokenizer is not None) else None
-    run = _Run(owner=[None] * B, base_key=jax.random.PRNGKey(seed),
-               args=(jnp.float32(self.threshold), sampling_arrays(sampling), jnp.int32(-1 if eos_id is None else eos_id)))
-    st = jax.jit(functools.partial(init_state, cfg, lay))() if self._state is None else self._state
-    self._state = None
-    stats0 = jax.device_get(st.stats)
-    t0 = time.perf_counter()
-    while True:
-      free = [b for b in range(B) if run.owner[b] is None]
-      phase = None
-      if self.queue and free:
-        st, phase = self._admit(run, admit, st, free)
-      if phase is None or np.any(live(phase)):
-        refill_at = max(1, min(len(self.queue), self.refill_min)) if self.queue else B + 1
-        st = ticks(self.variables, st, *run.args, jnp.int32(max_ticks_per_call), jnp.int32(refill_at))
-        phase = np.asarray(st.phase)
-      finished = self._collect(run, st, phase)
-      if not self.queue and all(o is None for o in run.owner):
-        break
-      if not finished and not bool(np.any(live(phase))) and not self.queue:
-        raise RuntimeError("engine stalled")   # cannot happen: live slots or a queue always make progress
-    self._record_stats(run, st, stats0, time.perf_counter() - t0)
-    self._state = st
-    self.results.update(run.done)
-    return run.done
+    self.start(sampling=sampling, seed=seed, stop_at_eos=stop_at_eos)
+    try:
+      while not self.idle:
+        self.step(max_ticks_per_call)
+    except BaseException:
+      self._run = None
+      raise
+    return self.finish()
 
   def generate(self, prompts: Sequence, *, max_new_tokens: int | Sequence[int] = 128,
                sampling: SamplingParams = SamplingParams(), seed: int = 0, stop_at_eos: bool = True,

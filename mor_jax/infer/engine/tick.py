@@ -197,7 +197,15 @@ def _block_pass(cfg: ModelConfig, lay: EngineLayout, variables, threshold, blk, 
   return st, cache
 
 
-def _exit(cfg: ModelConfig, lay: EngineLayout, variables, sp, eos_id, leave: _Rows, st: EngineState, cache):
+def sample_rows(keys_B2, logits_BV, temperature_B, top_k_B, top_p_B):
+  """`sample_logits` with each row's own sampling parameters (argmax for all rows when every row is greedy)."""
+  def one(key, logits, t, k, p):
+    return sample_logits(key[None], logits[None], {"temperature": t, "top_k": k, "top_p": p})[0]
+  return jax.lax.cond(jnp.all(temperature_B <= 0), lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32),
+                      lambda: jax.vmap(one)(keys_B2, logits_BV, temperature_B, top_k_B, top_p_B))
+
+
+def _exit(cfg: ModelConfig, lay: EngineLayout, variables, eos_id, leave: _Rows, st: EngineState, cache):
   """EXIT rows: unique last layer, final norm, head, sampling; the new token re-enters (or the request is done)."""
   model = MoRLM(cfg)
   sel = leave.sel
@@ -211,7 +219,8 @@ def _exit(cfg: ModelConfig, lay: EngineLayout, variables, sp, eos_id, leave: _Ro
     x, last = _run_kv(_layer_cfg(cfg), _unique(variables["params"], "last"), last, x, pos, leave, sel)
   logits = logits_fn(cfg, variables, model.apply(variables, x, method=_final_norm)[:, 0])
   count = leave.take(st.count)
-  tok = sample_logits(jax.vmap(jax.random.fold_in)(leave.take(st.keys), count), logits, sp)
+  tok = sample_rows(jax.vmap(jax.random.fold_in)(leave.take(st.keys), count), logits, leave.take(st.temperature),
+                    leave.take(st.top_k), leave.take(st.top_p))
   rows = jnp.where(sel, jnp.arange(lay.slots), lay.slots) if leave.rows is None else leave.rows
   out = st.out.at[rows, count].set(tok, mode="drop")
   out_rec = st.out_rec.at[rows, count].set(leave.take(st.rec), mode="drop")
@@ -232,7 +241,7 @@ def _spread(sel, values, lo, hi):
   return jnp.max(jnp.where(sel, values, lo - 1)) > jnp.min(jnp.where(sel, values, hi + 1))
 
 
-def tick(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, threshold, sp, eos_id) -> EngineState:
+def tick(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, threshold, eos_id) -> EngineState:
   """One step of the engine: entry phase, one batched block pass at mixed depths, exit phase."""
   R = cfg.recursions
   stats = dict(st.stats)
@@ -254,7 +263,7 @@ def tick(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, thresh
   leave = _Rows(st.phase == EXIT, lay.exit_rows, t)
   # statistics of the exiting tokens: did tokens of different depths leave in this tick?
   mixed_exit = _spread(leave.sel, leave.take(st.rec), 0, R)
-  st, cache = _maybe(jnp.any(leave.sel), lambda s, c: _exit(cfg, lay, variables, sp, eos_id, leave, s, c),
+  st, cache = _maybe(jnp.any(leave.sel), lambda s, c: _exit(cfg, lay, variables, eos_id, leave, s, c),
                      (st, cache))
   stats["exit_rows"] += leave.sel.sum(dtype=jnp.int32)
   stats["tokens"] += leave.sel.sum(dtype=jnp.int32)
@@ -264,7 +273,7 @@ def tick(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, thresh
   return st.replace(cache=cache, stats=stats)
 
 
-def run_ticks(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, threshold, sp, eos_id, max_ticks,
+def run_ticks(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, threshold, eos_id, max_ticks,
               refill_at) -> EngineState:
   """Ticks until `max_ticks` ran, no slot is live, or at least `refill_at` slots are free."""
   B = lay.slots
@@ -274,4 +283,4 @@ def run_ticks(cfg: ModelConfig, lay: EngineLayout, variables, st: EngineState, t
     alive = live(s.phase)
     return (s.stats["ticks"] < stop_at) & jnp.any(alive) & (B - alive.sum() < refill_at)
 
-  return jax.lax.while_loop(cond, lambda s: tick(cfg, lay, variables, s, threshold, sp, eos_id), st)
+  return jax.lax.while_loop(cond, lambda s: tick(cfg, lay, variables, s, threshold, eos_id), st)

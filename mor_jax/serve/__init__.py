@@ -1,0 +1,16 @@
+"""Serving: an OpenAI-compatible HTTP server on the depth-wise batching engine (`python main.py --mode=serve`).
+
+  server.py   the command: flags, model + tokenizer, engine, uvicorn, SIGTERM drain
+  loop.py     the engine loop thread (one owner of the devices), jobs, bounded queue, cancellation, deadlines
+  app.py      FastAPI routes: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models, /health,
+              /metrics, / (the web page in static/)
+  schemas.py  request bodies (unknown fields refused) and OpenAI-style errors
+  text.py     incremental detokenisation, stop strings
+  metrics.py  Prometheus metrics
+
+The HTTP libraries are an extra: `pip install -r requirements-serve.txt`.
+"""
+
+from mor_jax.serve.server import FLAG_DEFAULTS, define_flags, main_serve, run_from_flags
+
+__all__ = ["FLAG_DEFAULTS", "define_flags", "main_serve", "run_from_flags"]

@@ -1,0 +1,187 @@
+"""`--mode=serve`: restore a workdir's model and serve it over HTTP (OpenAI-compatible API, web page, metrics).
+
+  python main.py --mode=serve --workdir=W [--host=127.0.0.1] [--port=8000] [--slots=16]
+
+The model runs on the depth-wise batching engine (mor_jax.infer.engine) driven by one loop thread
+(serve/loop.py); uvicorn serves the FastAPI app (serve/app.py). SIGTERM (or Ctrl-C): the server stops accepting,
+finishes the requests in flight within --drain_timeout seconds, and exits 0. The flags here are defined by
+`define_flags()`; --tokenizer, --step, --threshold and --kv_capacity are the generate mode's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from typing import Callable
+
+FLAG_DEFAULTS = dict(host="127.0.0.1", port=8000, slots=16, max_queue=256, request_timeout=600.0, drain_timeout=30.0,
+                     ticks_per_step=4, served_model_name=None, serve_max_tokens=None, ignore_eos=False,
+                     prefill_rows=8)
+
+
+def define_flags(flags=None) -> None:
+  """Defines the serve-mode flags on absl's FLAGS (call once, at import time of main.py)."""
+  if flags is None:
+    from absl import flags  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  d = FLAG_DEFAULTS
+  flags.DEFINE_string("host", d["host"], "serve: address to listen on (0.0.0.0: every interface).")
+  flags.DEFINE_integer("port", d["port"], "serve: TCP port (0: a free one, printed at start).")
+  flags.DEFINE_integer("slots", d["slots"], "serve: sequences decoded at once (engine slots).")
+  flags.DEFINE_integer("max_queue", d["max_queue"], "serve: requests that may wait for a slot; more get 429.")
+  flags.DEFINE_float("request_timeout", d["request_timeout"], "serve: seconds a request may take at most.")
+  flags.DEFINE_float("drain_timeout", d["drain_timeout"], "serve: seconds SIGTERM waits for requests in flight.")
+  flags.DEFINE_integer("ticks_per_step", d["ticks_per_step"], "serve: engine ticks between two host steps "
+                       "(streaming granularity vs host overhead).")
+  flags.DEFINE_string("served_model_name", d["served_model_name"], "serve: the model's name in the API (default: the "
+                      "workdir's folder name).")
+  flags.DEFINE_integer("serve_max_tokens", d["serve_max_tokens"], "serve: most tokens one request may generate "
+                       "(default: the model's context).")
+  flags.DEFINE_integer("prefill_rows", d["prefill_rows"], "serve: prompts prefilled per admission call, a fixed "
+                       "batch (at most --slots): one compilation per prompt-length bucket instead of one per batch "
+                       "size met (0: the waiting ones, padded to a power of two).")
+  flags.DEFINE_bool("ignore_eos", d["ignore_eos"], "serve: every request generates max_tokens (EOS does not end it; "
+                    "for load tests).")
+
+
+def run_from_flags(config, workdir) -> int:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  F = flags.FLAGS
+  return main_serve(config, workdir, tokenizer=F.tokenizer, step=F.step, threshold=F.threshold,
+                    kv_capacity=F.kv_capacity, **{k: F[k].value for k in FLAG_DEFAULTS})
+
+
+@dataclasses.dataclass
+class Service:
+  """What the HTTP layer needs: the engine (read-only from handlers), its loop, tokenizer, names and limits."""
+  engine: object
+  loop: object
+  metrics: object
+  tokenizer: object
+  model_name: str
+  chat_template: Callable | None
+  request_timeout: float
+  description: str = ""
+  draining: bool = False
+  created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+  def model_card(self) -> dict:
+    c = self.engine.cfg
+    kind = "vanilla" if c.strategy == "none" else c.strategy
+    return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mor-jax",
+            "mor": {"strategy": kind, "recursions": c.recursions, "routing": c.mor_type if c.mor_enable else None,
+                    "context": c.max_seq_len, "slots": self.engine.slots,
+                    "max_tokens": self.engine.layout.max_new, "chat": self.chat_template is not None}}
+
+
+def check_flags(*, port, slots, max_queue, request_timeout, drain_timeout, ticks_per_step, serve_max_tokens,
+                prefill_rows=8, **unused) -> None:
+  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
+  checks = [("port", port, 0 <= port <= 65535, "a TCP port in [0, 65535]"), ("slots", slots, slots >= 1, "an integer >= 1"),
+            ("max_queue", max_queue, max_queue >= 0, "an integer >= 0"),
+            ("request_timeout", request_timeout, request_timeout > 0, "seconds > 0"),
+            ("drain_timeout", drain_timeout, drain_timeout >= 0, "seconds >= 0"),
+            ("ticks_per_step", ticks_per_step, ticks_per_step >= 1, "an integer >= 1"),
+            ("prefill_rows", prefill_rows, prefill_rows >= 0, "an integer >= 0"),
+            ("serve_max_tokens", serve_max_tokens, serve_max_tokens is None or serve_max_tokens >= 1,
+             "an integer >= 1 (or leave it out)")]
+  for flag, value, ok, want in checks:
+    if not ok:
+      raise InferenceError(f"--{flag}={value} is not valid: give {want}.")
+
+
+def _chat_template(tokenizer_dir: str | None):
+  """apply(messages) -> prompt text when the tokenizer folder has a chat template, else None."""
+  from mor_jax.interop import gguf  # pylint: disable=g-import-not-at-top
+  from mor_jax.interop import hf  # pylint: disable=g-import-not-at-top
+  if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
+    return None
+  file = os.path.join(tokenizer_dir, "tokenizer_config.json")
+  if not os.path.isfile(file) or not hf.read_json(file).get("chat_template"):
+    return None
+  return lambda messages: gguf.apply_chat_template(tokenizer_dir, messages)
+
+
+def build_service(config, workdir: str, *, tokenizer=None, step=None, threshold=None, kv_capacity="full", slots=16,
+                  max_queue=256, request_timeout=600.0, ticks_per_step=4, served_model_name=None,
+                  serve_max_tokens=None, ignore_eos=False, prefill_rows=8, **unused) -> Service:
+  """Restores the model and its tokenizer, builds the engine, its loop (not started) and the metrics."""
+  from mor_jax.infer import cli as infer_cli  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.checkpoint import describe, load_tokenizer, restore, tokenizer_source  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.engine import Engine  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.loop import EngineLoop  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.metrics import Metrics  # pylint: disable=g-import-not-at-top
+  infer_cli.check_threshold(threshold)
+  kv = infer_cli.parse_kv_capacity(kv_capacity)
+  infer_cli._enable_compilation_cache()  # pylint: disable=protected-access
+  restored = restore(workdir, step=step, config=config)
+  tok = load_tokenizer(restored.config, restored.cfg, directory=restored.directory, override=tokenizer)
+  cfg = restored.cfg
+  eng = Engine(cfg, restored.variables, tok, slots=slots, max_new_tokens=serve_max_tokens or cfg.max_seq_len,
+               threshold=threshold, kv_capacity=kv, add_bos=bool(restored.config.data.get("add_bos", False)),
+               prefill_rows=min(slots, prefill_rows) if prefill_rows else None)
+  source = tokenizer_source(restored.config, directory=restored.directory, override=tokenizer)
+  folder = source if source and os.path.isdir(source) else (os.path.dirname(source) if source else None)
+  metrics = Metrics(eng.slots, cfg.recursions)
+  name = served_model_name or os.path.basename(os.path.normpath(os.path.abspath(workdir)))
+  return Service(engine=eng, loop=EngineLoop(eng, metrics, max_queue=max_queue, ticks_per_step=ticks_per_step,
+                                                   stop_at_eos=not ignore_eos),
+                 metrics=metrics, tokenizer=tok, model_name=name, chat_template=_chat_template(folder),
+                 request_timeout=float(request_timeout), description=describe(restored))
+
+
+def _warm_up(svc: Service) -> None:
+  """Compiles the engine's programs (a one-token and a two-token request) before the port opens."""
+  eng = svc.engine
+  eng.generate([[0]], max_new_tokens=min(2, eng.layout.max_new), stop_at_eos=False)
+
+
+def main_serve(config, workdir: str, *, host="127.0.0.1", port=8000, drain_timeout=30.0, err=None, **kw) -> int:
+  """The serve command; returns the exit code (0 after a drained shutdown)."""
+  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
+  try:                                            # the HTTP libraries are an extra: say so in one line
+    import uvicorn  # pylint: disable=g-import-not-at-top
+    from sse_starlette.sse import AppStatus  # pylint: disable=g-import-not-at-top
+    from mor_jax.serve.app import create_app  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise InferenceError(f"--mode=serve needs the serving extra ({e.name} is not installed): "
+                         "pip install -r requirements-serve.txt") from e
+  err = err or sys.stderr
+  if not workdir:
+    raise InferenceError("--workdir is required for --mode=serve (the training workdir or a checkpoint directory).")
+  check_flags(port=port, drain_timeout=drain_timeout, **{k: kw.get(k, FLAG_DEFAULTS[k]) for k in (
+      "slots", "max_queue", "request_timeout", "ticks_per_step", "serve_max_tokens", "prefill_rows")})
+  t0 = time.time()
+  svc = build_service(config, workdir, **kw)
+  _warm_up(svc)
+  svc.loop.start()
+  AppStatus.disable_automatic_graceful_drain()      # SIGTERM lets streams finish (bounded by drain_timeout)
+  app = create_app(svc)
+
+  class _Server(uvicorn.Server):
+    def handle_exit(self, sig, frame):
+      if not svc.draining:
+        print("[draining: no new requests; waiting for those in flight]", file=err, flush=True)
+      svc.draining = True
+      super().handle_exit(sig, frame)
+
+    async def startup(self, sockets=None):
+      await super().startup(sockets)
+      bound = [s.getsockname() for srv in self.servers for s in srv.sockets]
+      where = ", ".join(f"http://{a[0]}:{a[1]}" for a in bound)
+      print(f"[{svc.description}; {svc.engine.slots} slots; ready in {time.time() - t0:.1f}s] serving "
+            f"{svc.model_name!r} at {where}", file=err, flush=True)
+
+  server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_timeout,
+                                  lifespan="off"))
+  for sig in (signal.SIGTERM, signal.SIGINT):       # uvicorn re-raises the signal it drained on: make that a no-op
+    signal.signal(sig, lambda *_: None)
+  try:
+    server.run()
+  finally:
+    AppStatus.should_exit = True
+    svc.loop.stop(timeout=10)
+  print("[stopped]", file=err, flush=True)
+  return 0 if svc.loop.error is None else 1

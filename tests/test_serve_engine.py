@@ -1,0 +1,147 @@
+"""The engine's step-wise session API the server drives (issue 25): `start` / `submit` (also while running, with
+per-request sampling and seed) / `step` (streamed progress) / `cancel` / `finish`; and the serve package's
+host-side pieces without HTTP: incremental detokenisation with stop strings, request validation."""
+
+import pytest
+from pydantic import ValidationError
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from mor_jax.infer import Generator, SamplingParams
+from mor_jax.infer.engine import Engine
+from mor_jax.serve.schemas import ChatRequest, CompletionRequest, validation_error
+from mor_jax.serve.text import TokenText
+from test_infer_engine import GREEDY, PROMPTS, tiny, variables_for
+
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+HOT = SamplingParams(temperature=0.9, top_k=12)
+
+
+def plain(cfg, prompt, n, sampling=GREEDY, seed=0):
+  return Generator(cfg, variables_for(cfg)).generate([prompt], max_new_tokens=n, sampling=sampling, seed=seed)[0]
+
+
+def test_a_session_streams_serves_late_requests_and_per_request_sampling():
+  cfg = tiny()
+  eng = Engine(cfg, variables_for(cfg), slots=2, max_new_tokens=10)
+  eng.start(stream=True)
+  a = eng.submit(PROMPTS[0], 10, row_id=0)                                    # greedy (the session's default is 1.0)
+  b = eng.submit(PROMPTS[1], 7, row_id=0, sampling=HOT, seed=5)
+  a_greedy = eng.submit(PROMPTS[2], 6, row_id=0, sampling=GREEDY)
+  streamed, results, steps = {}, {}, 0
+  late = None
+  while not eng.idle or late is None:
+    if steps == 2:
+      late = eng.submit(PROMPTS[3], 5, row_id=0, sampling=GREEDY)           # submitted while running
+    for ev in eng.step(2):
+      streamed.setdefault(ev.id, []).extend(ev.tokens)
+      if ev.result is not None:
+        results[ev.id] = ev.result
+    steps += 1
+  done = eng.finish()
+  assert set(done) == {a, b, a_greedy, late} and steps > 4
+  for rid, r in done.items():
+    assert streamed[rid] == r.tokens and results[rid] is r          # each token reported once, in order
+  assert done[b].tokens == plain(cfg, PROMPTS[1], 7, HOT, seed=5).tokens      # = generate --seed=5 (row 0)
+  for rid, i, n in ((a_greedy, 2, 6), (late, 3, 5)):
+    want = plain(cfg, PROMPTS[i], n)
+    assert (done[rid].tokens, done[rid].recursions) == (want.tokens, want.recursions)
+  assert len(done[a].tokens) == 10 and eng.stats["generated_tokens"] == 10 + 7 + 6 + 5
+
+
+def test_cancel_frees_the_slot_and_drops_a_waiting_request():
+  cfg = tiny()
+  eng = Engine(cfg, variables_for(cfg), slots=1, max_new_tokens=12)
+  eng.start(stream=True, sampling=GREEDY)
+  running, waiting = eng.submit(PROMPTS[0], 12), eng.submit(PROMPTS[1], 12)
+  got = eng.step(1)
+  assert [e.id for e in got] == [running] and eng.busy == 1 and len(eng.queue) == 1
+  assert eng.cancel(waiting) and not eng.queue and not eng.cancel(12345)
+  assert eng.cancel(running)
+  end = eng.step(1)
+  assert [e.id for e in end] == [running] and end[0].result.finish_reason == "stop"
+  assert len(end[0].result.tokens) < 12 and eng.idle and eng.busy == 0
+  after = eng.submit(PROMPTS[2], 4)                                           # the freed slot serves the next one
+  while not eng.idle:
+    eng.step()
+  assert eng.finish()[after].tokens == plain(cfg, PROMPTS[2], 4).tokens
+  with pytest.raises(Exception, match="no session"):
+    eng.step()
+
+
+def words(vocab=16):
+  tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+
+  class T:   # mor_jax's Tokenizer interface: decode(ids) -> str
+    decode = staticmethod(lambda ids: tok.decode(list(ids)))
+  return T()
+
+
+def test_token_text_pieces_depths_and_stop_strings():
+  tt = TokenText(words())
+  assert tt.add([1, 2], [1, 2]) == [("w1", 1), (" w2", 2)]
+  assert tt.add([3], [0]) + tt.finish() == [(" w3", 0)]
+  # a stop string is cut from the text, including across tokens; text that may start one is held back
+  tt = TokenText(words(), stop=["w3 w4"])
+  out = tt.add([1, 2, 3], [1, 1, 2])
+  assert "".join(p for p, _ in out) == "w1" and not tt.stopped   # the last len(stop) - 1 characters wait
+  out += tt.add([4, 5], [2, 2])
+  assert tt.stopped and "".join(p for p, _ in out) == "w1 w2 " and tt.text == "w1 w2 "
+  tt = TokenText(words(), stop=["w9"])
+  assert "".join(p for p, _ in tt.add([1, 2], [1, 1]) + tt.finish()) == "w1 w2" and not tt.stopped
+
+
+def test_request_validation_names_the_field():
+  ok = CompletionRequest.model_validate_json('{"model": "m", "prompt": ["w1 w2"], "stop": "x"}')
+  assert ok.prompt == "w1 w2" and ok.stops() == ("x",) and ok.max_tokens == 16 and ok.temperature == 1.0
+  assert ChatRequest.model_validate_json('{"model": "m", "messages": [{"role": "user", "content": "hi"}], '
+                                         '"max_completion_tokens": 3}').limit() == 3
+  for raw, param in (('{"model": "m", "prompt": "x", "best_of": 2}', "best_of"),
+                     ('{"model": "m", "prompt": "x", "seed": 1.5}', "seed"),
+                     ('{"model": "m", "prompt": ["a", "b"]}', "prompt"),
+                     ('{"model": "m", "prompt": "x", "top_p": 1.5}', "top_p")):
+    with pytest.raises(ValidationError) as e:
+      CompletionRequest.model_validate_json(raw)
+    err = validation_error(e.value.errors())
+    assert err.status == 400 and err.param == param and param in err.message
+
+
+def test_token_text_gives_eos_no_text():
+  tt = TokenText(words(), eos_id=5)
+  assert tt.add([1, 5], [1, 2]) + tt.finish() == [("w1", 1), ("", 2)]
+
+
+class _FakeEngine:
+  """What the HTTP layer reads from the engine (no model: these requests never reach it)."""
+  cfg = type("Cfg", (), {"vocab_size": 16, "max_seq_len": 32, "strategy": "middle_cycle", "recursions": 2,
+                         "mor_enable": True, "mor_type": "expert"})()
+  layout = type("Lay", (), {"max_new": 32})()
+  slots, busy = 2, 0
+
+  def encode(self, text):
+    return [1] * len(text.split())
+
+
+def test_chat_without_or_with_a_failing_template_and_draining_answer_clearly():
+  from fastapi.testclient import TestClient  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.app import create_app  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.metrics import Metrics  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.server import Service  # pylint: disable=g-import-not-at-top
+
+  def refuse(messages):
+    raise ValueError("the chat template refused the conversation: roles must alternate\nmore")
+  loop = type("Loop", (), {"waiting": 0, "error": None, "max_queue": 4})()
+  svc = Service(engine=_FakeEngine(), loop=loop, metrics=Metrics(2, 2), tokenizer=None, model_name="m",
+                chat_template=None, request_timeout=5.0)
+  client = TestClient(create_app(svc))
+  chat = {"model": "m", "messages": [{"role": "user", "content": "w1"}]}
+  r = client.post("/v1/chat/completions", json=chat)
+  assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
+  svc.chat_template = refuse
+  err = client.post("/v1/chat/completions", json=chat).json()["error"]
+  assert err["code"] == "chat_template_error" and err["message"].endswith("roles must alternate")
+  assert client.get("/v1/models").json()["data"][0]["mor"]["chat"] is True
+  svc.draining = True
+  r = client.post("/v1/completions", json={"model": "m", "prompt": "w1"})
+  assert r.status_code == 503 and r.headers["retry-after"] == "5" and r.json()["error"]["code"] == "shutting_down"
+  assert client.get("/health").status_code == 503
