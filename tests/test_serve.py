@@ -16,11 +16,14 @@ import sys
 import threading
 import time
 
-import httpx
 import jax
-import openai
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
+
+REASON = "the serving extra is optional: pip install -r requirements-serve.txt"
+httpx = pytest.importorskip("httpx", reason=REASON)
+openai = pytest.importorskip("openai", reason=REASON)
+pytest.importorskip("fastapi", reason=REASON)
 
 from mor_jax import config as C
 from mor_jax.infer import Generator, SamplingParams, main_generate, restore

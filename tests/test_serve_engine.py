@@ -3,7 +3,9 @@ per-request sampling and seed) / `step` (streamed progress) / `cancel` / `finish
 host-side pieces without HTTP: incremental detokenisation with stop strings, request validation."""
 
 import pytest
-from pydantic import ValidationError
+
+pytest.importorskip("pydantic", reason="the serving extra is optional: pip install -r requirements-serve.txt")
+from pydantic import ValidationError  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from mor_jax.infer import Generator, SamplingParams
