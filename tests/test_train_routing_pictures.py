@@ -20,6 +20,7 @@ VOCAB, SEQ, ROWS = 128, 16, 8
 def _config(mor="expert"):
   c = tiny_config("middle_cycle", 2, mor, vocab=VOCAB, seq_len=SEQ)
   c.name = "tiny-routing"
+  c.train.routing_pictures = True                 # the default (tests/tiny.py turns it off for other tests)
   c.train.update(num_steps=4, total_batch_size=ROWS, per_device_batch_size=1, warmup_steps=1, learning_rate=1e-2,
                  log_every_steps=1, eval_every_steps=2, eval_sequences=4, save_every_steps=2, progress_bar=False)
   return c

@@ -30,6 +30,7 @@ def tiny_config(strategy: str = "none", R: int = 1, mor: str | None = None, *, d
                  num_layers=num_layers if num_layers is not None else layers_for(strategy, R, depth),
                  num_heads=4, num_kv_heads=2, max_seq_len=max_seq_len)
   c.data.seq_len = seq_len
+  c.train.routing_pictures = False      # an extra compile per run; tests/test_train_routing_pictures.py turns it on
   c.recursion.update(strategy=strategy, num_recursions=R)
   if mor:
     c.mor.update(enable=True, type=mor)

@@ -100,6 +100,7 @@ class RoutingPictures(Hook):
       if callable(close):
         close()
     self.sample = {k: np.asarray(v)[:self.rows] for k, v in batch.items()}
+    self.sample.setdefault("segment_ids", np.ones_like(self.sample["tokens"]))   # batches without packing info
     self.fn = depths.make_depth_fn(trainer.cfg, "causal")
     return True
 

@@ -123,6 +123,8 @@ def open_run(config, workdir: str, *, enabled: bool) -> WandbRun | None:
   if kind == "off" or not enabled:
     return None
   import wandb  # pylint: disable=g-import-not-at-top
+  # no Weave advertising on the console (wandb prints it whenever e.g. openai is imported in the process)
+  os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
   lg = config.logging
   tags = [p.strip() for t in lg.wandb_tags for p in str(t).split(",") if p.strip()]   # 'a,b' from a flag too
   try:
