@@ -13,7 +13,7 @@ in `--vanilla_steps` steps (isoflop.py's default budget is 1x).
 `--workers=N` runs N runs at once, each in its own process pinned to its own CPU core (longest runs first, the next
 run starting as soon as a core is free). These models are too small for XLA to keep two cores busy in one process:
 on 2 cores, 2 workers finish 1.36x more runs per hour than 1 (measured: two pinned 120-step runs in 85 s against
-2 x 61 s one after the other), which brings the full sweep to about 2 hours. The results are the same run for run
+2 x 61 s one after the other), which brings the full sweep to about 2 h 20 min. The results are the same run for run
 (the NLL of a run pinned to one core equals the unpinned one to 4 decimals). Each worker's log is in OUT_DIR/logs/.
 
 Output (OUT_DIR): isoflop_seeds.json (every run and the summary), isoflop_seeds.md (per budget and model: mean and
