@@ -124,7 +124,7 @@ def val_batches(config, rows: int, n: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- one run
-def _chunks(batches: list[dict]):
+def eval_iterator_fn(batches: list[dict]):
   """`f(rows) -> batches of `rows` rows` over the fixed validation sequences (the trainer's eval_iterator_fn)."""
   seqs = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
   n = len(seqs["tokens"])
@@ -166,7 +166,8 @@ def train_run(name: str, args, steps: int, vbatches: list[dict], fpt: float, log
 
   workdir = tempfile.mkdtemp(prefix=f"isoflop-{name}-")   # a fresh workdir (an existing one would be resumed)
   t0 = time.time()
-  trainer = TimedTrainer(c, workdir, eval_iterator_fn=_chunks(vbatches), hooks=[Curve()], eval_at=points.__contains__)
+  trainer = TimedTrainer(c, workdir, eval_iterator_fn=eval_iterator_fn(vbatches), hooks=[Curve()],
+                         eval_at=points.__contains__)
   trainer.run()
   state = trainer.state
   eval_s = clock["eval"]

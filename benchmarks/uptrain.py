@@ -53,7 +53,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import isoflop  # noqa: E402  (validated, val_batches, _chunks: the same helpers)
+from benchmarks import isoflop  # noqa: E402  (validated, val_batches, eval_iterator_fn: the same helpers)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
@@ -187,7 +187,7 @@ def train_run(name: str, args, imported: str, steps: int, vbatches: list[dict], 
   workdir = tempfile.mkdtemp(prefix=f"uptrain-{name}-")   # a fresh workdir (an existing one would be resumed)
   t0 = time.time()
   try:
-    trainer = UptrainTrainer(config, workdir, eval_iterator_fn=isoflop._chunks(vbatches),  # pylint: disable=protected-access
+    trainer = UptrainTrainer(config, workdir, eval_iterator_fn=isoflop.eval_iterator_fn(vbatches),
                              hooks=[Stamps()])
     trainer.run()
     losses = [[r["step"], r["loss"]] for r in read_metrics(workdir) if "loss" in r]
