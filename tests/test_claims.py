@@ -96,6 +96,21 @@ def test_missing_source_unknown_id_and_unclosed_marker_fail(tmp_path):
   assert run_claims("--check", str(tmp_path / "absent.md")).returncode == 2
 
 
+def test_write_result_records_provenance(tmp_path):
+  sys.path.insert(0, REPO)
+  from mor_jax.tools import provenance  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "r.json"
+  provenance.write_result(str(out), {"x": 1.5}, conditions={"weights": "random", "batch": 16}, argv=["bench.py"])
+  d = json.loads(out.read_text())
+  p = d["provenance"]
+  assert d["x"] == 1.5 and p["conditions"] == {"weights": "random", "batch": 16}
+  assert p["command"].endswith("bench.py") and p["versions"]["jax"] and p["machine"]["cores"] >= 1
+  if p["commit"] is not None:                                  # a git checkout: the commit and the dirty flag
+    assert re.fullmatch(r"[0-9a-f]{40}", p["commit"]) and isinstance(p["dirty"], bool)
+    assert all(not f.startswith(provenance.RESULTS) for f in p.get("dirty_paths", []))
+  assert not [f for f in os.listdir(tmp_path) if f != "r.json"]    # no temporary file left behind
+
+
 def _git(*args):
   return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, timeout=30)
 
