@@ -43,7 +43,8 @@ ISA = {"avx512": "AVX-512", "avx2": "AVX2"}
 # ------------------------------------------------------------------ helpers
 
 def origin(src: Source, short: bool = False) -> str:
-  """Where a result comes from: its provenance (commit, date), or for an older file its git history, said so."""
+  """Where a result comes from: its provenance ('commit X': measured at X), or for an older file the commit that
+  added it ('committed in X', from git history), said so."""
   prov = src.data.get("provenance") if isinstance(src.data, dict) else None
   if prov:
     commit = (prov.get("commit") or "unknown")[:7] + ("+uncommitted changes" if prov.get("dirty") else "")
@@ -51,7 +52,7 @@ def origin(src: Source, short: bool = False) -> str:
   if src.path not in LEGACY:
     raise KeyError(f"{src.path} has no provenance and no LEGACY entry in benchmarks/claims_figures.py")
   commit, date = LEGACY[src.path]
-  return f"commit {commit}" if short else f"commit {commit}, {date}, no provenance recorded"
+  return f"committed in {commit}" if short else f"committed in {commit} on {date}, no provenance recorded"
 
 
 def sci(v: float) -> str:
@@ -183,6 +184,10 @@ def isoflop_seeds_paired(s: Source) -> str:
       cells.append(f"{sign * p['mean']:+.3f} ± {p['se']:.3f}{mark}")
     rows.append([f"{labels[a]['label']} - {labels[b]['label']}"] + cells)
   return table(["a - b: mean ± standard error"] + keys, rows, ["---"] + ["---:"] * len(keys))
+
+
+def source_and_origin(s: Source) -> str:
+  return f"`{s.path}`, {origin(s)}"
 
 
 def isoflop_seeds_time(s: Source) -> str:

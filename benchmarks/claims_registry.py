@@ -72,6 +72,7 @@ CLAIMS = {
     "isoflop-1seed-origin": claim(F.isoflop_1seed_origin, "isoflop/isoflop.json"),
     "isoflop-seeds-means": claim(F.isoflop_seeds_means, "isoflop_seeds/isoflop_seeds.json", block=True),
     "isoflop-seeds-paired": claim(F.isoflop_seeds_paired, "isoflop_seeds/isoflop_seeds.json", block=True),
+    "isoflop-seeds-origin": claim(F.source_and_origin, "isoflop_seeds/isoflop_seeds.json"),
     "isoflop-seeds-time": claim(F.isoflop_seeds_time, "isoflop_seeds/isoflop_seeds.json"),
 }
 
