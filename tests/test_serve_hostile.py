@@ -76,8 +76,12 @@ def test_out_of_range_numbers_and_strings_get_400_naming_the_field(server, field
   assert err["param"] == field and err["type"] == "invalid_request_error" and field in err["message"]
 
 
-def test_chat_bounds_and_the_server_goes_on(server):
-  """Chat's own fields; then the largest top_k and seed are served (the engine's int32 arrays hold them)."""
+def test_top_k_2_31_is_refused_and_the_server_goes_on(server):
+  """The request that used to kill the engine loop; chat's own bounds; then the largest top_k and seed are
+  served (the engine's int32 arrays hold them) and the server is healthy."""
+  with pytest.raises(openai.BadRequestError, match="top_k"):
+    server.client.completions.create(model="w", prompt="w1", max_tokens=2, extra_body={"top_k": 2 ** 31})
+  assert server.client.completions.create(model="w", prompt="w1", max_tokens=2).usage.completion_tokens == 2
   chat = {"model": "w", "messages": [{"role": "user", "content": "w1", "name": "n" * 65}]}
   assert post(server, chat, "/v1/chat/completions").json()["error"]["param"] == "messages.0.name"
   chat = {"model": "w", "messages": [{"role": "user", "content": "w1"}], "max_completion_tokens": 2 ** 31}
@@ -91,35 +95,36 @@ def test_chat_bounds_and_the_server_goes_on(server):
 
 
 def test_clients_that_go_away_are_cancelled_at_once_and_counted(server):
-  """4 non-streamed long generations closed after 1 s: the slots are free within 2 s (the engine keeps
-  producing tokens meanwhile: the check does not wait for a quiet moment); then 2 streams the same."""
-  gone = server.metric("mor_client_disconnects_total")
+  """4 non-streamed long generations, closed after 1 s of generating: the slots are free within 2 s (tokens
+  keep coming until then: the check does not wait for a quiet moment); then 2 streams the same."""
   body = {"model": "w", "prompt": "w1 w2 w3", "max_tokens": LONG, "temperature": 0}
 
-  def one(stream: bool):
-    try:
-      if not stream:
-        post(server, body, timeout=1.0)
-      else:
-        with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
-          t0 = time.monotonic()
-          for _ in r.iter_lines():
-            if time.monotonic() - t0 > 1.0:
-              break
-    except httpx.TimeoutException:
-      pass
-  for stream in (False, True):
-    n = 2 if stream else 4
-    threads = [threading.Thread(target=one, args=(stream,)) for _ in range(n)]
-    for t in threads:
-      t.start()
-    time.sleep(0.6)
-    assert server.get("/health").json()["busy"] == n
-    for t in threads:
-      t.join()
+  async def plain(client):
+    await client.post(server.url + "/v1/completions", json=body)
+
+  async def streamed(client):
+    async with client.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as r:
+      async for _ in r.aiter_lines():
+        pass
+
+  async def go_away(request, n: int):
+    async with httpx.AsyncClient(timeout=60) as client:
+      tasks = [asyncio.create_task(request(client)) for _ in range(n)]
+      t0 = time.monotonic()
+      while server.get("/health").json()["busy"] < n:
+        assert time.monotonic() - t0 < 30
+        await asyncio.sleep(0.05)
+      tokens = server.metric("mor_generated_tokens_total")
+      await asyncio.sleep(1.0)
+      assert server.metric("mor_generated_tokens_total") > tokens + 10          # generating when closed
+      for t in tasks:
+        t.cancel()                                                              # closes the connections
+      await asyncio.gather(*tasks, return_exceptions=True)
+  for request, n in ((plain, 4), (streamed, 2)):
+    gone = server.metric("mor_client_disconnects_total")
+    asyncio.run(go_away(request, n))
     assert wait_idle(server, 2.0) < 2.0
-    gone += n
-    assert server.metric("mor_client_disconnects_total") == gone
+    assert server.metric("mor_client_disconnects_total") == gone + n
 
 
 def test_bodies_are_bounded_and_health_answers_meanwhile(server):

@@ -124,8 +124,9 @@ def _submit(svc, body, ids: list[int], max_tokens: int | None) -> Job:
   except QueueFull:
     raise ApiError(429, f"the server is busy ({svc.loop.max_queue} requests wait for a slot); retry later",
                    type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
-  except LoopClosed as e:
-    raise ApiError(503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": "5"}) from None
+  except LoopClosed as e:          # (the engine failed, or the drain timeout ended every request, just now)
+    code = "engine_error" if svc.loop.error is not None else "shutting_down"
+    raise ApiError(503, str(e), type="server_error", code=code, headers={"Retry-After": "5"}) from None
   return job
 
 
