@@ -1,6 +1,7 @@
 """The engine's step-wise session API the server drives (issue 25): `start` / `submit` (also while running, with
 per-request sampling and seed) / `step` (streamed progress) / `cancel` / `finish`; and the serve package's
-host-side pieces without HTTP: incremental detokenisation with stop strings, request validation."""
+host-side pieces without a model: incremental detokenisation with stop strings, request validation, prompt
+checks before tokenizing, the engine loop's answers when a request is refused or the engine fails (issue 35)."""
 
 import asyncio
 import json
@@ -151,6 +152,11 @@ def test_chat_without_or_with_a_failing_template_and_draining_answer_clearly():
   r = client.post("/v1/completions", json={"model": "m", "prompt": "w1"})
   assert r.status_code == 503 and r.headers["retry-after"] == "5" and r.json()["error"]["code"] == "shutting_down"
   assert client.get("/health").status_code == 503
+  loop.error, loop.error_message = RuntimeError("boom"), "the engine failed: RuntimeError: boom"   # (loop.py's)
+  health = client.get("/health")
+  assert health.status_code == 503 and health.json()["status"] == "error" and health.json()["error"].endswith("boom")
+  err = client.post("/v1/completions", json={"model": "m", "prompt": "w1"}).json()["error"]
+  assert err["code"] == "engine_error" and "RuntimeError: boom" in err["message"]
 
 
 class _ScriptedEngine:
@@ -280,3 +286,19 @@ def test_text_prompts_get_bos_token_ids_do_not_and_long_texts_are_refused_before
     with pytest.raises(ApiError, match="context") as e:
       prepare.completion(svc, json.dumps({"model": "m", "prompt": text}).encode())
     assert e.value.code == "context_length_exceeded" and (text in seen) == tokenized
+
+
+def test_serve_flags_are_checked_in_one_line_naming_the_flag():
+  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.server import FLAG_DEFAULTS, _loopback, check_flags  # pylint: disable=g-import-not-at-top
+  ok = {k: FLAG_DEFAULTS[k] for k in ("port", "slots", "max_queue", "request_timeout", "drain_timeout",
+                                      "ticks_per_step", "serve_max_tokens", "prefill_rows", "max_request_bytes",
+                                      "api_key", "idle_timeout")}
+  check_flags(**ok)
+  check_flags(**{**ok, "api_key": "sk-local-1"})
+  for flag, bad in (("max_request_bytes", 10), ("idle_timeout", 0.0), ("api_key", ""), ("api_key", "two words")):
+    with pytest.raises(InferenceError, match=f"^--{flag}=") as e:
+      check_flags(**{**ok, flag: bad})
+    assert "\n" not in str(e.value) and (flag != "api_key" or "two words" not in str(e.value))   # keys not echoed
+  assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
+  assert not _loopback("0.0.0.0") and not _loopback("192.168.1.5") and not _loopback("example.org")
