@@ -103,7 +103,7 @@ def create_app(svc) -> FastAPI:
 def _submit(svc, body, ids: list[int], max_tokens: int | None) -> Job:
   """Checks the request against the model and the server, and queues it."""
   if svc.loop.error is not None:
-    raise ApiError(503, svc.loop.error_message + ": the server is going down (a supervisor restarts it)",
+    raise ApiError(503, svc.loop.error_message + " (the server is going down)",
                    type="server_error", code="engine_error", headers={"Retry-After": "5"})
   if svc.draining:
     raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",

@@ -145,7 +145,7 @@ class EngineLoop:
     if self.error is None:
       self._close("shutting_down", "the server is shutting down")
     else:
-      self._close("engine_failed", self.error_message + " (the server exits; a supervisor restarts it)")
+      self._close("engine_failed", self.error_message + " (the server is going down)")
     try:
       eng.finish()
     except Exception:  # pylint: disable=broad-except (the engine that failed may fail again here: already reported)
