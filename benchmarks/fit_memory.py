@@ -15,7 +15,7 @@ Sources, each as exact as it can be here:
    (not run) on CPU at micro-batch 1 with accumulation 2 and with accumulation 1; XLA:CPU's buffer assignment,
    taken as the GPU's.
 The choice is then made exactly as mor_jax.train.fit.choose makes it (fit.largest_fitting over the divisors of
-1,024 / 4 = 256, the budget the device's limit minus 10%), for JAX's default GPU memory fraction (75% of the card)
+1,024 / 4 = 256, the budget the device's limit minus 10%), with the modelled peaks in place of compiles, for JAX's default GPU memory fraction (75% of the card)
 and for XLA_PYTHON_CLIENT_MEM_FRACTION=0.95. Writes benchmarks/results/fit_smollm360_l40s.json.
 """
 
@@ -83,15 +83,15 @@ def predicted_peak(micro: int, state: int, line: dict, accum_extra: int) -> int:
 
 
 def choice(budget: int, state: int, line: dict, accum_extra: int) -> dict:
-  compiled = []
+  """fit.largest_fitting over the divisors of 256 with the modelled peaks: its answer and what it would compile."""
+  compiled = {}
 
-  def fits(m):
-    p = predicted_peak(m, state, line, accum_extra)
-    compiled.append({"micro": m, "peak": p, "fits": p <= budget})
-    return p <= budget
-  micro = fit.largest_fitting(fit.divisors(TOTAL // DEVICES), fits)
+  def peak(m):
+    compiled.setdefault(m, predicted_peak(m, state, line, accum_extra))
+    return compiled[m]
+  micro = fit.largest_fitting(fit.divisors(TOTAL // DEVICES), peak, budget)
   return {"budget": budget, "micro": micro, "accum": TOTAL // DEVICES // micro if micro else None,
-          "compiles": compiled}
+          "compiles": [{"micro": m, "peak": p, "fits": p <= budget} for m, p in compiled.items()]}
 
 
 def main():

@@ -15,8 +15,8 @@ MARGIN (allocator fragmentation, the evaluation step, prefetched batches, librar
 limit: the host's physical memory divided by this process's devices (they share it), minus MARGIN.
 
 `train.per_device_batch_size = 0`: the largest divisor m of total_batch_size / devices whose compiled step's
-peak fits the budget: the largest divisor first (one compile when memory is ample), else a binary search over
-the divisors (peak memory grows with m). Accumulation is total / (m x devices): the same optimisation as that
+peak fits the budget, found by compiling a few candidates near the answer (`largest_fitting`: the two smallest,
+then guesses along the line through the measured peaks; peak memory grows about linearly with m). Accumulation is total / (m x devices): the same optimisation as that
 setting by hand (step.py's objective is exactly the large batch's). `execution.remat_policy = auto`: none,
 then dots, then full, the first with which the step fits (at micro-batch 1 when that is automatic too). The
 candidates are compiled for the routing mode of the run's first step (capacity warm-up when configured) and the
@@ -41,7 +41,8 @@ from mor_jax.train.step import make_train_step, routing_mode_for_step
 MARGIN = 0.10                                        # of the device's (or host's) memory, kept free
 REMAT_ESCALATION = ("none", "dots", "full")          # what execution.remat_policy=auto tries, in order
 BATCH_KEYS = ("tokens", "segment_ids", "positions")  # the int32 [rows, seq_len + 1] arrays of a training batch
-SEQ_DIVISORS = (2, 4, 8)                             # shorter data.seq_len tried when micro-batch 1 does not fit
+SEQ_DIVISORS = (2, 4, 8)
+FAR = 1.25                                           # largest_fitting: predicted this far over, not compiled                             # shorter data.seq_len tried when micro-batch 1 does not fit
 
 
 def size(n: float | None) -> str:
@@ -109,19 +110,35 @@ def divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def largest_fitting(candidates: Sequence[int], fits: Callable[[int], bool]) -> int | None:
-  """The largest of the ascending `candidates` that `fits` (monotone: true up to some size), or None: the largest
-  first, then a binary search (about log2(len) calls)."""
-  if fits(candidates[-1]):
-    return candidates[-1]
-  lo, hi = -1, len(candidates) - 1           # candidates[hi] does not fit; candidates[lo] fits (-1: none known)
+def largest_fitting(candidates: Sequence[int], peak: Callable[[int], int], budget: int) -> int | None:
+  """The largest of the ascending `candidates` m with peak(m) <= budget, or None; `peak` compiles (the caller
+  caches it) and grows with m.
+
+  The two smallest first; a line through the smallest and the largest fitting so far guesses the answer, and the
+  guess (kept strictly between the largest known to fit and the smallest known not to) is compiled, until they are
+  neighbours: three or four compiles near the answer when memory is linear in m. A candidate the line puts more
+  than FAR x the budget is taken as not fitting without compiling it (a large batch is slow to compile, on CPU
+  too); the answer itself is always compiled. When the smallest does not fit, no larger one with accumulation
+  fits either; of two candidates the larger (accumulation 1: no accumulation buffer) is still tried.
+  """
+  n, fits = len(candidates), lambda i: peak(candidates[i]) <= budget
+  if not fits(0):
+    return candidates[-1] if n == 2 and fits(1) else None
+  lo, hi = 0, n                       # candidates[lo] fits; candidates[hi] does not (n: none known)
   while hi - lo > 1:
-    mid = (lo + hi) // 2
-    if fits(candidates[mid]):
-      lo = mid
+    if lo == 0:
+      g = 1
     else:
-      hi = mid
-  return candidates[lo] if lo >= 0 else None
+      slope = max((peak(candidates[lo]) - peak(candidates[0])) / (candidates[lo] - candidates[0]), 1e-9)
+      room = (budget - peak(candidates[lo])) / slope
+      g = max((i for i in range(lo + 1, hi) if candidates[i] - candidates[lo] <= room), default=lo + 1)
+      if peak(candidates[lo]) + slope * (candidates[g] - candidates[lo]) > FAR * budget:
+        break
+    if fits(g):
+      lo = g
+    else:
+      hi = g
+  return candidates[lo]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +252,7 @@ def choose(steps: StepCompiler) -> Fit | None:
   chosen = None
   if steps.state_bytes["total"] < b.bytes:
     for remat in remats:
-      micro = largest_fitting(micros, lambda m, r=remat: steps.peak(m, r) <= b.bytes)
+      micro = largest_fitting(micros, lambda m, r=remat: steps.peak(m, r), b.bytes)
       if micro is not None:
         chosen = (micro, remat)
         break
@@ -297,14 +314,14 @@ def _smaller_settings(steps: StepCompiler, b: Budget, micros: Sequence[int], rem
   fits = lambda m, r, s=None: steps.peak(m, r, s) <= b.bytes  # noqa: E731
   last = remats[-1]
   smaller = [m for m in divisors(steps.share) if m < micros[0]]
-  m = largest_fitting(smaller, lambda m: fits(m, last)) if smaller else None
+  m = largest_fitting(smaller, lambda m: steps.peak(m, last), b.bytes) if smaller else None
   if m is not None:
     return [f"train.per_device_batch_size={m} (accumulation {steps.share // m}) or 0 (automatic)"]
   remat = last
   if "full" not in remats:
     candidates = smaller + list(micros)
     if fits(candidates[0], "full"):
-      m = largest_fitting(candidates, lambda m: fits(m, "full"))
+      m = largest_fitting(candidates, lambda m: steps.peak(m, "full"), b.bytes)
       return [f"execution.remat_policy=full with train.per_device_batch_size={m}"]
     remat = min((last, "full"), key=lambda r: steps.peak(candidates[0], r))
   for k in SEQ_DIVISORS:
