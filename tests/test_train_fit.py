@@ -59,11 +59,18 @@ def test_largest_fitting_compiles_few_candidates_near_the_answer():
 
   def linear(m):
     return 3000 + 100 * m + (130 if m < share else 0)
-  for budget in range(2000, 3000 + 101 * share, 97):
-    calls = []
-    got = fit.largest_fitting(candidates, lambda m: calls.append(m) or linear(m), budget)
+  for budget in [*range(2000, 3000 + 101 * share, 97), linear(1) * share]:
+    calls = []                                          # distinct candidates compiled, in order
+
+    def peak(m):
+      if m not in calls:
+        calls.append(m)
+      return linear(m)
+    got = fit.largest_fitting(candidates, peak, budget)
     assert got == max([m for m in candidates if linear(m) <= budget], default=None), budget
-    assert len(set(calls)) <= 4 and (share not in calls or linear(share) <= fit.FAR * budget), (budget, calls)
+    assert len(calls) <= 4 and (share not in calls or linear(share) <= fit.FAR * budget), (budget, calls)
+    if linear(1) * share <= budget:                     # ample memory: the smallest, then the largest
+      assert calls == [1, share], (budget, calls)
   for budget in range(0, 70000, 1000):                  # quadratic: slower to guess, still exact
     got = fit.largest_fitting(candidates, lambda m: 5 * m * m, budget)
     assert got == max([m for m in candidates if 5 * m * m <= budget], default=None)

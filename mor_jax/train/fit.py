@@ -114,7 +114,8 @@ def largest_fitting(candidates: Sequence[int], peak: Callable[[int], int], budge
   """The largest of the ascending `candidates` m with peak(m) <= budget, or None; `peak` compiles (the caller
   caches it) and grows with m.
 
-  The two smallest first; a line through the smallest and the largest fitting so far guesses the answer, and the
+  The smallest first; when even its peak times m would fit, the largest next (ample memory: two compiles). Else
+  the second smallest, then a line through the smallest and the largest fitting so far guesses the answer, and the
   guess (kept strictly between the largest known to fit and the smallest known not to) is compiled, until they are
   neighbours: three or four compiles near the answer when memory is linear in m. A candidate the line puts more
   than FAR x the budget is taken as not fitting without compiling it (a large batch is slow to compile, on CPU
@@ -125,6 +126,10 @@ def largest_fitting(candidates: Sequence[int], peak: Callable[[int], int], budge
   if not fits(0):
     return candidates[-1] if n == 2 and fits(1) else None
   lo, hi = 0, n                       # candidates[lo] fits; candidates[hi] does not (n: none known)
+  if n > 1 and peak(candidates[0]) * candidates[-1] / candidates[0] <= budget:
+    if fits(n - 1):                   # fits even if every byte grew with m: ample memory, two compiles in all
+      return candidates[-1]
+    hi = n - 1
   while hi - lo > 1:
     if lo == 0:
       g = 1
