@@ -4,6 +4,9 @@ there, computed without that hardware.
 
   python benchmarks/fit_memory.py            # 3 CPU compiles of the step (~3 min on 2 cores) and the model
   python benchmarks/fit_memory.py --search   # also times the automatic search on this CPU (1 device, ~5 compiles)
+  python benchmarks/fit_memory.py --search_cost configs/smollm360_rec2.py:tiny configs/shakespeare_mor.py
+      # what per_device_batch_size=0 costs before the first step against the config's own setting, one CPU device
+      # (writes benchmarks/results/fit_search_cost_cpu.json)
 
 Sources, each as exact as it can be here:
 1. the train state per device (fp32 parameters, AdamW moments): exact, from the model's shapes (dp.state_memory);
@@ -94,10 +97,42 @@ def choice(budget: int, state: int, line: dict, accum_extra: int) -> dict:
           "compiles": [{"micro": m, "peak": p, "fits": p <= budget} for m, p in compiled.items()]}
 
 
+def search_cost(paths) -> None:
+  """Seconds of compiling before the first step: the config's own micro-batch (one compile) against
+  per_device_batch_size=0 (the search; its chosen executable is the one the run calls), on one CPU device."""
+  dp, rows = DataParallel("pjit", jax.devices()[:1]), []
+  for path in paths:
+    name, _, arg = path.partition(":")
+    module = importlib.import_module(os.path.splitext(name)[0].replace("/", "."))
+    row = {"config": path}
+    for label, per_device in (("manual", None), ("automatic", 0)):
+      c = module.get_config(arg or None)
+      if per_device is not None:
+        c.train.update(per_device_batch_size=per_device, grad_accum_steps=-1)
+      c = C.validate(c, num_devices=1)
+      steps = fit.StepCompiler.for_config(c, dp)
+      t = time.perf_counter()
+      chosen = fit.choose(steps) if per_device == 0 else None
+      micro = chosen.micro if chosen else int(c.train.per_device_batch_size)
+      steps.memory(micro, steps.policy.remat_policy)
+      row[label] = {"micro": micro, "accum": steps.share // micro, "seconds": time.perf_counter() - t,
+                    "compiles": len(steps.results)}
+    print(f"{path}: manual micro-batch {row['manual']['micro']}: 1 compile, {row['manual']['seconds']:.1f} s; "
+          f"automatic: micro-batch {row['automatic']['micro']}, {row['automatic']['compiles']} compiles, "
+          f"{row['automatic']['seconds']:.1f} s", flush=True)
+    rows.append(row)
+  write_result(os.path.join(ROOT, "benchmarks", "results", "fit_search_cost_cpu.json"), {"rows": rows},
+               conditions={"devices": "1 CPU device", "budget": "host memory minus 10%"})
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--search", action="store_true", help="also time fit.choose for this config on one CPU device")
+  ap.add_argument("--search_cost", nargs="+", metavar="CONFIG", help="only: the search's cost for these configs")
   args = ap.parse_args()
+  if args.search_cost:
+    search_cost(args.search_cost)
+    return
   cpu = cpu_compiles()
   state = int(cpu["state"]["total"])
   accum_extra = int(cpu["1x2"]["temp_size"] - cpu["1x1"]["temp_size"])

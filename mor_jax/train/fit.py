@@ -101,7 +101,8 @@ def budget(config, dp) -> Budget:
   if devices[0].platform == "cpu":
     host = host_memory()
     return Budget(int(host / len(devices) * (1 - MARGIN)), None,
-                  f"host memory {size(host)} / {len(devices)} devices, minus {MARGIN:.0%}")
+                  f"host memory {size(host)} / {len(devices)} device{'s' if len(devices) > 1 else ''}, minus "
+                  f"{MARGIN:.0%}")
   raise config_lib.ConfigError(f"config.execution.memory_budget_gib: the {devices[0].platform} backend reports no "
                                "memory limit; set the per-device budget in GiB (e.g. 40).")
 
