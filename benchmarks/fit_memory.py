@@ -18,8 +18,9 @@ Sources, each as exact as it can be here:
    (not run) on CPU at micro-batch 1 with accumulation 2 and with accumulation 1; XLA:CPU's buffer assignment,
    taken as the GPU's.
 The choice is then made exactly as mor_jax.train.fit.choose makes it (fit.largest_fitting over the divisors of
-1,024 / 4 = 256, the budget the device's limit minus 10%), with the modelled peaks in place of compiles, for JAX's default GPU memory fraction (75% of the card)
-and for XLA_PYTHON_CLIENT_MEM_FRACTION=0.95. Writes benchmarks/results/fit_smollm360_l40s.json.
+1,024 / 4 = 256, the budget the device's limit minus 10%), with the modelled peaks in place of compiles, for
+JAX's default GPU memory fraction (75% of the card) and for XLA_PYTHON_CLIENT_MEM_FRACTION=0.95. Writes
+benchmarks/results/fit_smollm360_l40s.json.
 """
 
 from __future__ import annotations

@@ -380,8 +380,8 @@ def test_exit_codes_of_main(tmp_path):
 
 
 KILL_RUNNER = """
-import sys
-sys.path.insert(0, {tests!r})
+import os, sys
+sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]   # this checkout's tests and mor_jax (as conftest.py does)
 from test_run_safety import train, tiny
 train(sys.argv[1], config=tiny(num_steps=6, save_every_steps=1, async_checkpoints=True))
 """

@@ -15,9 +15,10 @@ MARGIN (allocator fragmentation, the evaluation step, prefetched batches, librar
 limit: the host's physical memory divided by this process's devices (they share it), minus MARGIN.
 
 `train.per_device_batch_size = 0`: the largest divisor m of total_batch_size / devices whose compiled step's
-peak fits the budget, found by compiling a few candidates near the answer (`largest_fitting`: the two smallest,
-then guesses along the line through the measured peaks; peak memory grows about linearly with m). Accumulation is total / (m x devices): the same optimisation as that
-setting by hand (step.py's objective is exactly the large batch's). `execution.remat_policy = auto`: none,
+peak fits the budget, found by compiling a few candidates near the answer (`largest_fitting`: the smallest, then
+guesses along the line through the measured peaks; peak memory grows about linearly with m). Accumulation is
+total / (m x devices): the same optimisation as that setting by hand (step.py's objective is exactly the large
+batch's). `execution.remat_policy = auto`: none,
 then dots, then full, the first with which the step fits (at micro-batch 1 when that is automatic too). The
 candidates are compiled for the routing mode of the run's first step (capacity warm-up when configured) and the
 chosen one's executable is the one the run calls, so the search costs only the other candidates' compiles.
@@ -41,8 +42,8 @@ from mor_jax.train.step import make_train_step, routing_mode_for_step
 MARGIN = 0.10                                        # of the device's (or host's) memory, kept free
 REMAT_ESCALATION = ("none", "dots", "full")          # what execution.remat_policy=auto tries, in order
 BATCH_KEYS = ("tokens", "segment_ids", "positions")  # the int32 [rows, seq_len + 1] arrays of a training batch
-SEQ_DIVISORS = (2, 4, 8)
-FAR = 1.25                                           # largest_fitting: predicted this far over, not compiled                             # shorter data.seq_len tried when micro-batch 1 does not fit
+SEQ_DIVISORS = (2, 4, 8)                             # shorter data.seq_len tried when micro-batch 1 does not fit
+FAR = 1.25                                           # largest_fitting: predicted this far over, not compiled
 
 
 def size(n: float | None) -> str:
