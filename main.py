@@ -1,7 +1,7 @@
 """mor-jax command line.
 
   python main.py --config=configs/shakespeare_mor.py --workdir=/tmp/mor           # train (resumes if WORKDIR has checkpoints)
-  python main.py --config=configs/smollm360_rec2.py --mode=info                    # parameters and FLOPs
+  python main.py --config=configs/smollm360_rec2.py --mode=info                    # parameters, FLOPs, step memory
   python main.py --mode=info --workdir=/tmp/imported                                # ... of a workdir's model
   python main.py --config=configs/smollm360_rec2.py --mode=prepare                 # build corpus, tokenizer, shards
   python main.py --mode=generate --workdir=/tmp/mor --prompt="ROMEO:"               # sample from the latest checkpoint
@@ -18,7 +18,8 @@ Exit codes of --mode=train (docs/run-safety.md):
   75  interrupted (SIGTERM/SIGINT) or paused (train.max_steps_per_run): a checkpoint was saved, run the same
       command again to continue (EX_TEMPFAIL)
   1   an error: bad config, workdir locked by another run, checkpoints of another model or unreadable,
-      non-finite loss, a checkpoint that could not be written (disk full), the training data ran out
+      non-finite loss, a checkpoint that could not be written (disk full), the training data ran out,
+      out of device memory (no micro-batch fits the budget, or RESOURCE_EXHAUSTED while running)
 """
 
 import logging as pylogging
@@ -48,6 +49,8 @@ flags.DEFINE_string("import_from", None, "import: a PyTorch-reference training o
 flags.DEFINE_string("import_run_config", None, "import: the run's YAML (recursive/mor/kv_sharing settings), when the "
                     "directory holds several or none.")
 flags.DEFINE_string("export_to", None, "export_hf: the Hugging Face directory to write.")
+flags.DEFINE_bool("info_memory", True, "info: also compile (not run) the train step on this backend and print its "
+                  "per-device memory; --noinfo_memory prints parameters and FLOPs only.")
 infer_cli.define_flags()  # --prompt, --interactive, --prompts_file, --step, --threshold, ... (generate; eval uses --step/--threshold)
 serve_lib.define_flags()  # --host, --port, --slots, --max_queue, ... (serve; it reuses --tokenizer/--step/--threshold)
 FLAGS = flags.FLAGS
@@ -77,7 +80,8 @@ def run_training(config, workdir: str) -> int:
   from mor_jax.data import DataError
   try:
     report = train.train_and_evaluate(config, workdir)
-  except (checkpoint.CheckpointError, config_lib.ConfigError, DataError, train.NonFiniteLossError) as e:
+  except (checkpoint.CheckpointError, config_lib.ConfigError, DataError, train.NonFiniteLossError,
+          train.DeviceMemoryError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_ERROR
   except OSError as e:           # e.g. the workdir cannot be written
@@ -121,9 +125,13 @@ def main(argv):
     distributed.quiet_other_processes()   # logs and reports come from process 0
   if FLAGS.mode == "info":      # --config, or --workdir alone: the config stored with its (newest / --step) checkpoint
     from mor_jax.model import accounting
+    from mor_jax.train import fit, memory_info
     try:
       print(accounting.summary(config) if config is not None else accounting.workdir_summary(FLAGS.workdir, FLAGS.step))
-    except ValueError as e:     # CheckpointError, ConfigError: the message names what is missing and what to do
+      if FLAGS.info_memory:     # the train step compiled for this backend: the config's (or the stored run's) batch
+        run_config = config if config is not None else accounting.workdir_config(FLAGS.workdir, FLAGS.step)[1]
+        print(memory_info.memory_summary(run_config), flush=True)
+    except (ValueError, fit.DeviceMemoryError) as e:   # CheckpointError, ConfigError: names what is wrong and the fix
       sys.exit(f"error: {e}")
   elif FLAGS.mode == "prepare":
     from mor_jax import data

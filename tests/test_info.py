@@ -61,10 +61,19 @@ def test_main_info_with_workdir_and_with_config(workdir, tmp_path):
   out = main_py("--mode=info", f"--workdir={w}")
   assert out.returncode == 0, out.stderr[-2000:]
   assert f"{accounting.param_counts(cfg)['total']:,}" in out.stdout and "model: tiny-info" in out.stdout
+  # the train step's memory per device, compiled (not run) on this backend for the stored run's micro-batch
+  mem = dict(re.findall(r"\n  (parameters|optimizer state|temporaries|peak) +([\d.]+) MiB", out.stdout))
+  assert set(mem) == {"parameters", "optimizer state", "temporaries", "peak"}, out.stdout
+  mib = {k: float(v) for k, v in mem.items()}
+  assert mib["parameters"] == round(4 * accounting.param_counts(cfg)["total"] / 2**20, 2)      # float32
+  assert mib["peak"] >= mib["parameters"] + mib["optimizer state"] + mib["temporaries"] - 0.02  # 2-decimal rounding
+  assert "micro-batch 3 x accumulation 1 x 4 devices" in out.stdout and "does not split over 4 devices" in out.stdout
+  assert "device limit     not reported by the cpu backend" in out.stdout
   out = main_py("--mode=info", f"--workdir={tmp_path / 'missing'}")
   last = out.stderr.strip().splitlines()[-1]
   assert out.returncode == 1 and last.startswith("error: ") and "Traceback" not in out.stderr
   out = main_py("--mode=info")
   assert out.returncode != 0 and "--config is required for --mode=info (or --workdir=W" in out.stderr
-  out = main_py("--config=configs/smollm135.py", "--mode=info")        # the --config form still works
+  out = main_py("--config=configs/smollm135.py", "--mode=info", "--noinfo_memory")   # the --config form (no compile)
   assert out.returncode == 0 and "134,515,008" in out.stdout, out.stderr[-2000:]
+  assert "train step memory" not in out.stdout

@@ -483,6 +483,9 @@ def test_mor_selects_fewer_tokens_per_recursion():
     (lambda c: c.train.update(allow_changes=("learning_rate",)), "train.allow_changes"),
     (lambda c: c.train.update(total_batch_size=30, per_device_batch_size=4), "train.total_batch_size"),
     (lambda c: c.train.update(schedule="linear-ish"), "train.schedule"),
+    (lambda c: c.train.update(per_device_batch_size=-1), "train.per_device_batch_size"),
+    (lambda c: c.execution.update(memory_budget_gib=-1.0), "execution.memory_budget_gib"),
+    (lambda c: c.execution.update(remat_policy="some"), "execution.remat_policy"),
     (lambda c: c.parallel.update(mode="ddp"), "parallel.mode"),
 ])
 def test_bad_config_errors_name_the_field(edit, field):

@@ -20,7 +20,8 @@ import pytest
 
 from mor_jax import checkpoint as ckpt_lib
 from mor_jax import config as C
-from mor_jax.train import DataParallel, Hook, abstract_state, init_state, make_eval_step, make_optimizer
+from mor_jax.train import DataParallel, DeviceMemoryError, Hook, abstract_state, init_state, make_eval_step
+from mor_jax.train import make_optimizer
 from mor_jax.train import read_metrics, train_and_evaluate
 from mor_jax.train import evaluation
 from mor_jax.train.metrics import MetricWriter
@@ -296,6 +297,29 @@ def test_disk_full_one_clear_line_report_and_restorable_checkpoint(tmp_path):
     subprocess.run(["umount", "-l", mnt], check=False)
 
 
+class _OutOfMemoryAfterSave(Hook):
+  """From the first save on, the train step fails the way XLA does when the device runs out of memory."""
+
+  def on_save(self, trainer, step):
+    def out_of_memory(*args):
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.21GiB.")
+    trainer.train_fn = out_of_memory
+
+
+def test_out_of_memory_while_running_is_one_line_and_keeps_the_checkpoints(tmp_path):
+  wd = str(tmp_path / "oom")
+  with pytest.raises(DeviceMemoryError) as e:
+    train(wd, hooks=[_OutOfMemoryAfterSave()])
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith("out of device memory at step 3: the train step needs ") and " MiB" in msg
+  assert "(compiled peak at micro-batch 1 x accumulation 2, remat none, seq_len 16)" in msg
+  assert "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.21GiB." in msg
+  assert "train.per_device_batch_size=0 (automatic" in msg and msg.endswith("the last checkpoint is step 2.")
+  assert ckpt_lib.steps_in(os.path.join(wd, "checkpoints")) == [2]          # the good checkpoint stays, nothing new
+  rep = json.load(open(os.path.join(wd, "report.json")))
+  assert rep["status"] == "failed" and rep["message"] == msg and rep["steps_completed"] == 2
+
+
 # ------------------------------------------------------------------ subprocesses
 CORPUS = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog and the cat." for i in range(100))
 TINY_MAIN = """
@@ -346,11 +370,18 @@ def test_exit_codes_of_main(tmp_path):
   assert "--config.train.allow_changes=train.num_steps" in p.stderr and "train.num_steps: 4 -> 6" in p.stderr
   p = main_py(f"--config={cfg}", f"--workdir={wd}")
   assert p.returncode == 0 and [r["step"] for r in read_metrics(wd)] == [1, 2, 3, 4]
+  before = snapshot(wd)                  # a memory budget nothing fits: one line, exit 1, the finished run untouched
+  p = main_py(f"--config={cfg}", f"--workdir={wd}", "--config.train.per_device_batch_size=0",
+              "--config.execution.memory_budget_gib=0.0001")
+  last = p.stderr.strip().splitlines()[-1]
+  assert p.returncode == 1 and last.startswith("error: out of memory: the train state alone needs "), p.stderr[-2000:]
+  assert " MiB per device" in last and "but 0.10 MiB (execution.memory_budget_gib=0.0001) is available" in last
+  assert "Traceback" not in p.stderr and snapshot(wd) == before
 
 
 KILL_RUNNER = """
-import sys
-sys.path.insert(0, {tests!r})
+import os, sys
+sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]   # this checkout's tests and mor_jax (as conftest.py does)
 from test_run_safety import train, tiny
 train(sys.argv[1], config=tiny(num_steps=6, save_every_steps=1, async_checkpoints=True))
 """

@@ -165,10 +165,12 @@ def test_corrupt_latest_checkpoint_falls_back_and_resumes_on_other_devices(refer
   ck = Checkpointer(os.path.join(wd, "checkpoints"))
   assert ck.all_steps() == [2, 4, 6]                 # Orbax still lists it
   ck.close()
-  c = tiny()
-  c.parallel.update(mode="pmap", num_devices=2)      # resume on 2 devices with pmap (accumulation 4 instead of 2)
-  rep = train(wd, config=c)
+  c = tiny(per_device_batch_size=0)                 # the micro-batch chosen for the memory (issue 39): here all
+  c.parallel.update(mode="pmap", num_devices=2)      # 4 rows a device has, on 2 devices with pmap: the reference
+  rep = train(wd, config=c)                          # ran 1 row x accumulation 2 on 4 devices
   assert rep["resumed_from_step"] == 4 and rep["status"] == "completed" and rep["devices"]["count"] == 2
+  assert (rep["per_device_batch_size"], rep["grad_accum_steps"]) == (4, 1) and ref_rep["grad_accum_steps"] == 2
+  assert [c["per_device_batch_size"] for c in rep["runs"][-1]["memory_fit"]["candidates"]] == [1, 4]   # ample
   assert os.listdir(os.path.join(wd, "checkpoints_corrupt"))[0].startswith("6-")
   assert rep["checkpoints"]["kept"] == [2, 4, 6]
   got, ref = losses(wd), losses(ref_wd)

@@ -80,6 +80,14 @@ def test_grad_accum_derivation():
   c.train.total_batch_size = 1020
   with pytest.raises(C.ConfigError, match="train.total_batch_size"):
     C.validate(c, num_devices=4)
+  c.train.update(total_batch_size=1024, per_device_batch_size=0)     # automatic: the trainer derives both
+  assert C.validate(c, num_devices=4).train.grad_accum_steps == -1
+  c.train.total_batch_size = 1022
+  with pytest.raises(C.ConfigError, match=r"^config.train.total_batch_size: 1022 is not divisible by the 4 devices"):
+    C.validate(c, num_devices=4)
+  c.train.update(total_batch_size=1024, grad_accum_steps=8)
+  with pytest.raises(C.ConfigError, match=r"^config.train.grad_accum_steps: .* set it to -1"):
+    C.validate(c, num_devices=4)
 
 
 def test_init_variables_equals_the_training_states_initial_params():

@@ -22,7 +22,7 @@ from mor_jax.config.upgrade import RENAMED
 
 STRATEGIES = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
 INIT_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")   # spec section 7 (config.init.strategy)
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out", "dots_attn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out", "dots_attn", "auto")
 ATTENTION_IMPLS = ("auto", "custom", "dot_product")
 AUTO_ON_OFF = ("auto", "on", "off")
 
@@ -70,7 +70,12 @@ FIELDS = (
     *_section(
         "execution",   # how this backend runs the model (kernels/policy.py); old keys model.<name> still work
         ("dtype", "float32", "compute dtype (params stay float32)", False, ("float32", "bfloat16")),
-        ("remat_policy", "none", "rematerialisation of each layer in the backward pass", False, REMAT_POLICIES),
+        ("remat_policy", "none", "rematerialisation of each layer in the backward pass; auto: none, else dots, "
+         "else full, the first whose compiled train step fits execution.memory_budget_gib (mor_jax/train/fit.py)",
+         False, REMAT_POLICIES),
+        ("memory_budget_gib", 0.0, "per-device memory the automatic choices (train.per_device_batch_size=0, "
+         "remat_policy=auto) must fit: 0 = the device's limit minus 10% (CPU: host memory / local devices minus "
+         "10%)", False, NONNEG),
         ("scan_unroll", 0, "scanned layers per loop iteration: 0 auto (loop on CPU, fully unrolled on GPU/TPU), "
          "n fixed", False, NONNEG),
         ("batch_groups", 0, "independent batch groups per layer: 0 auto (2 on CPU, 1 on GPU/TPU), n fixed",
@@ -157,7 +162,9 @@ FIELDS = (
         ("seed", 0, "initialisation / router seed"),
         ("num_steps", 1000, "optimizer steps of the run", False, "[1, inf)"),
         ("total_batch_size", 32, "sequences per optimizer step", False, "[1, inf)"),
-        ("per_device_batch_size", 8, "sequences per device and micro-step", False, "[1, inf)"),
+        ("per_device_batch_size", 8, "sequences per device and micro-step (the micro-batch); 0 = automatic: the "
+         "largest divisor of total / devices whose compiled train step fits execution.memory_budget_gib", False,
+         NONNEG),
         ("grad_accum_steps", -1, "derived: total / (per_device x devices); -1 to derive", False),
         ("learning_rate", 3e-3, "peak learning rate", False, NONNEG),
         ("schedule", "cosine", "cosine | wsd | constant", False, ("cosine", "wsd", "constant")),

@@ -170,16 +170,10 @@ def _check_train(c, num_devices):
   if num_devices is None:
     import jax  # pylint: disable=import-outside-toplevel  (only here: the config package stays jax-free)
     num_devices = jax.device_count()
-  per_step = t.per_device_batch_size * num_devices
-  if t.total_batch_size % per_step:
-    _fail("train.total_batch_size", f"{t.total_batch_size} is not divisible by per_device_batch_size x devices = "
-          f"{t.per_device_batch_size} x {num_devices} = {per_step}; adjust total_batch_size or "
-          "per_device_batch_size.")
-  accum = t.total_batch_size // per_step
-  if t.grad_accum_steps not in (-1, accum):
-    _fail("train.grad_accum_steps", f"is {t.grad_accum_steps} but total / (per_device x devices) = {accum}; set it "
-          "to -1 to derive it.")
-  t.grad_accum_steps = accum
+  if t.per_device_batch_size == 0:          # automatic (mor_jax/train/fit.py): the trainer sets both
+    _check_automatic_batch(t, num_devices)
+  else:
+    _derive_accumulation(t, num_devices)
   if t.warmup_steps > t.num_steps:
     _fail("train.warmup_steps", f"must be between 0 and num_steps ({t.num_steps}), got {t.warmup_steps}.")
   if not all(isinstance(x, str) and x.count(".") == 1 and x in schema.BY_KEY for x in t.allow_changes):
@@ -191,6 +185,29 @@ def _check_train(c, num_devices):
           f"{tuple(c.logging.wandb_tags)}.")
   _check_mesh(c.parallel, num_devices)
   _check_distributed(c.distributed)
+
+
+def _check_automatic_batch(t, num_devices):
+  if t.total_batch_size % num_devices:
+    _fail("train.total_batch_size", f"{t.total_batch_size} is not divisible by the {num_devices} devices; the "
+          "automatic micro-batch (per_device_batch_size=0) divides each device's share, so pick a multiple of "
+          f"{num_devices}.")
+  if t.grad_accum_steps != -1:
+    _fail("train.grad_accum_steps", f"is {t.grad_accum_steps}, but per_device_batch_size=0 (automatic) derives it "
+          "from the micro-batch it chooses; set it to -1.")
+
+
+def _derive_accumulation(t, num_devices):
+  per_step = t.per_device_batch_size * num_devices
+  if t.total_batch_size % per_step:
+    _fail("train.total_batch_size", f"{t.total_batch_size} is not divisible by per_device_batch_size x devices = "
+          f"{t.per_device_batch_size} x {num_devices} = {per_step}; adjust total_batch_size or "
+          "per_device_batch_size.")
+  accum = t.total_batch_size // per_step
+  if t.grad_accum_steps not in (-1, accum):
+    _fail("train.grad_accum_steps", f"is {t.grad_accum_steps} but total / (per_device x devices) = {accum}; set it "
+          "to -1 to derive it.")
+  t.grad_accum_steps = accum
 
 
 def profile_steps(value: str) -> tuple[int, int] | None:
@@ -216,7 +233,7 @@ def _convert_eval_batches(c, num_devices):
   if batches is None:   # the unset placeholder (schema.defaults)
     return
   batches = int(batches)
-  rows = int(t.per_device_batch_size) * (num_devices or 1)
+  rows = max(1, int(t.per_device_batch_size)) * (num_devices or 1)
   t.eval_sequences = batches if batches <= 0 else batches * rows
   logging.warning("config.train.eval_batches is deprecated: use config.train.eval_sequences (validation sequences "
                   "per evaluation); eval_batches=%d read as eval_sequences=%d.", batches, t.eval_sequences)

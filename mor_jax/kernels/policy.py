@@ -58,7 +58,11 @@ def for_decoding(policy: ExecPolicy | None = None) -> ExecPolicy:
 
 
 def resolve(config, backend: str) -> ExecPolicy:
-  """The ExecPolicy of a validated config's `execution` section on `backend`."""
+  """The ExecPolicy of a validated config's `execution` section on `backend`.
+
+  remat_policy 'auto' resolves to 'none' here (what decoding and evaluation run); the trainer replaces it with
+  the policy mor_jax.train.fit chose for the memory budget.
+  """
   e = config.execution
   cpu = backend == "cpu"
   kernels = {"auto": cpu, "on": True, "off": False}[e.cpu_kernels]
@@ -69,7 +73,7 @@ def resolve(config, backend: str) -> ExecPolicy:
                     batch_groups=resolve_batch_groups(int(e.batch_groups), backend),
                     loss_chunk_tokens=resolve_loss_chunk_tokens(int(e.loss_chunk_tokens), backend),
                     scan_unroll=resolve_scan_unroll(int(e.scan_unroll), backend),
-                    remat_policy=str(e.remat_policy))
+                    remat_policy="none" if e.remat_policy == "auto" else str(e.remat_policy))
 
 
 def resolve_scan_unroll(scan_unroll: int, backend: str) -> int:

@@ -119,9 +119,10 @@ def summary(config) -> str:
   return "\n".join(lines)
 
 
-def workdir_summary(workdir: str, step: int | None = None) -> str:
-  """`--mode=info --workdir=W` without --config: the summary of the config stored with W's newest (or `step`'s)
-  checkpoint, e.g. an imported model's. Raises CheckpointError (a ValueError) naming what is missing."""
+def workdir_config(workdir: str, step: int | None = None, *, with_run: bool = True):
+  """The config stored with W's newest (or `step`'s) checkpoint, as (step directory, ConfigDict); without
+  `with_run`, only the model (the run's train / parallel sections dropped), else the run's batch settings with
+  accumulation derived again for this machine's devices. Raises CheckpointError naming what is missing."""
   import os  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
@@ -135,6 +136,16 @@ def workdir_summary(workdir: str, step: int | None = None) -> str:
     raise CheckpointError(f"the checkpoint {step_dir} stores no config; pass the model's config with --config.")
   config = ml_collections.ConfigDict(meta["config"])
   for section in ("train", "parallel"):    # batch sizes of the run that wrote it: not part of the model
-    if section in config:
+    if section in config and not with_run:
       del config[section]
-  return f"checkpoint: step {os.path.basename(step_dir)} of {ckpt_dir}\n" + summary(config)
+  if with_run and "train" in config:
+    config.train.grad_accum_steps = -1
+  return step_dir, config
+
+
+def workdir_summary(workdir: str, step: int | None = None) -> str:
+  """`--mode=info --workdir=W` without --config: the summary of the config stored with W's newest (or `step`'s)
+  checkpoint, e.g. an imported model's. Raises CheckpointError (a ValueError) naming what is missing."""
+  import os  # pylint: disable=g-import-not-at-top
+  step_dir, config = workdir_config(workdir, step, with_run=False)
+  return f"checkpoint: step {os.path.basename(step_dir)} of {os.path.dirname(step_dir)}\n" + summary(config)

@@ -8,10 +8,12 @@ Public API:
   TrainState;  init_state(cfg, tx, seed);  abstract_state(cfg, tx, seed)
   train_step(state, batch, *, cfg, tx, schedule, routing_mode, ...) -> (state, metrics);  eval_step
   DataParallel(mode, devices)            placement and compilation for 'pjit' / 'pmap'
+  DeviceMemoryError                      the step does not fit the devices' memory (fit.py: the automatic micro-batch)
   Checkpointer(directory, max_to_keep)   Orbax save / verified restore with fallback (mor_jax.checkpoint)
 """
 
 from mor_jax.checkpoint import Checkpointer, CheckpointMismatchError
+from mor_jax.train.fit import DeviceMemoryError
 from mor_jax.train.loop import NonFiniteLossError, train_and_evaluate
 from mor_jax.train.trainer import Hook, Trainer
 from mor_jax.train.metrics import read_metrics
@@ -23,7 +25,7 @@ from mor_jax.train.step import (eval_step, make_eval_step, make_train_step, rout
 from mor_jax.train.synthetic import SyntheticIterator
 
 __all__ = [
-    "Checkpointer", "CheckpointMismatchError", "DataParallel", "Hook", "NonFiniteLossError", "SyntheticIterator",
+    "Checkpointer", "CheckpointMismatchError", "DataParallel", "DeviceMemoryError", "Hook", "NonFiniteLossError", "SyntheticIterator",
     "TrainState", "Trainer", "abstract_state", "decay_mask", "eval_step", "init_state", "make_eval_step",
     "make_optimizer", "make_schedule", "make_train_step", "read_metrics", "routing_mode_for_step",
     "train_and_evaluate", "train_step",

@@ -35,6 +35,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Raises:
     NonFiniteLossError: the loss became NaN/Inf (report written, no checkpoint of the bad state).
+    DeviceMemoryError: the step does not fit the devices' memory: no candidate of train.per_device_batch_size=0 /
+      execution.remat_policy=auto fits (nothing written), or XLA ran out while training (report written, no
+      checkpoint touched); one line naming the bytes needed and available and settings that fit.
     mor_jax.checkpoint.CheckpointError: the workdir is locked by another run, its checkpoints belong to
       another model or are unreadable (nothing written), or a checkpoint could not be written (report written).
   """

@@ -178,9 +178,19 @@ class Parallel:
     out["total"] = per_device(abstract_state, shardings)
     return out
 
-  def ahead_of_time(self, train_fn: Callable, name: str = "train_step", routes: bool = True) -> Callable:
+  def abstract_train_args(self, abstract_state, accum: int, micro: int, width: int, keys: Sequence[str]):
+    """(state, batch) as `jax.ShapeDtypeStruct`s placed as the run places them: the state as `place_state`
+    leaves it, int32 batch arrays `keys` as `shard_train_batch` makes them from [accum x micro x devices, width]
+    rows. For compiling the train step without allocating anything (mor_jax.train.fit)."""
+    state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(self._placed_shape(x.shape), x.dtype, sharding=sh),
+                         abstract_state, self._placed_shardings(abstract_state))
+    shape, sharding = self._train_layout(accum, micro, width)
+    return state, {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in keys}
+
+  def ahead_of_time(self, train_fn: Callable, name: str = "train_step", routes: bool = True,
+                    sink: dict | None = None) -> Callable:
     """`train_fn` compiled ahead of time once per routing mode where the mode supports it."""
-    del name, routes
+    del name, routes, sink
     return train_fn
 
 
@@ -238,6 +248,15 @@ class PjitParallel(Parallel):
   def _train_sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, P(None, self.batch_axes))
 
+  def _placed_shape(self, shape):
+    return tuple(shape)
+
+  def _placed_shardings(self, abstract_state):
+    return self.state_shardings(abstract_state)
+
+  def _train_layout(self, accum: int, micro: int, width: int):
+    return (accum, micro * self.num_devices, width), self._train_sharding()
+
   def process_row_indices(self, rows: int, accum: int) -> np.ndarray:
     """Micro-batch m holds global rows m * micro ... (m + 1) * micro - 1; each process owns a contiguous
     slice of every micro-batch (its devices' rows)."""
@@ -271,10 +290,11 @@ class PjitParallel(Parallel):
   def compile_eval_step(self, eval_fn: Callable) -> Callable:
     return jax.jit(self._bind("eval_step", eval_fn), out_shardings=self.replicated)
 
-  def ahead_of_time(self, train_fn: Callable, name: str = "train_step", routes: bool = True) -> Callable:
+  def ahead_of_time(self, train_fn: Callable, name: str = "train_step", routes: bool = True,
+                    sink: dict | None = None) -> Callable:
     """`train_fn` compiled ahead of time once per routing mode, its memory analysis logged (naming the routing
-    mode when the model `routes`)."""
-    return AOTStep(train_fn, name, self.compiled_memory, routes)
+    mode when the model `routes`) and kept in `sink` (default: `compiled_memory`)."""
+    return AOTStep(train_fn, name, self.compiled_memory if sink is None else sink, routes)
 
   def fetch(self, tree) -> Any:
     """Device values -> host numpy."""
@@ -327,6 +347,15 @@ class PmapParallel(Parallel):
   def unreplicate(self, state) -> Any:
     """The state without a device axis (what checkpoints hold)."""
     return jax.tree.map(lambda x: x[0], state)
+
+  def _placed_shape(self, shape):
+    return (self.num_devices,) + tuple(shape)
+
+  def _placed_shardings(self, abstract_state):
+    return jax.tree.map(lambda _: self.stacked, abstract_state)
+
+  def _train_layout(self, accum: int, micro: int, width: int):
+    return (self.num_devices, accum, micro, width), self.stacked
 
   def _put_train(self, x):
     x = x.reshape((x.shape[0], self.num_devices, -1) + x.shape[2:]).swapaxes(0, 1)

@@ -16,8 +16,9 @@ What lands in WORKDIR:
 Statuses (`report["status"]`): 'completed'; 'interrupted' (SIGTERM/SIGINT: the step finishes, a checkpoint
 and the report are written) and 'paused' (train.max_steps_per_run reached): run again to continue;
 'stopped' (the training data ran out), 'failed' (non-finite loss, a checkpoint that could not be written:
-the report is written, then the error raised), 'aborted' (any other exception, re-raised). Errors before
-the first step (lock held, checkpoint mismatch or unreadable, bad config) raise and write nothing.
+the report is written, then the error raised; also out of device memory, as one-line DeviceMemoryError),
+'aborted' (any other exception, re-raised). Errors before the first step (lock held, checkpoint mismatch or
+unreadable, bad config, no micro-batch fits the memory budget) raise and write nothing.
 
 Hooks (`Hook` subclasses) see each fetched step's metrics, each validation loss, each save, an early stop
 (signal, pause, end of data) and the report.
@@ -40,6 +41,7 @@ from mor_jax import config as config_lib
 from mor_jax.checkpoint import integrity, schema
 from mor_jax.kernels import policy as policy_lib
 from mor_jax.train import evaluation
+from mor_jax.train import fit as fit_lib
 from mor_jax.train import metrics as metrics_lib
 from mor_jax.train import report as report_lib
 from mor_jax.train import setup
@@ -49,7 +51,7 @@ from mor_jax.train.parallel import DevicePrefetcher
 from mor_jax.train.profile import StepProfiler
 from mor_jax.train.signals import SignalGuard
 from mor_jax.train.state import abstract_state, init_state, num_params
-from mor_jax.train.step import make_eval_step, make_train_step, routing_mode_for_step
+from mor_jax.train.step import make_eval_step, routing_mode_for_step
 from mor_jax.train.tracker import NonFiniteLossError, Tracker
 
 
@@ -112,6 +114,10 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     self.ckpt = self.state = self.meta = None
     self.start = self.step = 0
+    self.abstract = abstract_state(self.cfg, self.tx, int(self.config.train.seed))
+    # train.per_device_batch_size=0 / execution.remat_policy=auto: candidates compiled (not run) against the budget
+    self.steps, self.fit, self.policy = fit_lib.fit_run(self.config, self.dp, self.cfg, self.tx, self.schedule,
+                                                        self.policy, self.abstract)
 
   # ------------------------------------------------------------------ the run
   def run(self) -> dict:
@@ -122,10 +128,12 @@ class Trainer:
       try:
         self.init_or_restore()
         self._prepare()
-      except BaseException:
+      except BaseException as e:
         _close(self.train_iterator)
         if self.ckpt is not None:
           self.ckpt.close()
+        if fit_lib.is_out_of_memory(e):      # one line instead of XLA's trace; nothing was written
+          raise self._aborted(e)[2] from None
         raise
       return self._train()
 
@@ -135,7 +143,6 @@ class Trainer:
     self.ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir, ckpt_lib.CHECKPOINTS_SUBDIR),
                                       max_to_keep=int(t.keep_checkpoints),
                                       async_save=bool(t.get("async_checkpoints", True)))
-    self.abstract = abstract_state(self.cfg, self.tx, int(t.seed))
     allow = schema.allowed_changes(self.config)
 
     def check(meta):
@@ -164,7 +171,8 @@ class Trainer:
     self.step = self.start
     self.last_saved = self.start if restored is not None else -1
     self.run_info = {"started": report_lib.now(), "start_step": self.start, "devices": self.dp.num_devices,
-                     "mode": self.dp.mode, "processes": jax.process_count()}
+                     "mode": self.dp.mode, "processes": jax.process_count(), **fit_lib.run_record(self.config,
+                                                                                                  self.fit)}
     self.meta["runs"].append(self.run_info)
 
   def _prepare(self) -> None:
@@ -183,9 +191,7 @@ class Trainer:
     document_mask = bool(self.config.data.get("document_mask", False))
     if self.dp.mode == "pjit":                # exactly the placement the step is compiled for (no-op when it is)
       self.state = self.dp.place_state(self.state)
-    self.train_fn = self.dp.ahead_of_time(self.dp.compile_train_step(
-        make_train_step(self.cfg, self.tx, self.schedule, document_mask=document_mask, policy=self.policy),
-        self.dp.state_shardings(self.abstract) if self.dp.mode == "pjit" else None), routes=self.cfg.mor_enable)
+    self.train_fn = self.steps.run_fn(self.fit, self.policy.remat_policy)
     eval_fn = self.dp.compile_eval_step(make_eval_step(self.cfg, document_mask=document_mask, policy=self.policy))
     self.evaluator = evaluation.make_evaluator(self.config, self.dp, eval_fn, self.eval_iterator_fn,
                                                self.eval_sequences)
@@ -211,7 +217,7 @@ class Trainer:
     except ckpt_lib.CheckpointSaveError as e:
       status, message, error = "failed", str(e), e
     except BaseException as e:  # pylint: disable=broad-except
-      status, message, error = "aborted", f"{type(e).__name__}: {e}", e
+      status, message, error = self._aborted(e)
     finally:
       closing_error = self._close_all()
     if closing_error is not None and error is None:
@@ -224,6 +230,13 @@ class Trainer:
     if error is not None:
       raise error
     return report
+
+  def _aborted(self, e: BaseException) -> tuple[str, str, BaseException]:
+    if not fit_lib.is_out_of_memory(e):
+      return "aborted", f"{type(e).__name__}: {e}", e
+    error = fit_lib.runtime_error(e, config=self.config, dp=self.dp, state_bytes=self.steps.state_bytes,
+                                  step=self.step, last_checkpoint=getattr(self, "last_saved", -1))
+    return "failed", str(error), error       # out of device memory: one line; no checkpoint of this state
 
   def _close_all(self) -> ckpt_lib.CheckpointSaveError | None:
     self.profiler.stop()
