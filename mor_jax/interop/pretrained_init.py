@@ -324,7 +324,7 @@ def resolve_from_path(config, workdir: str | None = None):
   taken. The source is WORKDIR's own newest checkpoint when the run resumes (the source may be gone by then),
   else init.from_path (checked: it must exist)."""
   from mor_jax.config import schema  # pylint: disable=g-import-not-at-top
-  unset = [f.key for f in schema.FIELDS if _get(config, f.key) is None]
+  unset = [f.key for f in schema.FIELDS if get_field(config, f.key) is None]
   wants_tokenizer = not config.data.get("tokenizer_path") and (unset or config.data.get("corpus") == "chat")
   resume = _has_checkpoints(workdir)
   source = os.path.abspath(workdir) if resume else _path(config)
@@ -337,7 +337,7 @@ def resolve_from_path(config, workdir: str | None = None):
   c = ml_collections.ConfigDict(config.to_dict())
   for key in unset:
     section, name = key.split(".")
-    c[section][name] = _get(stored, key)
+    c[section][name] = get_field(stored, key)
   if wants_tokenizer:
     c.data.tokenizer_path = _tokenizer_of(source, stored)
     for k in ("eos_token", "bos_token"):
@@ -345,7 +345,7 @@ def resolve_from_path(config, workdir: str | None = None):
   return c
 
 
-def _get(c, key: str):
+def get_field(c, key: str):
   for part in key.split("."):
     c = c.get(part) if hasattr(c, "get") else None
     if c is None:

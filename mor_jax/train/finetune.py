@@ -26,10 +26,11 @@ from mor_jax.train.trainer import Hook
 def resolve_config(config, workdir: str | None = None):
   """`config` with unset fields, the step count and the warm-up resolved (see the module docstring)."""
   from mor_jax.interop import pretrained_init  # pylint: disable=g-import-not-at-top
+  from mor_jax.config import schema  # pylint: disable=g-import-not-at-top
   c = pretrained_init.resolve_from_path(config, workdir)
   t = c.get("train")
-  if t is None:
-    return c
+  if t is None or any(pretrained_init.get_field(c, f.key) is None for f in schema.FIELDS):
+    return c                                 # still unset: validation names the field and init.from_path
   epochs, fraction = float(t.get("epochs", 0.0) or 0.0), float(t.get("warmup_fraction", 0.0) or 0.0)
   if not (epochs > 0 and c.data.get("corpus") == "chat") and fraction <= 0:
     return c
