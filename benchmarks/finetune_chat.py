@@ -12,8 +12,9 @@ generated data set of short questions of six kinds (sums, products, capitals, op
 same six kinds with items that no training question uses, and 12 of a seventh kind that no training question
 has ("What color is snow?"). The share of held-out answers in the format (the reply parses as JSON and is an
 object with the one key "answer" holding a non-empty string) is measured before and after fine-tuning, with
-greedy decoding and the chat template, exactly as `--mode=generate --chat` prompts; the share of correct answers
-is reported alongside (informative only).
+greedy decoding and the chat template, exactly as `--mode=generate --chat` prompts. Reported alongside
+(informative): answers that are correct and in the format, and answers that contain the right answer in any form
+(the knowledge the model had before).
 
 Fine-tuning is the README command, run as written with the default config (no override):
 
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -117,10 +119,13 @@ def formatted(reply: str) -> bool:
 
 
 def correct(reply: str, answer: str) -> bool:
-  try:
-    return formatted(reply) and json.loads(reply.strip())["answer"].strip().lower() == answer.lower()
-  except ValueError:
-    return False
+  """In the format, and the answer is the expected one (case aside)."""
+  return formatted(reply) and json.loads(reply.strip())["answer"].strip().lower() == answer.lower()
+
+
+def contains(reply: str, answer: str) -> bool:
+  """The expected answer appears in the reply as a word (any form: a sentence before, JSON after)."""
+  return re.search(rf"(?<![\w]){re.escape(answer.lower())}(?![\w])", reply.lower()) is not None
 
 
 def write_train(path: str, train) -> None:
@@ -146,14 +151,18 @@ def answers(workdir: str, questions, max_new_tokens: int) -> tuple[list[str], fl
 
 
 def score(replies, held, held_kind) -> dict:
-  ok = [formatted(r) for r in replies]
-  right = [correct(r, a) for r, (_, a) in zip(replies, held)]
+  checks = {"formatted": formatted, "correct": correct, "contains": contains}
+  hits = {name: [bool(f(r, a) if name != "formatted" else f(r)) for r, (_, a) in zip(replies, held)]
+          for name, f in checks.items()}
   groups = {}
-  for k, f, c in zip(held_kind, ok, right):
-    g = groups.setdefault(k, {"n": 0, "formatted": 0, "correct": 0})
-    g["n"], g["formatted"], g["correct"] = g["n"] + 1, g["formatted"] + f, g["correct"] + c
-  return {"n": len(ok), "formatted": sum(ok), "share": sum(ok) / len(ok), "correct": sum(right),
-          "correct_share": sum(right) / len(ok), "by_kind": groups}
+  for i, k in enumerate(held_kind):
+    g = groups.setdefault(k, {"n": 0, **{name: 0 for name in checks}})
+    g["n"] += 1
+    for name in checks:
+      g[name] += hits[name][i]
+  n = len(replies)
+  return {"n": n, **{name: sum(h) for name, h in hits.items()}, "share": sum(hits["formatted"]) / n,
+          "correct_share": sum(hits["correct"]) / n, "contains_share": sum(hits["contains"]) / n, "by_kind": groups}
 
 
 def finetune(w: str, train_path: str, out: str, log) -> float:
@@ -163,7 +172,7 @@ def finetune(w: str, train_path: str, out: str, log) -> float:
   log(f"$ {COMMAND}   (W, train.jsonl and OUT in the work dir)")
   t0 = time.time()
   run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-  for line in (run.stdout + run.stderr).splitlines():
+  for line in (run.stderr + run.stdout).splitlines():             # the log (stderr), then the result line
     if "chat data:" in line or "validation loss" in line or line.startswith(("completed", "error")):
       log("  " + line.split("] ", 1)[-1])
   if run.returncode != 0:
@@ -173,19 +182,21 @@ def finetune(w: str, train_path: str, out: str, log) -> float:
 
 def table(res: dict) -> str:
   b, a = res["before"], res["after"]
-  lines = ["| held-out questions | n | in the format before | after | correct before | after |",
-           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+  lines = ["| held-out questions | n | in the format: before | after | right answer, any form: before | after "
+           "| right and in the format: after |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for kind in b["by_kind"]:
     x, y = b["by_kind"][kind], a["by_kind"][kind]
-    lines.append(f"| {kind} | {x['n']} | {x['formatted']} | {y['formatted']} | {x['correct']} | {y['correct']} |")
+    lines.append(f"| {kind} | {x['n']} | {x['formatted']} | {y['formatted']} | {x['contains']} | {y['contains']} | "
+                 f"{y['correct']} |")
   lines.append(f"| **all** | {b['n']} | **{b['formatted']} ({b['share']:.0%})** | **{a['formatted']} "
-               f"({a['share']:.0%})** | {b['correct']} ({b['correct_share']:.0%}) | {a['correct']} "
-               f"({a['correct_share']:.0%}) |")
+               f"({a['share']:.0%})** | {b['contains']} ({b['contains_share']:.0%}) | {a['contains']} "
+               f"({a['contains_share']:.0%}) | {a['correct']} ({a['correct_share']:.0%}) |")
   t = res["training"]
   lines += ["", f"Fine-tuning: {t['steps']} optimizer steps ({t['examples_seen']:,} examples, {t['epochs']:.2f} "
             f"epochs; {t['tokens_seen']:,} tokens of which {t['trained_tokens_seen']:,} trained), validation loss "
-            f"per assistant token {t['val_loss_initial']:.4f} -> {t['val_loss_final']:.4f}, {t['wall_seconds']:.0f} s "
-            "(command incl. start-up, compilation and evaluation)."]
+            f"per assistant token {t['val_loss_initial']:.4f} -> {t['val_loss_final']:.4f}; {t['wall_seconds']:.0f} s "
+            f"for the command ({t['training_time_seconds'] / t['steps']:.0f} s per step, the rest start-up, "
+            "compilation and evaluation)."]
   return "\n".join(lines)
 
 
@@ -220,7 +231,7 @@ def main(argv=None):
   before, t_before = answers(w, questions, args.max_new_tokens)
   res = {"before": score(before, held, held_kind)}
   log(f"before: {res['before']['formatted']}/{len(held)} in the format ({t_before:.0f}s of generation)")
-  out = os.path.join(args.work_dir, "OUT")
+  out = os.path.join(args.work_dir, time.strftime("OUT-%Y%m%d-%H%M%S"))     # a fresh run each time
   wall = finetune(w, train_path, out, log)
   report = json.load(open(os.path.join(out, "report.json"), encoding="utf-8"))
   after, t_after = answers(out, questions, args.max_new_tokens)

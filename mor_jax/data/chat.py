@@ -43,15 +43,17 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 MAX_LISTED = 10                     # records named per kind of problem in summary.json and the log
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class ChatData:
   """Prepared chat data: where the arrays are, what summary.json says, the tokenizer and template used."""
   directory: str
   summary: dict
   tokenizer_path: str
-  tokenizer: Any = dataclasses.field(repr=False)
-  template: str = dataclasses.field(repr=False, default="")
-  built: bool = False               # prepared by this call (its summary was logged)
+  tokenizer: Any
+  template: str = ""
+
+  def __repr__(self):
+    return f"ChatData({self.directory!r}: {skipped_line(self.summary)})"
 
   @property
   def num_examples(self) -> dict[str, int]:
@@ -221,8 +223,7 @@ def prepare_chat(config) -> ChatData:
              long=d.on_long_record, corrupt=d.on_corrupt_record, val=[float(d.val_fraction), sorted(d.val_files)],
              seed=int(d.shuffle_seed), bos=bool(d.add_bos))
   final = os.path.join(data_root(config), "chat", f"chat-{short_hash(key, 12)}")
-  built = not os.path.isfile(os.path.join(final, "summary.json"))
-  if built:
+  if not os.path.isfile(os.path.join(final, "summary.json")):
     logging.info("preparing chat data from %d file(s) of %s", len(files), d.path)
     with atomic_dir(final, "summary.json") as tmp:
       summary = _build(config, files, tok, settings, tmp)
@@ -231,10 +232,9 @@ def prepare_chat(config) -> ChatData:
                         "records (see the first ones named above), data.seq_len and data.loss_on.")
       with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
-    log_summary(read_json(os.path.join(final, "summary.json")))
   summary = read_json(os.path.join(final, "summary.json"))
   return ChatData(directory=final, summary=summary, tokenizer_path=tok_path, tokenizer=tok,
-                  template=settings["chat_template"], built=built)
+                  template=settings["chat_template"])
 
 
 def skipped_line(s: dict) -> str:

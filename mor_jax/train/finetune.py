@@ -84,9 +84,7 @@ class ChatDataReport(Hook):
   def __init__(self, config):
     from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     from mor_jax.data import chat  # pylint: disable=g-import-not-at-top
-    prepared = data_lib.prepare(config)
-    if not prepared.built:                   # a fresh preparation logged it already
-      chat.log_summary(prepared.summary)
+    chat.log_summary(data_lib.prepare(config).summary)
 
   def on_end(self, trainer, report: dict) -> None:
     if not trainer.is_main:
