@@ -174,7 +174,7 @@ def finetune(w: str, train_path: str, out: str, log) -> float:
   run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   for line in (run.stderr + run.stdout).splitlines():             # the log (stderr), then the result line
     if "chat data:" in line or "validation loss" in line or line.startswith(("completed", "error")):
-      log("  " + line.split("] ", 1)[-1])
+      log("  " + line.split("] ", 1)[-1].replace(out, "OUT"))
   if run.returncode != 0:
     raise SystemExit(f"fine-tuning failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
   return time.time() - t0
@@ -241,7 +241,8 @@ def main(argv=None):
   res["training"] = {"steps": report["num_steps"], "examples_seen": seen["examples"], "epochs": seen["epochs"],
                      "tokens_seen": seen["tokens"], "trained_tokens_seen": seen["target_tokens"],
                      "val_loss_initial": report["val_loss"]["initial"], "val_loss_final": report["val_loss"]["final"],
-                     "loss": report["loss"], "wall_seconds": wall, "training_time_seconds": report["training_time_seconds"],
+                     "loss": report["loss"], "wall_seconds": wall,
+                     "training_time_seconds": report["training_time_seconds"],
                      "chat_data": {k: report["chat"][k] for k in ("records", "splits", "malformed", "too_long")}}
   res["samples"] = [{"question": q, "kind": k, "expected": a, "before": b, "after": x}
                     for (q, a), k, b, x in list(zip(held, held_kind, before, after))[::5]]

@@ -65,8 +65,9 @@ def test_formats_and_every_skipped_record_is_counted_and_named(tok_dir, tmp_path
   assert s["malformed"]["count"] == 6 and s["too_long"]["count"] == 1 and s["truncated"]["count"] == 0
   assert s["records"] == sp["train"]["examples"] + sp["validation"]["examples"] + 6 + 1   # nothing else dropped
   named = "\n".join(s["malformed"]["first"])
-  for line, why in ((5, "not valid JSON"), (6, "expected a JSON object"), (7, "no 'messages'"), (8, "messages[0] has role 'robot'"),
-                    (9, "messages[0] (user) has no text 'content'"), (10, "no assistant message")):
+  for line, why in ((5, "not valid JSON"), (6, "expected a JSON object"), (7, "no 'messages'"),
+                    (8, "messages[0] has role 'robot'"), (9, "messages[0] (user) has no text 'content'"),
+                    (10, "no assistant message")):
     assert f"train.jsonl:{line}: {why}" in named, named
   assert "train.jsonl:12:" in s["too_long"]["first"][0] and "> data.seq_len + 1 = 97" in s["too_long"]["first"][0]
   # refused under the 'fail' policies, naming the record and the field

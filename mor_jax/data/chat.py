@@ -200,7 +200,8 @@ def _build(config, files, tok, settings, tmp) -> dict:
     np.save(os.path.join(tmp, f"{split}.loss_mask.npy"), masks.astype(np.uint8))
     np.save(os.path.join(tmp, f"{split}.offsets.npy"), np.asarray(offsets, np.int64))
     splits[split] = {"examples": len(ids_all), "tokens": int(tokens.size), "trained_tokens": int(masks.sum())}
-  return {"format": FORMAT_VERSION, "files": files, "records": len(records) + unparsed, "splits": splits, **tally.summary(), "loss_on": d.loss_on, "seq_len": int(d.seq_len),
+  return {"format": FORMAT_VERSION, "files": files, "records": len(records) + unparsed, "splits": splits,
+          **tally.summary(), "loss_on": d.loss_on, "seq_len": int(d.seq_len),
           "chat_template": d.chat_template or "the tokenizer's own", "turn_ends_with_eos": bool(eos_ok)}
 
 

@@ -173,4 +173,5 @@ def render_chat(settings: dict, messages: Sequence[dict], add_generation_prompt:
   except InferenceError as e:
     raise InferenceError(f"{what}: {e}") from None
   except jinja2.TemplateError as e:
-    raise InferenceError(f"{what}: the model's chat template does not render ({type(e).__name__}: {e}){hint}.") from None
+    raise InferenceError(f"{what}: the model's chat template does not render ({type(e).__name__}: {e})"
+                         f"{hint}.") from None
