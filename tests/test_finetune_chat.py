@@ -198,6 +198,9 @@ def test_chatml_for_a_model_without_a_template_is_kept_by_the_workdir(tmp_path):
   (res,) = main_generate(None, out, prompt="hello there", chat=True, temperature=0.0, max_new_tokens=3,
                          stdout=text, stderr=io.StringIO())
   assert "<|im_start|>" not in text.getvalue() and len(res.tokens) <= 3
+  os.rename(w, w + ".gone")                               # a resumed run reads OUT's checkpoint, not W
+  again = train_and_evaluate(c, out)
+  assert again["status"] == "completed" and again["steps_this_run"] == 0
 
 
 def test_a_mor_workdir_is_copied_whole_and_its_routers_can_stay_frozen(tmp_path):

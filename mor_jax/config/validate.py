@@ -58,9 +58,11 @@ def _check_set(c):
   if unset:
     more = f" (and {len(unset) - 1} more: {', '.join(unset[1:4])}{', ...' if len(unset) > 4 else ''})" \
         if len(unset) > 1 else ""
+    fix = ("training reads them from config.init.from_path; this command does not (--mode=info --workdir=W "
+           "describes W's model)" if c.init.from_path else "set --config.init.from_path=W (a mor-jax workdir or a "
+           "Hugging Face model directory), or set the field")
     _fail(unset[0], f"is not set{more}. A config that leaves the architecture unset (configs/finetune_chat.py) "
-          "takes it from the model it starts from: set --config.init.from_path=W (a mor-jax workdir or a Hugging "
-          "Face model directory), or set the field.")
+          f"takes it from the model it starts from: {fix}.")
 
 
 def _check_data(c):

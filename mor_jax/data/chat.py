@@ -166,7 +166,7 @@ def _validation(records, files, d) -> np.ndarray:
 def _turn_end_is_eos(ids, mask, eos_id) -> bool:
   """Whether the last trained token run ends with EOS (possibly followed by whitespace): --chat stops there."""
   trained = np.flatnonzero(mask)
-  return trained.size == 0 or eos_id in ids[trained[-1] - 2:trained[-1] + 1].tolist()
+  return trained.size == 0 or eos_id in ids[max(0, trained[-1] - 2):trained[-1] + 1].tolist()
 
 
 def _build(config, files, tok, settings, tmp) -> dict:
@@ -190,7 +190,7 @@ def _build(config, files, tok, settings, tmp) -> dict:
       fitted = tally.fit(f"{path}:{n}", ids, mask)
       if fitted is None:
         continue
-      eos_ok = eos_ok and _turn_end_is_eos(*fitted, tok.eos_id)
+      eos_ok = eos_ok and _turn_end_is_eos(ids, mask, tok.eos_id)     # as rendered (before any truncation)
       ids_all.append(fitted[0])
       mask_all.append(fitted[1])
       offsets.append(offsets[-1] + fitted[0].size)

@@ -109,8 +109,8 @@ def pieces(settings: dict, messages: Sequence[dict], loss_on: str) -> list[tuple
     prompt = _render(settings, messages[:i], True)
     upto = _render(settings, messages[:i + 1], False)
     if not prompt.startswith(done) or not upto.startswith(prompt):
-      raise BadRecord(f"the chat template does not render assistant turn {i} after the conversation before it as "
-                      "--chat would prompt for it (the template rewrites earlier turns); set data.loss_on=all")
+      raise BadRecord(f"the chat template does not render assistant turn {i} as a continuation of the prompt --chat "
+                      "would give for it (does the template rewrite earlier turns?); set data.loss_on=all")
     out += [(prompt[len(done):], False), (upto[len(prompt):], True)]
     done = upto
   if not full.startswith(done):

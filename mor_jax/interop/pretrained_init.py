@@ -233,11 +233,9 @@ def _whole_copy(path: str, cfg: config_lib.ModelConfig):
   """(params in model layout, router_bias or None) of a mor-jax source of the same architecture, else None."""
   import jax  # pylint: disable=g-import-not-at-top
   from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
-  if not _is_orbax(path):
-    return None
+  if not _is_orbax(path) or not same_architecture(config_lib.model_config(_stored_config(path)), cfg):
+    return None                              # (the stored config says; no parameter is read)
   r = infer_ckpt.restore(path)
-  if not same_architecture(r.cfg, cfg):
-    return None
   params = layout.to_model_layout(cfg, layout.to_stacked_layout(r.cfg, jax.device_get(r.variables["params"])))
   bias = r.variables.get("router_bias")
   return params, (jax.device_get(bias) if bias else None)
