@@ -18,7 +18,7 @@ import pytest
 
 from mor_jax import config as C
 from mor_jax.checkpoint import params as ckpt_params
-from mor_jax.data import chat, chat_records, make_iterator
+from mor_jax.data import chat_records, make_iterator
 from mor_jax.data import tokenizer as tokenizer_lib
 from mor_jax.infer import checkpoint as infer_ckpt
 from mor_jax.infer import main_generate, prompts
