@@ -122,7 +122,9 @@ def store_tokenizer(workdir: str, source: str | None = None, *, config: ml_colle
   uses) into WORKDIR/tokenizer/ and returns meta's tokenizer record (`schema.tokenizer_record`).
 
   Nothing is copied when the source has no tokenizer.json or is that folder already; the record then describes
-  what WORKDIR/tokenizer/ holds ({} if nothing). `write=False` (other processes) only reads.
+  what WORKDIR/tokenizer/ holds ({} if nothing). `write=False` (other processes) only reads. Chat data with a
+  named template (data.chat_template=chatml) also writes that template into WORKDIR/tokenizer/'s
+  tokenizer_config.json, where --chat and serving read it.
   """
   import shutil  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -144,7 +146,42 @@ def store_tokenizer(workdir: str, source: str | None = None, *, config: ml_colle
         if os.path.isfile(src):          # atomically: a reader never sees half a file
           shutil.copyfile(src, os.path.join(dst, name + ".tmp"))
           os.replace(os.path.join(dst, name + ".tmp"), os.path.join(dst, name))
+    if write and config is not None and os.path.isfile(file) and _same_file(file, os.path.join(dst, "tokenizer.json")):
+      _store_chat_template(dst, config)
   return schema.tokenizer_record(dst, workdir)
+
+
+def _same_file(a: str, b: str) -> bool:
+  if not os.path.isfile(b):
+    return False
+  with open(a, "rb") as fa, open(b, "rb") as fb:
+    return fa.read() == fb.read()
+
+
+def _store_chat_template(dst: str, config) -> None:
+  """The named chat template of chat data (with the EOS/BOS it renders) into dst/tokenizer_config.json."""
+  import json  # pylint: disable=g-import-not-at-top
+  d = config.get("data", {})
+  if d.get("corpus") != "chat" or not d.get("chat_template"):
+    return
+  from mor_jax.data import chat_records  # pylint: disable=g-import-not-at-top
+  from mor_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  template = chat_records.NAMED_TEMPLATES.get(d.chat_template)
+  if template is None:
+    return
+  tok = tokenizer_lib.load_tokenizer(dst, eos_token=d.get("eos_token", ""), bos_token=d.get("bos_token", ""))
+  file = os.path.join(dst, "tokenizer_config.json")
+  settings = {}
+  if os.path.isfile(file):
+    with open(file, encoding="utf-8") as f:
+      settings = json.load(f)
+  new = {**settings, "chat_template": template, "eos_token": tok.eos_token}
+  if tok.bos_token:
+    new["bos_token"] = tok.bos_token
+  if new != settings:                    # atomically: a reader never sees half a file
+    with open(file + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(new, f, indent=2)
+    os.replace(file + ".tmp", file)
 
 
 def _may_write(file: str, dst: str) -> bool:

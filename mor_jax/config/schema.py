@@ -126,13 +126,16 @@ FIELDS = (
     *_section(
         "init",   # applied to a fresh training run only (a run that resumes keeps its checkpoint)
         ("from_path", "", "spec's init.from: '' random | a Hugging Face Llama/SmolLM directory | a mor-jax "
-         "workdir/checkpoint of a vanilla or recursive model"),
+         "workdir/checkpoint (vanilla or recursive; any model of the same architecture, MoR included, is copied "
+         "whole); architecture fields left unset (None, as configs/finetune_chat.py leaves them) and data.add_bos "
+         "/ tokenizer_path come from it"),
         ("strategy", "stepwise", "stepwise | average | lower | upper | random (seeded by train.seed)", False,
          INIT_STRATEGIES),
     ),
     *_section(
         "data",
-        ("corpus", "shakespeare", "shakespeare (embedded) | local"),
+        ("corpus", "shakespeare", "shakespeare (embedded) | local | chat (JSONL conversations for fine-tuning: "
+         "data/chat.py)"),
         ("path", "", "local corpus: directory or glob of .txt/.jsonl[.gz]/.parquet"),
         ("text_column", "text", "text field of .jsonl / .parquet records"),
         ("val_fraction", 0.01, "fraction of documents in the validation split", False, "[0, 1)"),
@@ -146,7 +149,14 @@ FIELDS = (
         ("num_workers", 0, "grain worker processes", False, NONNEG),
         ("prefetch", 2, "grain prefetch buffer", False, NONNEG),
         ("shuffle_seed", 0, "data shuffling seed"),
-        ("on_corrupt_record", "skip", "skip | fail", False, ("skip", "fail")),
+        ("on_corrupt_record", "skip", "a corrupt record (chat: a malformed conversation): skip (counted, reported) "
+         "| fail", False, ("skip", "fail")),
+        ("chat_template", "", "chat: '' the tokenizer's own chat template (tokenizer_config.json) | chatml (for "
+         "models without one; the fine-tuned workdir keeps it for --chat and serving)"),
+        ("loss_on", "assistant", "chat: the loss counts the assistant turns' tokens | all tokens", False,
+         ("assistant", "all")),
+        ("on_long_record", "skip", "chat: a conversation longer than seq_len + 1 tokens: skip | truncate | fail "
+         "(counted and reported)", False, ("skip", "truncate", "fail")),
         ("document_mask", False, "packed documents do not attend to each other (the reference lets them)"),
         ("txt_separator", "", "local .txt files: split into documents at this string ('' -> one per file)"),
         ("eos_token", "", "end-of-text token of a loaded tokenizer ('' -> tokenizer_config.json or a known name)"),
@@ -161,6 +171,8 @@ FIELDS = (
         "train",
         ("seed", 0, "initialisation / router seed"),
         ("num_steps", 1000, "optimizer steps of the run", False, "[1, inf)"),
+        ("epochs", 0.0, "chat data: > 0 sets num_steps to this many passes over the training examples (packed rows "
+         "/ total_batch_size, at least 1 step)", False, NONNEG),
         ("total_batch_size", 32, "sequences per optimizer step", False, "[1, inf)"),
         ("per_device_batch_size", 8, "sequences per device and micro-step (the micro-batch); 0 = automatic: the "
          "largest divisor of total / devices whose compiled train step fits execution.memory_budget_gib", False,
@@ -169,6 +181,8 @@ FIELDS = (
         ("learning_rate", 3e-3, "peak learning rate", False, NONNEG),
         ("schedule", "cosine", "cosine | wsd | constant", False, ("cosine", "wsd", "constant")),
         ("warmup_steps", 100, "linear warm-up steps", False, NONNEG),
+        ("warmup_fraction", 0.0, "> 0: warmup_steps = round(fraction x num_steps) (runs whose length the data sets)",
+         False, UNIT),
         ("min_lr_ratio", 0.0, "cosine floor as a fraction of the peak", False, UNIT),
         ("decay_fraction", 0.2, "wsd: linear cool-down over the last fraction of the run", False, UNIT),
         ("beta1", 0.9, "AdamW beta1", False, "[0, 1)"),
@@ -176,6 +190,7 @@ FIELDS = (
         ("eps", 1e-8, "AdamW epsilon", False, POS),
         ("weight_decay", 0.1, "AdamW decoupled weight decay", False, NONNEG),
         ("grad_clip", 1.0, "global gradient-norm clip (0: off)", False, NONNEG),
+        ("freeze_routers", False, "MoR: the routers' weights keep their initial (or loaded) values; the rest trains"),
         ("log_every_steps", 10, "metrics every n steps", False, "[1, inf)"),
         ("eval_every_steps", 200, "validation every n steps (0: off)", False, NONNEG),
         ("eval_sequences", 64, "validation sequences per evaluation (-1: the whole split; 0: none)", False,

@@ -34,6 +34,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   to derive gradient accumulation.
   """
   c = ml_collections.ConfigDict(_with_defaults(upgrade(config.to_dict())))
+  _check_set(c)
   for f in schema.FIELDS:
     _check_field(f, _get(c, f.key))
   _check_model(c)
@@ -44,9 +45,35 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
           "(and num_recursions) or leave init.strategy at 'stepwise'.")
   if c.data.seq_len > c.model.max_seq_len:
     _fail("data.seq_len", f"{c.data.seq_len} exceeds model.max_seq_len {c.model.max_seq_len}.")
+  _check_data(c)
   _check_train(c, num_devices)
   c.name = naming.run_name(c)
   return c
+
+
+def _check_set(c):
+  """Fields a config leaves unset (None) are taken from config.init.from_path before validation (the trainer does
+  it: interop/pretrained_init.resolve_from_path); any still unset here has no source."""
+  unset = [f.key for f in schema.FIELDS if _get(c, f.key) is None]
+  if unset:
+    more = f" (and {len(unset) - 1} more: {', '.join(unset[1:4])}{', ...' if len(unset) > 4 else ''})" \
+        if len(unset) > 1 else ""
+    fix = ("training reads them from config.init.from_path; this command does not (--mode=info --workdir=W "
+           "describes W's model)" if c.init.from_path else "set --config.init.from_path=W (a mor-jax workdir or a "
+           "Hugging Face model directory), or set the field")
+    _fail(unset[0], f"is not set{more}. A config that leaves the architecture unset (configs/finetune_chat.py) "
+          f"takes it from the model it starts from: {fix}.")
+
+
+def _check_data(c):
+  d, t = c.data, c.train
+  if d.corpus == "chat" and not d.document_mask:
+    _fail("data.document_mask", "is False, but packed chat examples must not attend to each other; set it to True.")
+  if t.epochs > 0 and d.corpus != "chat":
+    _fail("train.epochs", f"is {t.epochs}, but runs are measured in epochs only on chat data (data.corpus='chat'); "
+          "set train.num_steps instead and train.epochs=0.")
+  if t.freeze_routers and not c.mor.enable:
+    _fail("train.freeze_routers", "is True but the model has no routers (mor.enable is False); set it to False.")
 
 
 def _get(c, key):

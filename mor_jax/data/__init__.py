@@ -6,6 +6,8 @@
   preparation.py  corpus -> tokenizer -> optional pre-tokenized shards
   records.py      grain's random-access sources over prepared data
   pipeline.py     the grain pipeline (packing, sharding, checkpointable state)
+  chat_records.py chat records (messages / prompt+completion) -> chat template -> token ids + loss mask
+  chat.py         chat data for fine-tuning (data.corpus='chat'): prepared once, whole examples packed
   workers.py      worker processes that exit with their parent
 
 Public API:

@@ -183,6 +183,11 @@ def make_dataset(config, split: str, *, local_batch_size: int,
   """The grain IterDataset behind `make_iterator` (see there)."""
   d = config.data
   split = _resolve_split(split)
+  if d.corpus == "chat":                   # conversations: whole examples packed with a loss mask (chat.py)
+    from mor_jax.data import chat  # pylint: disable=g-import-not-at-top
+    return chat.make_chat_dataset(config, split, local_batch_size=local_batch_size, process_index=process_index,
+                                  process_count=process_count, seed=seed, num_epochs=num_epochs,
+                                  drop_remainder=drop_remainder)
   if local_batch_size < 1:
     raise DataError(f"local batch size {local_batch_size} must be >= 1.")
   if not 0 <= process_index < process_count:
@@ -224,6 +229,11 @@ def make_dataset(config, split: str, *, local_batch_size: int,
   it = it.batch(int(local_batch_size), drop_remainder=not finite)
   if finite:
     it = it.map(_PadBatch(int(local_batch_size), tok.eos_id))
+  return prefetched(it, d)
+
+
+def prefetched(it: grain.IterDataset, d) -> grain.IterDataset:
+  """`it` read ahead by data.num_workers worker processes, or by a thread (data.prefetch batches)."""
   num_workers = int(d.num_workers)
   if num_workers > 0:
     ensure_absl_flags_parsed()
@@ -268,7 +278,8 @@ def make_iterator(config, split: str, *, global_batch_size: int,
     dicts of numpy int32 arrays [local_batch, seq_len + 1]: `tokens`,
     `segment_ids` (1-based document piece within the row, 0 = padding) and
     `positions` (within the piece). Inputs are tokens[:, :-1], targets
-    tokens[:, 1:].
+    tokens[:, 1:]. Chat data (data.corpus='chat', chat.py) packs whole
+    conversations and adds `loss_mask` (1 where a token is trained).
 
   The iterator supports `get_state()` / `set_state(state)` (JSON-able dict):
   restoring yields exactly the batches that followed. Call `close()` when
@@ -306,6 +317,10 @@ def count_batches(config, split: str, *, global_batch_size: int, process_index: 
   seconds). Used for the total of the eval progress bar.
   """
   split = _resolve_split(split)
+  if config.data.corpus == "chat":
+    from mor_jax.data import chat  # pylint: disable=g-import-not-at-top
+    return chat.count_chat_batches(config, split, global_batch_size=global_batch_size, process_index=process_index,
+                                   process_count=process_count)
   prepared = prepare(config)
   d = config.data
   extra = 1 + int(bool(d.add_bos) and prepared.tokenizer.bos_id is not None)

@@ -108,6 +108,9 @@ def prepare(config, *, pretokenize: bool | None = None) -> PreparedData:
   is stored with the dataset) -> token-id shards when `pretokenize` (default:
   config.data.pretokenized). Returns a PreparedData.
   """
+  if config.data.corpus == "chat":         # conversations for fine-tuning: rendered and tokenized once (chat.py)
+    from mor_jax.data import chat  # pylint: disable=g-import-not-at-top
+    return chat.prepare_chat(config)
   if pretokenize is None:
     pretokenize = bool(config.data.pretokenized)
   corpus = corpus_lib.build_corpus(config)

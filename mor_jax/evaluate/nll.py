@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mor_jax.config import ModelConfig
 from mor_jax.evaluate import depths
 from mor_jax.model.transformer import MoRLM
+from mor_jax.train.step import target_mask
 
 MODES = ("topk", "causal")
 MODE_NAMES = {"topk": "top-k (training)", "causal": "causal (threshold)"}
@@ -69,7 +70,8 @@ def _row_sums(variables, batch, step, *, cfg, mode, threshold, document_mask):
   tokens = batch["tokens"]
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   seg = batch.get("segment_ids")
-  mask = (seg[:, 1:] > 0) if seg is not None else jnp.ones(targets.shape, bool)
+  mask = target_mask(batch)            # with chat data's loss_mask: the trained (assistant) tokens only
+  mask = jnp.ones(targets.shape, bool) if mask is None else mask
   pos = batch["positions"][:, :-1] if document_mask and "positions" in batch else None
   seg_in = seg[:, :-1] if document_mask and seg is not None else None
   per_token = mode == "causal" and depths.is_routed(cfg)     # which tokens go deep (token_depths_step<N>.md)

@@ -6,6 +6,7 @@ No JAX here: the generate command checks its inputs with these before it loads a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Sequence
@@ -118,9 +119,9 @@ CHAT_HINT = ("leave out --chat, or pass --tokenizer=FOLDER whose tokenizer_confi
              "(a Hugging Face chat model's tokenizer folder)")
 
 
-def chat_settings(tokenizer_path: str | None) -> dict:
-  """The tokenizer_config.json next to the model's tokenizer (a folder or its tokenizer.json), checked for --chat:
-  {'chat_template', 'bos_token', 'eos_token', ...}."""
+def chat_settings(tokenizer_path: str | None, what: str = "--chat") -> dict:
+  """The tokenizer_config.json next to the model's tokenizer (a folder or its tokenizer.json), checked for --chat
+  (`what` starts the error messages): {'chat_template', 'bos_token', 'eos_token', ...}."""
   folder = tokenizer_path if tokenizer_path and os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path or "")
   file = os.path.join(folder, "tokenizer_config.json")
   settings = {}
@@ -129,13 +130,13 @@ def chat_settings(tokenizer_path: str | None) -> dict:
       with open(file, encoding="utf-8") as f:
         settings = json.load(f)
     except (OSError, ValueError) as e:
-      raise InferenceError(f"--chat: {file} cannot be read as JSON ({e}); {CHAT_HINT}.") from None
+      raise InferenceError(f"{what}: {file} cannot be read as JSON ({e}); {CHAT_HINT}.") from None
   template = settings.get("chat_template") if isinstance(settings, dict) else None
   if isinstance(template, list):             # [{'name': 'default', 'template': ...}, ...]
     template = next((t.get("template") for t in template if t.get("name") == "default"), None)
   if not isinstance(template, str) or not template.strip():
     where = file if os.path.isfile(file) else (folder or "the model's tokenizer")
-    raise InferenceError(f"--chat: this model has no chat template (no 'chat_template' in {where}); {CHAT_HINT}.")
+    raise InferenceError(f"{what}: this model has no chat template (no 'chat_template' in {where}); {CHAT_HINT}.")
   return {**settings, "chat_template": template}
 
 
@@ -146,20 +147,31 @@ def _token_text(value) -> str:
   return str(value or "")
 
 
-def render_chat(settings: dict, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-  """The prompt text for chat `messages` ([{role, content}]) with a Hugging Face chat template (Jinja, sandboxed)."""
-  import jinja2  # pylint: disable=g-import-not-at-top
+def _refuse(message):
+  raise InferenceError(f"the chat template refused the conversation: {message}")
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+  """The Jinja template (sandboxed, Hugging Face's whitespace settings), compiled once per template text."""
   from jinja2.sandbox import ImmutableSandboxedEnvironment  # pylint: disable=g-import-not-at-top
-
-  def raise_exception(message):
-    raise InferenceError(f"--chat: the chat template refused the conversation: {message}")
-
   env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-  env.globals["raise_exception"] = raise_exception
+  env.globals["raise_exception"] = _refuse
+  return env.from_string(template)
+
+
+def render_chat(settings: dict, messages: Sequence[dict], add_generation_prompt: bool = True,
+                what: str = "--chat") -> str:
+  """The prompt text for chat `messages` ([{role, content}]) with a Hugging Face chat template (Jinja, sandboxed);
+  `what` starts the error messages."""
+  import jinja2  # pylint: disable=g-import-not-at-top
+  hint = f"; {CHAT_HINT}" if what == "--chat" else ""
   try:
-    return env.from_string(settings["chat_template"]).render(
+    return _compiled(settings["chat_template"]).render(
         messages=list(messages), add_generation_prompt=add_generation_prompt,
         bos_token=_token_text(settings.get("bos_token")), eos_token=_token_text(settings.get("eos_token")))
+  except InferenceError as e:
+    raise InferenceError(f"{what}: {e}") from None
   except jinja2.TemplateError as e:
-    raise InferenceError(f"--chat: the model's chat template does not render ({type(e).__name__}: {e}); "
-                         f"{CHAT_HINT}.") from None
+    raise InferenceError(f"{what}: the model's chat template does not render ({type(e).__name__}: {e})"
+                         f"{hint}.") from None

@@ -21,12 +21,22 @@ initial value); routers keep their fresh initialisation. A source with more
 layers than the model first keeps `L` of them picked by linspace (first and
 last kept), which is what the reference does when its layer count is not
 divisible by the recursions.
+
+A mor-jax source of the same architecture as the model (recursive or MoR
+included: what fine-tuning starts from) is copied whole, routers and the
+loss-free router bias too. `resolve_from_path(config, workdir)` fills the
+fields a config leaves unset (None: configs/finetune_chat.py leaves the whole
+architecture unset) from the source, or from the workdir's own checkpoint when
+the run resumes, and points an empty data.tokenizer_path at the source's
+tokenizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import ml_collections
 import numpy as np
 
 from mor_jax import config as config_lib
@@ -210,11 +220,41 @@ def merge(fresh: dict, pretrained: dict, put=None, path=()) -> dict:
   return out
 
 
+def same_architecture(a: config_lib.ModelConfig, b: config_lib.ModelConfig) -> bool:
+  """Whether two models have the same parameters and computation (execution, training-only and layout settings
+  aside)."""
+  from mor_jax.checkpoint import schema  # pylint: disable=g-import-not-at-top
+  skip = schema.EXECUTION_FIELDS | schema.TRAINING_ONLY_FIELDS | {"scan_layers"}
+  da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+  return {k: v for k, v in da.items() if k not in skip} == {k: v for k, v in db.items() if k not in skip}
+
+
+def _whole_copy(path: str, cfg: config_lib.ModelConfig):
+  """(params in model layout, router_bias or None) of a mor-jax source of the same architecture, else None."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
+  if not _is_orbax(path) or not same_architecture(config_lib.model_config(_stored_config(path)), cfg):
+    return None                              # (the stored config says; no parameter is read)
+  r = infer_ckpt.restore(path)
+  params = layout.to_model_layout(cfg, layout.to_stacked_layout(r.cfg, jax.device_get(r.variables["params"])))
+  bias = r.variables.get("router_bias")
+  return params, (jax.device_get(bias) if bias else None)
+
+
 def load_pretrained(config, cfg: config_lib.ModelConfig) -> dict:
-  """The pretrained part of the params for `config.init` (model layout, numpy; no routers)."""
+  """The pretrained part of the params for `config.init` (model layout, numpy; routers only from a source of the
+  same architecture, which is copied whole)."""
+  return _load(config, cfg)[0]
+
+
+def _load(config, cfg: config_lib.ModelConfig):
   from absl import logging  # pylint: disable=g-import-not-at-top
   path = _path(config)
   check_source(config, cfg)
+  whole = _whole_copy(path, cfg)
+  if whole is not None:
+    logging.info("initialising from %s: the same architecture, every parameter copied", path)
+    return whole
   strategy = str(config.init.get("strategy", "stepwise"))
   seed = int(config.train.seed) if "train" in config else 0
   sd, n = load_vanilla(path, cfg)
@@ -223,7 +263,7 @@ def load_pretrained(config, cfg: config_lib.ModelConfig) -> dict:
   logging.info("initialising from %s (strategy %s): block positions <- pretrained layers %s%s", path, strategy,
                [[keep[i] for i in ix] for ix in source_layers(cfg, strategy, seed)],
                f", first/last <- 0/{n - 1}" if cfg.has_middle else "")
-  return layout.to_model_layout(cfg, pre)
+  return layout.to_model_layout(cfg, pre), None
 
 
 def initial_params(config, cfg: config_lib.ModelConfig, fresh_params: dict) -> dict:
@@ -238,5 +278,74 @@ def apply_to_state(config, cfg: config_lib.ModelConfig, state, dp):
   import jax  # pylint: disable=g-import-not-at-top
   host = dp.unreplicate(state)
   put = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)
-  params = merge(host.params, load_pretrained(config, cfg), put)
-  return dp.place_state(host.replace(params=params))
+  pretrained, bias = _load(config, cfg)
+  params = merge(host.params, pretrained, put)
+  router_bias = merge(host.router_bias, bias, put) if bias and host.router_bias else host.router_bias
+  return dp.place_state(host.replace(params=params, router_bias=router_bias))
+
+
+# ------------------------------------------------------------------ fields taken from the source
+def _stored_config(path: str) -> ml_collections.ConfigDict:
+  """The config of a mor-jax workdir / checkpoint (its newest step's meta), or of a Hugging Face Llama directory
+  (vanilla, from config.json)."""
+  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
+  if _is_orbax(path):
+    ckpt_dir, steps = ckpt_params.find_checkpoints(path)
+    step_dir = path if os.path.basename(os.path.normpath(path)).isdigit() else os.path.join(ckpt_dir, str(steps[-1]))
+    meta = ckpt_params.read_meta(step_dir)
+    if "config" not in meta:
+      _fail("init.from_path", f"{step_dir} stores no config, so the architecture cannot be taken from it; set the "
+            "model fields in the config.")
+    return ckpt_params.inference_config(ml_collections.ConfigDict(meta["config"]))   # train settings aside
+  from mor_jax.interop import importer  # pylint: disable=g-import-not-at-top
+  cfg_json = os.path.join(path, "config.json")
+  return importer.config_from_meta(importer.reference_meta(hf.llama_dims(hf.read_json(cfg_json), cfg_json), None))
+
+
+def _tokenizer_of(path: str, stored) -> str:
+  """The tokenizer folder of a source: its workdir copy (WORKDIR/tokenizer), the HF directory itself, or the
+  stored config's data.tokenizer_path ('' if none)."""
+  for folder in (os.path.join(path, "tokenizer"), path):
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+      return folder
+  return str(stored.data.get("tokenizer_path", "") or "")
+
+
+def _has_checkpoints(workdir: str | None) -> bool:
+  ck = os.path.join(workdir, "checkpoints") if workdir else ""
+  return bool(ck) and os.path.isdir(ck) and any(n.isdigit() for n in os.listdir(ck))
+
+
+def resolve_from_path(config, workdir: str | None = None):
+  """`config` with its unset (None) fields taken from the model it starts from, and an empty data.tokenizer_path
+  (when fields were unset, or for chat data) set to that model's tokenizer; `config` itself when nothing is
+  taken. The source is WORKDIR's own newest checkpoint when the run resumes (the source may be gone by then),
+  else init.from_path (checked: it must exist)."""
+  from mor_jax.config import schema  # pylint: disable=g-import-not-at-top
+  unset = [f.key for f in schema.FIELDS if get_field(config, f.key) is None]
+  wants_tokenizer = not config.data.get("tokenizer_path") and (unset or config.data.get("corpus") == "chat")
+  resume = _has_checkpoints(workdir)
+  source = os.path.abspath(workdir) if resume else _path(config)
+  if not (unset or wants_tokenizer) or not source:
+    return config                  # nothing to take, or no source: validation names what is missing
+  if not resume and not os.path.exists(source):
+    _fail("init.from_path", f"{source} does not exist; give the mor-jax workdir or Hugging Face model directory "
+          "to start from.")
+  stored = _stored_config(source)
+  c = ml_collections.ConfigDict(config.to_dict())
+  for key in unset:
+    section, name = key.split(".")
+    c[section][name] = get_field(stored, key)
+  if wants_tokenizer:
+    c.data.tokenizer_path = _tokenizer_of(source, stored)
+    for k in ("eos_token", "bos_token"):
+      c.data[k] = c.data.get(k) or stored.data.get(k, "")
+  return c
+
+
+def get_field(c, key: str):
+  for part in key.split("."):
+    c = c.get(part) if hasattr(c, "get") else None
+    if c is None:
+      return None
+  return c

@@ -11,7 +11,9 @@ t + 1, as in the reference's trainer):
 - `constant`: constant peak after the warm-up.
 
 Weight decay applies to matrices and embeddings, not to norm weights or
-biases (the reference's trainer excludes those by name).
+biases (the reference's trainer excludes those by name). With
+`train.freeze_routers` the MoR routers' parameters get no update at all (nor
+weight decay); their gradients do not count in the clipping norm.
 """
 
 from __future__ import annotations
@@ -71,4 +73,15 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
   adamw = optax.adamw(learning_rate=schedule, b1=float(t.beta1), b2=float(t.beta2), eps=float(t.eps),
                       weight_decay=float(t.weight_decay), mask=decay_mask)
   clip = optax.clip_by_global_norm(float(t.grad_clip)) if t.grad_clip and t.grad_clip > 0 else optax.identity()
-  return optax.chain(clip, adamw), schedule
+  tx = optax.chain(clip, adamw)
+  if t.get("freeze_routers", False):
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, router_labels)
+  return tx, schedule
+
+
+def router_labels(params):
+  """'frozen' for the MoR routers' parameters (modules router, router_<r>), 'train' for the others."""
+  def label(path, _):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return "frozen" if any(n == "router" or n.startswith("router_") for n in names) else "train"
+  return jax.tree_util.tree_map_with_path(label, params)

@@ -5,9 +5,12 @@ Both are pure functions of arrays. The same function runs under `jax.jit`
 device's shard and reduces over `axis_name`); see `parallel.py`.
 
 Batch layout for training: every leaf is [accum, micro_batch, seq_len + 1]
-(`tokens`, optional `segment_ids` / `positions`); micro-batch m holds rows
-m * micro_batch ... of the global batch. Inputs are tokens[..., :-1], targets
-tokens[..., 1:]; targets whose segment id is 0 (padding) are not counted.
+(`tokens`, optional `segment_ids` / `positions` / `loss_mask`); micro-batch m
+holds rows m * micro_batch ... of the global batch. Inputs are tokens[..., :-1],
+targets tokens[..., 1:]; targets whose segment id is 0 (padding) are not
+counted, nor, when the batch has a `loss_mask` (chat data), targets whose mask
+is 0 (e.g. the user's turns): the loss is then per trained (assistant) token,
+and the metrics add `examples` and `tokens` (non-padding) of the step.
 
 Objective, exactly as for one large batch: the cross entropy is the sum of
 token NLLs over the whole global batch divided by its number of counted
@@ -47,10 +50,19 @@ def split_batch(batch: dict, document_mask: bool):
   tokens = batch["tokens"]
   inputs, targets = tokens[..., :-1], tokens[..., 1:]
   seg = batch.get("segment_ids")
-  mask = None if seg is None else seg[..., 1:] > 0
+  mask = target_mask(batch)
   pos = batch["positions"][..., :-1] if document_mask and "positions" in batch else None
   seg_in = seg[..., :-1] if document_mask and seg is not None else None
   return inputs, targets, mask, pos, seg_in
+
+
+def target_mask(batch: dict):
+  """[..., T] bool: the targets that count (segment id > 0 and, with a `loss_mask`, a trained token); None: all."""
+  seg, trained = batch.get("segment_ids"), batch.get("loss_mask")
+  mask = None if seg is None else seg[..., 1:] > 0
+  if trained is not None:
+    mask = trained[..., 1:] > 0 if mask is None else mask & (trained[..., 1:] > 0)
+  return mask
 
 
 def _aux_stats(cfg: ModelConfig, aux: dict) -> dict:
@@ -70,6 +82,16 @@ def _router_rngs(cfg: ModelConfig, state: TrainState, micro_index, axis_name):
   return {"router": key}
 
 
+def _examples_and_tokens(batch: dict) -> dict:
+  """Chat batches (with a `loss_mask`): {'examples': examples in the step (segments of whole examples, numbered
+  1, 2, ... per row), 'tokens': non-padding tokens}; {} for other batches."""
+  seg = batch.get("segment_ids")
+  if "loss_mask" not in batch or seg is None:
+    return {}
+  return {"examples": jnp.sum(jnp.max(seg, axis=-1)).astype(jnp.float32),
+          "tokens": jnp.sum(seg > 0).astype(jnp.float32)}
+
+
 def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.GradientTransformation,
                schedule: optax.Schedule, routing_mode: str = "topk", document_mask: bool = False,
                axis_name: str | None = None, policy: ExecPolicy = ExecPolicy()) -> tuple[TrainState, dict]:
@@ -77,11 +99,12 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
   model = MoRLM(cfg, policy)
   accum = batch["tokens"].shape[0]
   shards = jax.lax.psum(1, axis_name) if axis_name is not None else 1
-  seg = batch.get("segment_ids")
-  count = (jnp.sum(seg[..., 1:] > 0).astype(jnp.float32) if seg is not None
-           else jnp.float32(batch["tokens"][..., 1:].size))
+  mask = target_mask(batch)
+  count = jnp.sum(mask).astype(jnp.float32) if mask is not None else jnp.float32(batch["tokens"][..., 1:].size)
+  seen = _examples_and_tokens(batch)
   if axis_name is not None:
     count = jax.lax.psum(count, axis_name)
+    seen = jax.lax.psum(seen, axis_name)
   count = jnp.maximum(count, 1.0)
   extra = {"router_bias": state.router_bias} if state.router_bias else {}
 
@@ -123,7 +146,7 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
   loss = nll_sum / count
   metrics = {"loss": loss, "total_loss": loss + stats["aux_loss"], "grad_norm": grad_norm,
              "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
-             "param_norm": optax.tree.norm(params), "target_tokens": count, **stats}
+             "param_norm": optax.tree.norm(params), "target_tokens": count, **seen, **stats}
   if not cfg.mor_enable:     # no routers: no router loss to report
     metrics.pop("aux_loss")
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, router_bias=router_bias)

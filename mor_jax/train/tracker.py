@@ -10,6 +10,7 @@ import time
 from absl import logging
 
 FIRST_KEYS = ("loss", "total_loss", "learning_rate", "grad_norm")
+SEEN_KEYS = ("examples", "tokens", "target_tokens")   # chat data: running totals logged as <key>_seen
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -84,6 +85,11 @@ class Tracker:
     if bad:
       raise NonFiniteLossError(f"{' and '.join(bad)} at step {step} (loss {loss}, total loss {total}, gradient "
                                f"norm {gnorm})", step=step)
+    if "examples" in metrics:      # chat data: totals so far, kept in the checkpoint's meta (a resumed run goes on)
+      seen = self.meta.setdefault("seen", {})
+      for k in SEEN_KEYS:
+        seen[k] = seen.get(k, 0) + int(round(float(metrics[k])))
+      metrics = {**metrics, **{f"{k}_seen": v for k, v in seen.items()}}
     h = self.meta["history"]
     h["step"].append(int(step))
     h["loss"].append(loss)

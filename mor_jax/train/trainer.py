@@ -90,6 +90,8 @@ class Trainer:
                eval_iterator_fn: Callable[[int], Iterable[dict]] | None = None, hooks: Sequence[Hook] = (),
                eval_at: Callable[[int], bool] | None = None):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    from mor_jax.train import finetune  # pylint: disable=g-import-not-at-top (it imports Hook from here)
+    config = finetune.resolve_config(config, self.workdir)   # unset fields from init.from_path; epochs -> steps
     self.dp = setup.select_devices(config)
     self.config = config_lib.validate(config, num_devices=self.dp.num_devices)
     self.cfg = config_lib.model_config(self.config)
@@ -108,6 +110,8 @@ class Trainer:
     if self.cfg.mor_enable and self.config.train.routing_pictures:
       from mor_jax.train.routing_pictures import RoutingPictures  # pylint: disable=g-import-not-at-top
       self.hooks.append(RoutingPictures())
+    if self.config.data.corpus == "chat":     # counts of the chat data (skipped records included) in the report
+      self.hooks.append(finetune.ChatDataReport(self.config))
     eval_every = int(self.config.train.eval_every_steps)
     self.eval_at = eval_at or (lambda s: eval_every > 0 and s % eval_every == 0)
     self._given = (train_iterator, eval_iterator_fn)
