@@ -42,6 +42,11 @@ from mor_jax.train.step import make_train_step, routing_mode_for_step
 MARGIN = 0.10                                        # of the device's (or host's) memory, kept free
 REMAT_ESCALATION = ("none", "dots", "full")          # what execution.remat_policy=auto tries, in order
 BATCH_KEYS = ("tokens", "segment_ids", "positions")  # the int32 [rows, seq_len + 1] arrays of a training batch
+
+
+def batch_keys(config) -> tuple[str, ...]:
+  """The arrays of the run's training batches: chat data (data.corpus 'chat', data/chat.py) adds `loss_mask`."""
+  return BATCH_KEYS + (("loss_mask",) if config.data.get("corpus") == "chat" else ())
 SEQ_DIVISORS = (2, 4, 8)                             # shorter data.seq_len tried when micro-batch 1 does not fit
 FAR = 1.25                                           # largest_fitting: predicted this far over, not compiled
 
@@ -212,7 +217,8 @@ class StepCompiler:
     return self._fns[remat]
 
   def _args(self, micro: int, seq_len: int):
-    return self.dp.abstract_train_args(self.abstract, self.share // micro, micro, seq_len + 1, BATCH_KEYS)
+    return self.dp.abstract_train_args(self.abstract, self.share // micro, micro, seq_len + 1,
+                                       batch_keys(self.config))
 
   def memory(self, micro: int, remat: str, seq_len: int | None = None) -> dict:
     """XLA's memory analysis of the step at micro-batch `micro` (accumulation share / micro), compiled once."""
