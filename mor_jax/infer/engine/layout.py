@@ -1,9 +1,19 @@
-"""The engine's static shapes (EngineLayout: slots, cache regions, sub-batches) and its state pytree.
+"""The engine's static shapes (EngineLayout: slots, cache regions, capacity bucket, sub-batches) and its state pytree.
 
 A slot holds one token in flight, in one of the phases EMPTY, ENTER, BLOCK, EXIT, DONE (see the package
-docstring). KV caches (recursion-wise, as in `mor_jax.infer.cache`): the shared block's caches for all
-recursions live in one array [base_depth, slots, C, K, E]; the recursion regions (the plan's capacities) are
-laid side by side along C. The unique first and last layers have one cache each.
+docstring).
+
+KV caches (recursion-wise, as in `mor_jax.infer.cache`): one array per layer, of N = slots x kv heads rows (row
+b*K + k: slot b, kv head k). The shared block's caches for all recursions live side by side along the entry axis,
+one region per recursion (with recursive KV sharing one region, recursion 0's), then one spare entry that is never
+valid: rows that write nothing write there, so that every write is an in-place update. The unique first and last
+layers have one cache each (`cache.KVCache`, which keeps a spare entry too).
+
+The caches grow with the work: `capacity` is the number of positions allocated now, a bucket (a power of two) that
+covers the longest live sequence, at most `max_len` (the engine's context). A region holds min(its limit,
+capacity) entries, its limit being the cache plan's capacity at `max_len` ('full': every position; 'routed' /
+fractions: fewer), so growing never changes which tokens a region admits. `resize` moves a state to another
+bucket.
 """
 
 from __future__ import annotations
@@ -18,33 +28,55 @@ import numpy as np
 from mor_jax.config import ModelConfig
 from mor_jax.infer import cache as cache_lib
 from mor_jax.infer.errors import InferenceError
-from mor_jax.kernels.policy import for_decoding
+from mor_jax.infer.prompts import bucket_length
 
 EMPTY, ENTER, BLOCK, EXIT, DONE = range(5)
 PHASES = ("empty", "enter", "block", "exit", "done")
+MIN_CAPACITY = 64
+BIG = np.iinfo(np.int32).max
+
+
+def bucket(n: int, max_len: int) -> int:
+  """The capacity bucket for `n` positions: the next power of two >= n (at least MIN_CAPACITY), at most max_len."""
+  return bucket_length(int(n), int(max_len), MIN_CAPACITY)
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineLayout:
-  """Static shapes of one engine (hashable: one compilation per layout)."""
+  """Static shapes of one engine program (hashable: one compilation per layout)."""
   slots: int
-  max_len: int                  # positions a sequence may occupy (prompt + generated - 1 fed tokens)
-  max_new: int                  # output columns per slot
-  plan: cache_lib.CachePlan     # the plain path's cache plan (prefill uses it; its capacities size the regions)
+  max_len: int                  # positions a sequence may ever occupy (prompt + generated - 1 fed tokens)
+  capacity: int                 # positions allocated now (a bucket <= max_len)
+  plan: cache_lib.CachePlan     # the plain path's cache plan at max_len (regions and their limits)
   region_of: tuple[int, ...]    # per recursion: the stage region its pass reads
   writes: tuple[bool, ...]      # per recursion: does its pass write its region (False: KV sharing, r >= 1)
-  offsets: tuple[int, ...]      # per region: first entry along C
-  capacity: tuple[int, ...]     # per region: entries
-  width: int                    # C: all regions side by side
-  window: int                   # entries a row gathers (the largest region)
+  limits: tuple[int, ...]       # per region: the most entries it may ever hold (the plan's capacity)
+  window: int                   # tokens one slot may produce per step (the step's read-back buffer)
   entry_rows: int
   exit_rows: int
 
+  @property
+  def caps(self) -> tuple[int, ...]:
+    """Entries each region holds at this capacity."""
+    return tuple(min(lim, self.capacity) for lim in self.limits)
 
-def make_layout(cfg: ModelConfig, slots: int, max_len: int, max_new: int, kv_capacity="full",
-                entry_rows: int | None = None, exit_rows: int | None = None) -> EngineLayout:
-  """Shapes of an engine: its cache plan (the plain path's, `kv_capacity` 'full' / 'routed' / fractions) and the
-  recursion regions of the shared block's cache laid side by side."""
+  @property
+  def offsets(self) -> tuple[int, ...]:
+    return tuple(int(x) for x in np.cumsum((0,) + self.caps[:-1]))
+
+  @property
+  def width(self) -> int:
+    """Entries per row of the shared block's cache: the regions side by side, then the spare entry."""
+    return sum(self.caps) + 1
+
+  def at_capacity(self, capacity: int) -> "EngineLayout":
+    return dataclasses.replace(self, capacity=int(capacity))
+
+
+def make_layout(cfg: ModelConfig, slots: int, max_len: int, kv_capacity="full", entry_rows: int | None = None,
+                exit_rows: int | None = None, window: int = 16, capacity: int | None = None) -> EngineLayout:
+  """Shapes of an engine: its cache plan at `max_len` (the plain path's, `kv_capacity` 'full' / 'routed' /
+  fractions) and the recursion regions of the shared block's cache; `capacity` (default: the smallest bucket)."""
   plan = cache_lib.make_plan(cfg, max_len, kv_capacity)
   R = cfg.recursions
   one_block_per_recursion = len(plan.calls) == R and all(
@@ -53,35 +85,27 @@ def make_layout(cfg: ModelConfig, slots: int, max_len: int, max_new: int, kv_cap
     raise InferenceError("the depth-wise batching engine needs one shared block per recursion (strategies 'none', "
                          f"'cycle', 'middle_cycle'); strategy {cfg.strategy!r} runs different layers at each depth. "
                          "Use the plain Generator for it.")
-  region_of = tuple(c.reads if c.cache is None else c.cache for c in plan.calls)
-  writes = tuple(c.cache is not None for c in plan.calls)
-  caps = plan.stage_capacity
-  # regions in ascending capacity: the window (largest capacity) that starts at any region stays inside C
-  order = sorted(range(len(caps)), key=lambda g: (caps[g], g))
-  offsets, at = [0] * len(caps), 0
-  for g in order:
-    offsets[g], at = at, at + caps[g]
   entry_rows = slots if not entry_rows else max(1, min(slots, int(entry_rows)))
   exit_rows = slots if not exit_rows else max(1, min(slots, int(exit_rows)))
-  return EngineLayout(slots=int(slots), max_len=int(max_len), max_new=int(max_new), plan=plan, region_of=region_of,
-                      writes=writes, offsets=tuple(offsets), capacity=tuple(caps), width=at, window=max(caps),
-                      entry_rows=entry_rows, exit_rows=exit_rows)
+  return EngineLayout(slots=int(slots), max_len=int(max_len), capacity=bucket(capacity or 1, max_len), plan=plan,
+                      region_of=tuple(c.reads if c.cache is None else c.cache for c in plan.calls),
+                      writes=tuple(c.cache is not None for c in plan.calls), limits=tuple(plan.stage_capacity),
+                      window=max(1, int(window)), entry_rows=entry_rows, exit_rows=exit_rows)
 
 
 # ------------------------------------------------------------------ state
 @flax.struct.dataclass
 class EngineCache:
-  stage_k: jax.Array       # [n, B, C, K, E]   n = base_depth; recursion regions side by side along C
-  stage_v: jax.Array
-  stage_index: jax.Array   # [B, C] int32 position of each entry
+  stage_k: tuple           # per block layer [B * K, width, E]: recursion regions side by side, then a spare
+  stage_v: tuple
+  stage_index: jax.Array   # [B, width] int32 position of each entry
   stage_len: jax.Array     # [G, B] int32 entries filled per region
-  first: cache_lib.KVCache | None
+  first: cache_lib.KVCache | None   # [B * K, capacity + 1, E] per layer
   last: cache_lib.KVCache | None
 
   @property
   def nbytes(self) -> int:
-    n = sum(int(a.nbytes) for a in (self.stage_k, self.stage_v, self.stage_index, self.stage_len))
-    return n + sum(c.nbytes for c in (self.first, self.last) if c is not None)
+    return sum(int(a.nbytes) for a in jax.tree.leaves(self))
 
 
 @flax.struct.dataclass
@@ -99,14 +123,15 @@ class EngineState:
   rec: jax.Array       # [B] int32 recursions it has run
   req: jax.Array       # [B] int32 request id (-1: none)
   count: jax.Array     # [B] int32 tokens generated for the request
+  base: jax.Array      # [B] int32 `count` when the running step began
   limit: jax.Array     # [B] int32 tokens it may generate
   finish: jax.Array    # [B] int32 FINISH_REASONS index
   keys: jax.Array      # [B, 2] uint32 sampling key of the request
   temperature: jax.Array   # [B] float32 sampling parameters of the request (0: greedy)
   top_k: jax.Array         # [B] int32 (0: off)
   top_p: jax.Array         # [B] float32 (1: off)
-  out: jax.Array       # [B, N] int32 generated tokens
-  out_rec: jax.Array   # [B, N] int32 recursions behind each
+  recent: jax.Array    # [B, window] int32 tokens generated in the running step (column count - base)
+  recent_rec: jax.Array    # [B, window] int32 recursions behind each
   stats: dict          # int32 counters (see STATS)
 
 
@@ -118,31 +143,78 @@ def live(phase):
   return (phase == ENTER) | (phase == BLOCK) | (phase == EXIT)
 
 
-def init_state(cfg: ModelConfig, lay: EngineLayout) -> EngineState:
+def _zeros_kv(cfg: ModelConfig, rows: int, entries: int, layers: int, dtype) -> tuple:
+  return tuple(jnp.zeros((rows, entries, cfg.head_dim), dtype) for _ in range(layers))
+
+
+def init_cache(cfg: ModelConfig, lay: EngineLayout, dtype) -> EngineCache:
+  N = lay.slots * cfg.num_kv_heads
+
+  def unique():
+    return cache_lib.KVCache(k=_zeros_kv(cfg, N, lay.capacity + 1, 1, dtype),
+                             v=_zeros_kv(cfg, N, lay.capacity + 1, 1, dtype),
+                             index=jnp.full((lay.slots, lay.capacity + 1), BIG, jnp.int32),
+                             length=jnp.zeros((lay.slots,), jnp.int32))
+  return EngineCache(stage_k=_zeros_kv(cfg, N, lay.width, cfg.base_depth, dtype),
+                     stage_v=_zeros_kv(cfg, N, lay.width, cfg.base_depth, dtype),
+                     stage_index=jnp.full((lay.slots, lay.width), BIG, jnp.int32),
+                     stage_len=jnp.zeros((len(lay.limits), lay.slots), jnp.int32),
+                     first=unique() if cfg.has_middle else None, last=unique() if cfg.has_middle else None)
+
+
+def init_state(cfg: ModelConfig, lay: EngineLayout, dtype=jnp.float32) -> EngineState:
   """Empty caches and free slots. (Run it under jax.jit: the programs donate the state, and jit gives every leaf
   its own buffer.)"""
   B, D = lay.slots, cfg.hidden_size
-  n, K, E, dt = cfg.base_depth, cfg.num_kv_heads, cfg.head_dim, for_decoding().compute_dtype
-  big = np.iinfo(np.int32).max
-  cache = EngineCache(
-      stage_k=jnp.zeros((n, B, lay.width, K, E), dt), stage_v=jnp.zeros((n, B, lay.width, K, E), dt),
-      stage_index=jnp.full((B, lay.width), big, jnp.int32), stage_len=jnp.zeros((len(lay.capacity), B), jnp.int32),
-      first=cache_lib.empty_cache(cfg, 1, B, lay.max_len) if cfg.has_middle else None,
-      last=cache_lib.empty_cache(cfg, 1, B, lay.max_len) if cfg.has_middle else None)
   zi = jnp.zeros((B,), jnp.int32)
-  return EngineState(cache=cache, phase=zi, h=jnp.zeros((B, D), dt), h0=jnp.zeros((B, D), dt), depth=zi,
-                     apply=jnp.zeros((B,), bool), target=zi, gate=jnp.zeros((B,), jnp.float32), token=zi, pos=zi,
-                     rec=zi, req=jnp.full((B,), -1, jnp.int32), count=zi, limit=zi, finish=zi,
-                     keys=jnp.zeros((B, 2), jnp.uint32), temperature=jnp.zeros((B,), jnp.float32), top_k=zi,
-                     top_p=jnp.ones((B,), jnp.float32), out=jnp.zeros((B, lay.max_new), jnp.int32),
-                     out_rec=jnp.zeros((B, lay.max_new), jnp.int32), stats={k: jnp.int32(0) for k in STATS})
+  return EngineState(cache=init_cache(cfg, lay, dtype), phase=zi, h=jnp.zeros((B, D), dtype),
+                     h0=jnp.zeros((B, D), dtype), depth=zi, apply=jnp.zeros((B,), bool), target=zi,
+                     gate=jnp.zeros((B,), jnp.float32), token=zi, pos=zi, rec=zi, req=jnp.full((B,), -1, jnp.int32),
+                     count=zi, base=zi, limit=zi, finish=zi, keys=jnp.zeros((B, 2), jnp.uint32),
+                     temperature=jnp.zeros((B,), jnp.float32), top_k=zi, top_p=jnp.ones((B,), jnp.float32),
+                     recent=jnp.zeros((B, lay.window), jnp.int32), recent_rec=jnp.zeros((B, lay.window), jnp.int32),
+                     stats={k: jnp.int32(0) for k in STATS})
 
 
-def kv_bytes(cfg: ModelConfig, lay: EngineLayout) -> int:
-  """Bytes of the engine's KV caches (keys, values, positions, fill counts) without allocating them."""
-  st = jax.eval_shape(lambda: init_state(cfg, lay).cache)
+def _move_entries(a, old: EngineLayout, new: EngineLayout, fill):
+  """An [rows, old width, ...] array of stage entries in the new layout's regions (entries beyond a region's new
+  size are dropped: `resize` only shrinks below what no row uses)."""
+  parts = []
+  for o, c_old, c_new in zip(old.offsets, old.caps, new.caps):
+    part = a[:, o:o + min(c_old, c_new)]
+    pad = [(0, 0)] * a.ndim
+    pad[1] = (0, c_new - part.shape[1])
+    parts.append(jnp.pad(part, pad, constant_values=fill))
+  pad = [(0, 0)] * a.ndim
+  pad[1] = (0, 1)
+  return jnp.pad(jnp.concatenate(parts, axis=1), pad, constant_values=fill)
+
+
+def _move_kv(kv: cache_lib.KVCache, capacity: int) -> cache_lib.KVCache:
+  def fit(a, fill):
+    a = a[:, :min(a.shape[1] - 1, capacity)]
+    pad = [(0, 0)] * a.ndim
+    pad[1] = (0, capacity + 1 - a.shape[1])
+    return jnp.pad(a, pad, constant_values=fill)
+  return kv.replace(k=tuple(fit(a, 0) for a in kv.k), v=tuple(fit(a, 0) for a in kv.v), index=fit(kv.index, BIG))
+
+
+def resize(old: EngineLayout, new: EngineLayout, st: EngineState) -> EngineState:
+  """The state moved to another capacity bucket (entries kept in place; run under jax.jit with the state donated)."""
+  c = st.cache
+  move = lambda a, fill=0: _move_entries(a, old, new, fill)
+  cache = c.replace(stage_k=tuple(move(a) for a in c.stage_k), stage_v=tuple(move(a) for a in c.stage_v),
+                    stage_index=move(c.stage_index, BIG),
+                    first=None if c.first is None else _move_kv(c.first, new.capacity),
+                    last=None if c.last is None else _move_kv(c.last, new.capacity))
+  return st.replace(cache=cache)
+
+
+def kv_bytes(cfg: ModelConfig, lay: EngineLayout, dtype=jnp.float32) -> int:
+  """Bytes of the engine's KV caches (keys, values, positions, fill counts) at the layout's capacity, without
+  allocating them."""
+  st = jax.eval_shape(lambda: init_cache(cfg, lay, dtype))
   return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(st))
-
 
 
 def expected_recursions(cfg: ModelConfig) -> float:
