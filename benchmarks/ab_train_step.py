@@ -22,6 +22,9 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+from mor_jax.tools.provenance import write_result  # noqa: E402
 
 
 def run_tree(tree: str, steps: int, out: str) -> dict:
@@ -62,9 +65,10 @@ def main(argv=None):
                   "new_tokens_per_s": float(np.median(new)), "ratio_new_over_base": ratio,
                   "ratio_range": [float(min(np.array(new) / np.array(base))), float(max(np.array(new) / np.array(base)))]})
     print(f"{v:30s} {np.median(base):10,.0f} {np.median(new):10,.0f} {ratio:38.3f}")
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump({"rounds": args.rounds, "steps": args.steps, "runs": runs, "table": table}, f, indent=1)
+  if args.json:   # the provenance's commit is this checkout's; the trees compared are named in the conditions
+    write_result(args.json, {"rounds": args.rounds, "steps": args.steps, "runs": runs, "table": table},
+                 conditions={"base_tree": os.path.abspath(args.base), "new_tree": os.path.abspath(args.new),
+                             "dtype": "float32", "batch": "8 x 256 (train_step.py's default)"})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ KV-cache bytes per token relative to vanilla:
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -184,8 +183,10 @@ def main(argv=None):
       results.append({"model": label, "batch": batch, "recursions": cfg.recursions, **m,
                       "kv_used_vs_vanilla": rel_used, "kv_routed_alloc_vs_vanilla": rel_routed})
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=2)
+    from mor_jax.tools.provenance import write_result  # pylint: disable=g-import-not-at-top
+    write_result(args.json, {"args": vars(args), "rows": results},
+                 conditions={"weights": "random" + (" and a trained workdir" if args.workdir else ""),
+                             "batches": args.batches, "dtype": "float32", "threshold": args.threshold})
   return results
 
 

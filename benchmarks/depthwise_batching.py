@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -374,8 +373,10 @@ def main(argv=None):
     if r["mode"] == "engine" and r["setting"] == "fixed" and r["model"] != "vanilla":
       print(f"  {r['model']}: " + ", ".join(f"{d}: {x:.2f}" for d, x in enumerate(r["depth_histogram"])))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"args": vars(args), "results": results}, f, indent=2)
+    from mor_jax.tools.provenance import write_result  # pylint: disable=g-import-not-at-top
+    write_result(args.json, {"args": vars(args), "results": results},
+                 conditions={"weights": "random" if args.random else "trained", "batch": args.batch,
+                             "dtype": "float32", "models": {n: m[3] for n, m in models.items()}})
   return results
 
 

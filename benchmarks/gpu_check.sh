@@ -89,6 +89,8 @@ fi
 
 $PY - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
 import glob, json, os, sys
+sys.path.insert(0, os.getcwd())   # the repository root (cd above)
+from mor_jax.tools.provenance import write_result
 out = sys.argv[1]
 rows = []
 for path in sorted(glob.glob(os.path.join(out, "*.json"))):
@@ -107,6 +109,7 @@ for r in rows:
   peak = f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else "n/a"
   print(f"{r['run']:10s} {r['variant']:12s} {r['attention']:20s} {r['per_device_batch']:5d} {r['seq_len']:5d} "
         f"{r['tokens_per_s']:9,.0f} {r['tflops_per_device']:8.1f} {mfu} {peak:>8s}")
-json.dump(rows, open(os.path.join(out, "summary.json"), "w"), indent=1)
+write_result(os.path.join(out, "summary.json"), {"rows": rows},
+             conditions={"what": "the rows of every run above (each run's file has its own provenance)"})
 EOF
 log "done"

@@ -1,7 +1,7 @@
 """Input-pipeline throughput: tokens/s from raw text and pre-tokenized shards.
 
   python benchmarks/input_pipeline.py [--workers=0,4] [--seq_len=2048]
-      [--batch=8] [--seconds=10] [--tokenizer_path=...] [--data_dir=...]
+      [--batch=8] [--seconds=10] [--tokenizer_path=...] [--data_dir=...] [--json=out.json]
 
 Reads the embedded Shakespeare corpus (built offline on first use) through
 `mor_jax.data.make_iterator`, with the SmolLM tokenizer (vocab 49,152) when
@@ -83,6 +83,7 @@ def main():
                  help="trained BPE size when no tokenizer_path")
   p.add_argument("--data_dir", default=os.path.join(
       tempfile.gettempdir(), "mor_jax_bench_data"))
+  p.add_argument("--json", default="", help="also write the results here (with provenance)")
   args = p.parse_args()
 
   from mor_jax.data import prepare  # pylint: disable=g-import-not-at-top
@@ -104,9 +105,13 @@ def main():
     print(f"need {name:<26} {need:>9,} tokens/s: raw "
           f"{'meets' if best['raw'] >= need else 'MISSES'}, pre-tokenized "
           f"{'meets' if best['pretokenized'] >= need else 'MISSES'}")
-  print(json.dumps({"cpus": os.cpu_count(), "seq_len": args.seq_len,
-                    "batch": args.batch, "tokenizer": info.tokenizer_path,
-                    "results": results, "needs": NEEDS}))
+  out = {"cpus": os.cpu_count(), "seq_len": args.seq_len, "batch": args.batch,
+         "tokenizer": info.tokenizer_path, "results": results, "needs": NEEDS}
+  print(json.dumps(out))
+  if args.json:
+    from mor_jax.tools.provenance import write_result  # pylint: disable=g-import-not-at-top
+    write_result(args.json, out, conditions={"batch": f"{args.batch} x {args.seq_len}",
+                                             "read_threads": args.read_threads})
 
 
 if __name__ == "__main__":

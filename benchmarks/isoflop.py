@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from mor_jax import runtime  # noqa: E402
+from mor_jax.tools.provenance import write_result  # noqa: E402
 
 if __name__ == "__main__":
   runtime.use_huge_pages()  # see mor_jax/runtime.py
@@ -334,8 +335,8 @@ def main(argv=None):
          "validation": {"batches": len(vbatches), "rows": args.eval_rows, "tokens": results[0]["val_tokens"]},
          "total_wall_s": total, "table_markdown": md, "results": results}
   path = os.path.join(args.out_dir, "isoflop.json")
-  with open(path, "w") as f:
-    json.dump(out, f, indent=2)
+  write_result(path, out, conditions={"seed": args.seed, "dtype": "float32", "batch": args.batch,
+                                      "flops_budget": budget})
   with open(os.path.join(args.out_dir, "isoflop.md"), "w") as f:
     f.write(f"{title}\n\n{md}\n\ntotal wall time {total / 60:.1f} min\n")
   log(f"results: {path}")

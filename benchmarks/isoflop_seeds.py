@@ -12,8 +12,8 @@ in `--vanilla_steps` steps (isoflop.py's default budget is 1x).
 
 `--workers=N` runs N runs at once, each in its own process pinned to its own CPU core (longest runs first, the next
 run starting as soon as a core is free). These models are too small for XLA to keep two cores busy in one process:
-on 2 cores, 2 workers finish 1.36x more runs per hour than 1 (measured: two pinned 120-step runs in 85 s against
-2 x 61 s one after the other), which brings the full sweep to about 2 h 20 min. The results are the same run for run
+on 2 cores, 2 workers finish about 1.4x more runs per hour than 1 (one timing, output not kept: two pinned
+120-step runs in 85 s against 2 x 61 s one after the other), which brings the full sweep to about 2 h 20 min. The results are the same run for run
 (the NLL of a run pinned to one core equals the unpinned one to 4 decimals). Each worker's log is in OUT_DIR/logs/.
 
 Output (OUT_DIR): isoflop_seeds.json (every run and the summary), isoflop_seeds.md (per budget and model: mean and
@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import isoflop  # noqa: E402  (benchmarks/isoflop.py: configs, one run, the table)
+from mor_jax.tools.provenance import write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # t above this (two-sided 95% for 2 degrees of freedom = 3 seeds is 4.30; 4 seeds 3.18; 5 seeds 2.78)
@@ -45,13 +46,6 @@ T_CRIT = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.3
 
 def run_path(out_dir: str, budget: float, name: str, seed: int) -> str:
   return os.path.join(out_dir, "runs", f"{budget:g}x-{name}-s{seed}.json")
-
-
-def write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(path + ".tmp", path)
 
 
 def mean_std(xs):
@@ -157,7 +151,8 @@ def run_here(todo, iso, names, out_dir: str) -> None:
     r = isoflop.train_run(n, iso, steps, vbatches, fpt[n], lambda m: print(m, flush=True))
     r.update(budget_x=b, seed=seed)
     r.pop("config", None)
-    write_json(run_path(out_dir, b, n, seed), r)
+    write_result(run_path(out_dir, b, n, seed), r, conditions={"seed": seed, "budget_x": b, "model": n,
+                                                               "dtype": "float32", "batch": iso.batch})
 
 
 def pending_runs(args, budgets, seeds, names) -> list[tuple[float, int, str]]:
@@ -238,9 +233,11 @@ def main(argv=None):
   shape = f"hidden {iso.hidden}, effective depth {iso.layers}, seq {iso.seq_len}, batch {iso.batch}"
   plot(summary, names, os.path.join(args.out_dir, "isoflop_seeds.png"),
        f"iso-FLOP over seeds {seeds}: {shape}")
-  write_json(os.path.join(args.out_dir, "isoflop_seeds.json"),
-             {"args": vars(args), "isoflop_args": vars(iso), "seeds": seeds, "budgets": budgets, "summary": summary,
-              "runs": runs, "wall_s_this_call": time.time() - t0})
+  write_result(os.path.join(args.out_dir, "isoflop_seeds.json"),
+               {"args": vars(args), "isoflop_args": vars(iso), "seeds": seeds, "budgets": budgets, "summary": summary,
+                "runs": runs, "wall_s_this_call": time.time() - t0},
+               conditions={"seeds": seeds, "budgets": budgets, "workers": args.workers, "dtype": "float32",
+                           "note": "each run's own provenance is in runs[i].provenance"})
   with open(os.path.join(args.out_dir, "isoflop_seeds.md"), "w") as f:
     f.write(f"iso-FLOP over seeds {seeds}, budgets {budgets} x vanilla {iso.vanilla_steps} steps; {shape}\n\n{md}")
   return summary

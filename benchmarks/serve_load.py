@@ -215,8 +215,9 @@ def main(argv=None):
     out["engine"] = dwb.main(["--random", f"--models={args.models}", f"--batch={args.slots}", "--budget_batch=0",
                               f"--requests={args.engine_requests}", "--repeats=2", f"--threshold={args.threshold}"])
   if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(out, f, indent=2)
+    from mor_jax.tools.provenance import write_result  # pylint: disable=g-import-not-at-top
+    write_result(args.json, out, conditions={"weights": "random", "slots": args.slots, "clients": args.clients,
+                                             "ticks_per_step": args.ticks_per_step, "dtype": "float32"})
   return out
 
 

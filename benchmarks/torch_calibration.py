@@ -3,7 +3,8 @@
   python benchmarks/torch_calibration.py                    # vanilla and recursive middle_cycle R=2, sdpa
   python benchmarks/torch_calibration.py --attn eager --json /tmp/torch.json
 
-`../shared/refdata/cpu_speed.json` was measured once, on another machine of
+The stored reference (`benchmarks/results/reference_pytorch_cpu_speed.json`, a copy
+of the reference data's `cpu_speed.json`) was measured once, on another machine of
 this kind; a shared 2-core VM's speed drifts by tens of percent over a day.
 This script reruns its step definition (transformers LlamaForCausalLM,
 fp32, 2 threads, batch 8 x 256, forward with labels, backward,
@@ -18,9 +19,14 @@ shipped. Needs torch and transformers (requirements-interop.txt).
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mor_jax.tools.provenance import write_result  # noqa: E402
 
 
 def build(variant: str, attn: str):
@@ -80,8 +86,8 @@ def main(argv=None):
           f"{r['tokens_per_s']:.0f} tok/s", flush=True)
     rows.append(r)
   if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(rows, f, indent=1)
+    write_result(args.json, {"rows": rows}, conditions={"attn": args.attn, "batch": f"{args.batch} x {args.seq}",
+                                                        "dtype": "float32", "weights": "random", "threads": 2})
   return rows
 
 

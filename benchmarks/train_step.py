@@ -1,9 +1,11 @@
 """Training-step speed on CPU against the PyTorch reference (`cpu_speed.json`).
 
-  python benchmarks/train_step.py [--steps 10] [--reference ../shared/refdata/cpu_speed.json]
+  python benchmarks/train_step.py [--steps 10] [--json benchmarks/results/cpu_train_step_<machine>.json]
 
-The config is the one of cpu_speed.json: hidden 256, 8 layers, 8 heads, 4 kv
-heads, ffn 688, vocab 8192, batch 8 x seq 256, fp32. A step is what training
+The stored reference is `benchmarks/results/reference_pytorch_cpu_speed.json` (a copy of the
+PyTorch reference data's `cpu_speed.json`; `--reference` to use another), and the config is
+its: hidden 256, 8 layers, 8 heads, 4 kv heads, ffn 688, vocab 8192, batch 8 x seq 256,
+fp32. A step is what training
 runs: forward, backward of CE + aux losses, global-norm clipping and AdamW
 (mor_jax.train.train_step). Prints median step time, tokens/s, model FLOPs
 per token (mor_jax.model.accounting convention), achieved GFLOP/s, the fp32
@@ -47,6 +49,7 @@ from mor_jax.config import defaults  # noqa: E402
 from mor_jax.kernels import policy as policy_lib  # noqa: E402
 from mor_jax import config as C  # noqa: E402
 from mor_jax.model.accounting import flops_per_token  # noqa: E402
+from mor_jax.tools.provenance import write_result  # noqa: E402
 from mor_jax.train import init_state, make_optimizer, make_train_step  # noqa: E402
 
 VARIANTS = {
@@ -179,7 +182,8 @@ def _time_in_subprocess(variant, args):
            str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--json", out,
            "--reference", args.reference, "--batch_groups", str(args.batch_groups)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.load(open(out))["rows"][0]
+    with open(out, encoding="utf-8") as f:
+      return json.load(f)["rows"][0]
 
 
 def _torch_in_subprocess(variant, args):
@@ -191,13 +195,15 @@ def _torch_in_subprocess(variant, args):
            "--variants", variant, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
            "--json", out]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.load(open(out))[0]
+    with open(out, encoding="utf-8") as f:
+      return json.load(f)["rows"][0]
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   here = os.path.dirname(os.path.abspath(__file__))
-  p.add_argument("--reference", default=os.path.join(here, "..", "..", "shared", "refdata", "cpu_speed.json"))
+  p.add_argument("--reference", default=os.path.join(here, "results", "reference_pytorch_cpu_speed.json"),
+                 help="the stored PyTorch timings (default: the committed copy of the reference's cpu_speed.json)")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=256)
@@ -275,8 +281,15 @@ def main(argv=None):
       print(f"MoR R=2 / recursive R=2: step-time ratio {t_ratio:.3f} ({how}), FLOPs ratio {f_ratio:.3f} "
             f"(step/FLOPs = {t_ratio / f_ratio:.3f}; within 10% when between 0.9 and 1.1)")
   if args.json:
-    json.dump({"machine": machine, "peak_gflops": peak, "rows": rows, "mor_r2_over_recursive_r2": ratios}, open(args.json, "w"),
-              indent=1)
+    for r in rows:   # what the 'x ref' column divided by, so a reader needs no mapping of variant names
+      rr = ref.get(VARIANTS[r["variant"]][4] or "", {})
+      r["reference_best_tokens_per_s"] = max(rr.values()) if rr else None
+    write_result(args.json, {"machine": machine, "peak_gflops": peak, "rows": rows, "mor_r2_over_recursive_r2": ratios,
+                             "reference": os.path.relpath(args.reference, os.path.dirname(here))},
+                 conditions={"dtype": "float32", "batch": f"{args.batch} x {args.seq}", "steps": args.steps,
+                             "weights": "random", "mode": "interleave" if args.interleave else
+                             "in_process" if args.in_process else "fresh process per variant",
+                             "batch_groups": args.batch_groups or "auto"})
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from mor_jax.kernels import policy as policy_lib  # noqa: E402
 from mor_jax.model import accounting  # noqa: E402
 from mor_jax.train import metrics as metrics_lib  # noqa: E402
 from mor_jax.model.transformer import param_axes  # noqa: E402
+from mor_jax.tools.provenance import write_result  # noqa: E402
 from mor_jax.train import parallel  # noqa: E402
 from mor_jax.train.optimizer import make_optimizer  # noqa: E402
 from mor_jax.train.state import abstract_state, init_state  # noqa: E402
@@ -296,8 +297,8 @@ def main(argv=None):
       print(f"  {variant}: {r['tokens_per_s']:,.0f} tok/s, {r['tflops_per_device']:.3g} TFLOP/s/device, MFU {mfu}, "
             f"peak memory {gib(r['peak_memory_bytes'])} GiB, loss {r['loss']:.3f}", flush=True)
     if args.json:
-      with open(args.json, "w", encoding="utf-8") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+      write_result(args.json, {"args": vars(args), "rows": rows},
+                   conditions={"batch": f"{args.batch} x {args.seq}", "weights": "random"})
   print_table(rows)
   return rows
 

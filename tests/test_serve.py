@@ -42,9 +42,9 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1") 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
-def make_workdir(w: str) -> str:
+def make_workdir(w: str, ctx: int = CTX) -> str:
   """A random-init MoR model (middle_cycle R=2, expert-choice) with a word-level tokenizer and a chat template."""
-  c = tiny_config("middle_cycle", R=2, mor="expert", vocab=128, max_seq_len=CTX)
+  c = tiny_config("middle_cycle", R=2, mor="expert", vocab=128, max_seq_len=ctx)
   cfg = C.model_config(C.validate(c, num_devices=1))
   importer.write_checkpoint(c, init_variables(cfg, jax.random.PRNGKey(0))["params"], w)
   words = {f"w{i}": i for i in range(124)}
@@ -61,12 +61,13 @@ def make_workdir(w: str) -> str:
 
 
 class Server:
-  def __init__(self, proc, url, lines):
+  def __init__(self, proc, url, lines, api_key="none"):
     self.proc, self.url, self.lines = proc, url, lines
-    self.client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    self.headers = {"Authorization": f"Bearer {api_key}"}
+    self.client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=120)
 
   def get(self, path):
-    return httpx.get(self.url + path, timeout=30)
+    return httpx.get(self.url + path, timeout=30, headers=self.headers)
 
   def metric(self, name: str) -> float:
     m = re.search(rf"^{name} (\S+)$", self.get("/metrics").text, re.M)
@@ -87,11 +88,9 @@ def workdir(tmp_path_factory):
   return make_workdir(str(tmp_path_factory.mktemp("serve") / "w"))
 
 
-@pytest.fixture(scope="module")
-def server(workdir):
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--mode=serve", f"--workdir={workdir}",
-                           "--port=0", f"--slots={SLOTS}", f"--max_queue={MAX_QUEUE}", f"--served_model_name={MODEL}",
-                           "--drain_timeout=30"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+def start_server(argv, env=None, api_key="none") -> Server:
+  """Starts `python <argv>` (main.py --mode=serve ... or a wrapper) and waits until it serves."""
+  proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env or ENV, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   lines, ready = [], threading.Event()
 
@@ -105,10 +104,22 @@ def server(workdir):
     proc.kill()
     raise AssertionError("the server did not start:\n" + "".join(lines[-30:]))
   url = re.search(r"at (http://\S+)", [l for l in lines if " serving " in l][0]).group(1)
-  yield Server(proc, url, lines)
-  if proc.poll() is None:
-    proc.kill()
-    proc.wait()
+  return Server(proc, url, lines, api_key)
+
+
+def stop_server(server: Server) -> None:
+  if server.proc.poll() is None:
+    server.proc.kill()
+    server.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(workdir):
+  s = start_server([os.path.join(ROOT, "main.py"), "--mode=serve", f"--workdir={workdir}", "--port=0",
+                    f"--slots={SLOTS}", f"--max_queue={MAX_QUEUE}", f"--served_model_name={MODEL}",
+                    "--drain_timeout=30"])
+  yield s
+  stop_server(s)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +158,8 @@ def test_models_health_metrics_and_page(server):
   page = server.get("/")
   assert page.status_code == 200 and "<script src=\"/static/app.js\">" in page.text
   assert "return_depths" in server.get("/static/app.js").text
+  icon = server.get("/favicon.ico")
+  assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
 
 
 def test_completions_equal_generate_token_for_token(server, workdir):
@@ -241,7 +254,7 @@ BAD = [  # (path, raw body, status, param, code)
     ("/v1/completions", '{"model": "tiny-mor", "prompt": "w1", "max_tokens": "5"}', 400, "max_tokens", "invalid_value"),
     ("/v1/completions", '{"model": "tiny-mor", "prompt": ""}', 400, "prompt", "invalid_value"),
     ("/v1/completions", '{"model": "tiny-mor", "prompt": []}', 400, "prompt", "invalid_value"),
-    ("/v1/completions", '{"model": "tiny-mor", "prompt": [1, 128]}', 400, "prompt", None),
+    ("/v1/completions", '{"model": "tiny-mor", "prompt": [1, 128]}', 400, "prompt", "invalid_value"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "w1 " * 300}), 400, "prompt", "context_length_exceeded"),
     ("/v1/completions", '{"model": "tiny-mor", "prompt": "w1 w2", "max_tokens": 255}', 400, "max_tokens",
      "context_length_exceeded"),
@@ -255,7 +268,6 @@ BAD = [  # (path, raw body, status, param, code)
     ("/v1/completions", '{"model": "tiny-mor", "prompt": "w1", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop",
      "invalid_value"),
     ("/v1/completions", '{"prompt": "w1"}', 400, "model", "invalid_value"),
-    ("/v1/completions", '{"model": "gpt-9", "prompt": "w1"}', 404, "model", "model_not_found"),
     ("/v1/chat/completions", '{"model": "tiny-mor", "messages": []}', 400, "messages", "invalid_value"),
     ("/v1/chat/completions", '{"model": "tiny-mor", "messages": [{"role": "robot", "content": "w1"}]}', 400,
      "messages.0.role", "invalid_value"),
@@ -275,8 +287,6 @@ def test_bad_input_gets_an_openai_error(server, path, raw, status, param, code):
 
 
 def test_the_openai_client_raises_and_the_server_stays_healthy(server):
-  with pytest.raises(openai.NotFoundError):
-    server.client.completions.create(model="gpt-9", prompt="w1")
   with pytest.raises(openai.BadRequestError, match="unknown field 'logit_bias'"):
     server.client.completions.create(model=MODEL, prompt="w1", logit_bias={"1": 5})
   assert server.get("/nowhere").json()["error"]["type"] == "not_found_error"
@@ -300,8 +310,14 @@ def test_a_full_queue_answers_429_and_timeouts_free_the_slots(server, long_promp
   server.wait_idle(10)
 
 
+def plural(n: int, word: str) -> str:
+  return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 @pytest.mark.environment
 def test_the_page_streams_tokens_coloured_by_depth(server, tmp_path):
+  """The page: no failed load (favicon), a legend of the depths that occur ("1 recursion"), the tokens of a word
+  in touching boxes, and a multi-turn chat that sends the conversation so far."""
   if not CHROMIUM:
     pytest.skip("no chromium binary (apt-get install chromium; .ci/run installs it)")
   from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
@@ -309,9 +325,13 @@ def test_the_page_streams_tokens_coloured_by_depth(server, tmp_path):
     browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
     try:
       page = browser.new_page(viewport={"width": 1000, "height": 640})
+      failed, posts = [], []
+      page.on("response", lambda r: r.status >= 400 and failed.append((r.url, r.status)))
+      page.on("request", lambda r: r.method == "POST" and posts.append(r.post_data_json))
       page.goto(server.url + "/")
-      page.wait_for_selector("#legend span")
-      assert page.locator("#legend span").count() == 3                      # depths 0, 1, 2
+      page.wait_for_function("document.querySelector('#model').textContent.includes('recursions')")
+      assert page.text_content("#model") == f"{MODEL}: middle_cycle, 2 recursions, expert-choice routing"
+      assert not page.is_visible("#legend")                              # no depths before any token
       page.fill("#prompt", "w10 w11 w12 w13")
       page.fill("#max_tokens", "40")
       page.click("#send")
@@ -321,10 +341,33 @@ def test_the_page_streams_tokens_coloured_by_depth(server, tmp_path):
       classes = spans.evaluate_all("els => els.map(e => e.className)")
       assert 1 <= len(depths) <= 40 and len(set(depths)) >= 2 and set(depths) <= {0, 1, 2}
       assert classes == [f"tok d{d}" for d in depths]
+      assert page.locator("#legend span").all_text_contents() == [plural(d, "recursion") for d in sorted(set(depths))]
       assert "mean recursions per token" in page.text_content("#summary")
+      boxes = spans.evaluate_all("els => els.map(e => { const r = e.getClientRects()[0], s = getComputedStyle(e); "
+                                 "return [r.left, r.right, r.top, s.borderTopLeftRadius, s.marginLeft, "
+                                 "s.paddingLeft]; })")
+      assert {tuple(b[3:]) for b in boxes} == {("0px", "0px", "0px")}     # square boxes: no notches between tokens
+      same_line = [(a, b) for a, b in zip(boxes, boxes[1:]) if a[2] == b[2]]
+      assert same_line and all(abs(a[1] - b[0]) < 0.01 for a, b in same_line)   # touching, no gap
       shot = os.environ.get("MOR_SERVE_SCREENSHOT") or str(tmp_path / "page.png")
       page.screenshot(path=shot, full_page=True)
       assert os.path.getsize(shot) > 10_000
+      # chat: two turns; the second request carries the first exchange
+      page.select_option("#mode", "chat")
+      assert page.locator("#output span.tok").count() == 0 and not page.is_visible("#legend")
+      for i, words in enumerate(("w4 w5", "w6 w7")):
+        page.fill("#prompt", words)
+        page.click("#send")
+        page.wait_for_function(f"document.querySelectorAll('.turn').length == {2 * i + 2} && "
+                               "document.querySelector('#status').textContent.startsWith('done')", timeout=60000)
+      turns = page.locator(".turn").all_text_contents()
+      assert turns[0] == "w4 w5" and turns[2] == "w6 w7" and turns[1] and turns[3]
+      assert posts[-1]["messages"] == [{"role": "user", "content": "w4 w5"}, {"role": "assistant", "content": turns[1]},
+                                       {"role": "user", "content": "w6 w7"}]
+      assert page.is_visible("#new_chat")
+      page.click("#new_chat")
+      assert page.locator(".turn").count() == 0
+      assert not failed, failed                                           # nothing failed to load (favicon)
     finally:
       browser.close()
 

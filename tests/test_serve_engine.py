@@ -1,6 +1,11 @@
 """The engine's step-wise session API the server drives (issue 25): `start` / `submit` (also while running, with
 per-request sampling and seed) / `step` (streamed progress) / `cancel` / `finish`; and the serve package's
-host-side pieces without HTTP: incremental detokenisation with stop strings, request validation."""
+host-side pieces without a model: incremental detokenisation with stop strings, request validation, prompt
+checks before tokenizing, the engine loop's answers when a request is refused or the engine fails (issue 35)."""
+
+import asyncio
+import json
+import time
 
 import pytest
 
@@ -147,3 +152,153 @@ def test_chat_without_or_with_a_failing_template_and_draining_answer_clearly():
   r = client.post("/v1/completions", json={"model": "m", "prompt": "w1"})
   assert r.status_code == 503 and r.headers["retry-after"] == "5" and r.json()["error"]["code"] == "shutting_down"
   assert client.get("/health").status_code == 503
+  loop.error, loop.error_message = RuntimeError("boom"), "the engine failed: RuntimeError: boom"   # (loop.py's)
+  health = client.get("/health")
+  assert health.status_code == 503 and health.json()["status"] == "error" and health.json()["error"].endswith("boom")
+  err = client.post("/v1/completions", json={"model": "m", "prompt": "w1"}).json()["error"]
+  assert err["code"] == "engine_error" and "RuntimeError: boom" in err["message"]
+
+
+class _ScriptedEngine:
+  """The step-wise Engine API the loop drives, without a model: a request of n tokens gets one token (id 7,
+  depth 1) per step; submitting the prompt [13] is refused; `fail` makes the next step raise it."""
+  slots = 2
+
+  def __init__(self):
+    self.queue, self.running, self.next_id, self.fail = [], {}, 0, None
+
+  idle = property(lambda self: not self.queue and not self.running)
+  busy = property(lambda self: len(self.running))
+
+  def start(self, **_):
+    pass
+
+  def finish(self):
+    return {}
+
+  def submit(self, prompt, n, **_):
+    from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
+    if prompt == [13]:
+      raise InferenceError("prompt 13 does not fit")
+    self.next_id += 1
+    self.queue.append([self.next_id, n])
+    return self.next_id
+
+  def cancel(self, rid):
+    self.queue = [q for q in self.queue if q[0] != rid]
+    return self.running.pop(rid, None) is not None
+
+  def step(self, _ticks):
+    from mor_jax.infer.engine.scheduler import Progress  # pylint: disable=g-import-not-at-top
+    if self.fail is not None:
+      raise self.fail
+    while self.queue and len(self.running) < self.slots:
+      rid, n = self.queue.pop(0)
+      self.running[rid] = n
+    out = []
+    for rid in list(self.running):
+      self.running[rid] -= 1
+      ev = Progress(rid, [7], [1])
+      if self.running[rid] == 0:
+        del self.running[rid]
+        ev.result = type("Generation", (), {"finish_reason": "length"})()
+      out.append(ev)
+    return out
+
+
+async def _until(job, kind: str):
+  while True:
+    ev = await asyncio.wait_for(job.events.get(), 10)
+    if ev[0] == kind:
+      return ev
+
+
+def test_the_loop_answers_a_refused_request_and_every_job_when_the_engine_fails():
+  """A request the engine refuses is answered and the loop goes on; when the engine raises, every job running
+  or waiting is told the cause, later submissions are refused and on_failure is called."""
+  from mor_jax.serve.loop import EngineLoop, Job, LoopClosed  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.metrics import Metrics  # pylint: disable=g-import-not-at-top
+  eng, failures = _ScriptedEngine(), []
+  loop = EngineLoop(eng, Metrics(2, 2), max_queue=4, ticks_per_step=1, on_failure=failures.append)
+
+  async def main():
+    def job(prompt, n=3):
+      return Job(prompt, n, SamplingParams(0.0), 0, time.monotonic() + 30, asyncio.get_running_loop())
+    refused, served = job([13]), job([1])
+    loop.submit(refused)
+    loop.submit(served)
+    assert await _until(refused, "error") == ("error", "invalid_request", "prompt 13 does not fit")
+    assert (await _until(served, "done"))[1].finish_reason == "length"
+    jobs = [job([1], 10 ** 6) for _ in range(3)]            # 2 in slots, 1 waiting
+    for j in jobs:
+      loop.submit(j)
+    await _until(jobs[0], "tokens")
+    eng.fail = RuntimeError("the device went away")
+    for j in jobs:
+      _, kind, message = await _until(j, "error")
+      assert kind == "engine_failed" and message.startswith("the engine failed: RuntimeError: the device went away")
+    with pytest.raises(LoopClosed):
+      loop.submit(job([1]))
+  loop.start()
+  asyncio.run(main())
+  loop.stop(5)
+  assert [str(e) for e in failures] == ["the device went away"] and loop.waiting == 0
+
+
+def test_abort_ends_every_job_and_refuses_new_ones():
+  from mor_jax.serve.loop import EngineLoop, Job, LoopClosed  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.metrics import Metrics  # pylint: disable=g-import-not-at-top
+  eng = _ScriptedEngine()
+  loop = EngineLoop(eng, Metrics(2, 2), max_queue=4, ticks_per_step=1)
+
+  async def main():
+    jobs = [Job([1], 10 ** 6, SamplingParams(0.0), 0, time.monotonic() + 30, asyncio.get_running_loop())
+            for _ in range(3)]
+    for j in jobs:
+      loop.submit(j)
+    await _until(jobs[0], "tokens")
+    loop.abort("drain timeout")
+    assert [await _until(j, "error") for j in jobs] == [("error", "shutting_down", "drain timeout")] * 3
+    with pytest.raises(LoopClosed, match="drain timeout"):
+      loop.submit(jobs[0])
+  loop.start()
+  asyncio.run(main())
+  loop.stop(5)
+  assert loop.error is None and eng.idle
+
+
+def test_text_prompts_get_bos_token_ids_do_not_and_long_texts_are_refused_before_tokenizing():
+  from mor_jax.serve import prepare  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.metrics import Metrics  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.schemas import ApiError  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.server import Service  # pylint: disable=g-import-not-at-top
+  hf = Tokenizer(models.WordLevel({f"w{i}": i for i in range(16)}, unk_token="w0"))
+  tok = type("T", (), {"hf_tokenizer": hf, "decode": staticmethod(lambda ids: hf.decode(list(ids)))})()
+  eng, seen = _FakeEngine(), []
+  eng.encode = lambda text: seen.append(text) or [1] * len(text.split())
+  limit = prepare.max_prompt_chars(tok, 32)
+  assert limit == 32 * (3 + 1)                                     # the longest token, "w10", + a separator
+  svc = Service(engine=eng, loop=None, metrics=Metrics(2, 2), tokenizer=tok, model_name="m", chat_template=None,
+                request_timeout=5.0, bos_id=15, max_prompt_chars=limit)
+  assert prepare.completion(svc, b'{"model": "m", "prompt": "w1 w2"}')[1] == [15, 1, 1]
+  assert prepare.completion(svc, b'{"model": "m", "prompt": [3, 4]}')[1] == [3, 4]
+  for text, tokenized in (("w1 " * 31, True), ("w1 " * 43, False)):   # 31 words + BOS = the context; 129 chars
+    with pytest.raises(ApiError, match="context") as e:
+      prepare.completion(svc, json.dumps({"model": "m", "prompt": text}).encode())
+    assert e.value.code == "context_length_exceeded" and (text in seen) == tokenized
+
+
+def test_serve_flags_are_checked_in_one_line_naming_the_flag():
+  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.server import FLAG_DEFAULTS, _loopback, check_flags  # pylint: disable=g-import-not-at-top
+  ok = {k: FLAG_DEFAULTS[k] for k in ("port", "slots", "max_queue", "request_timeout", "drain_timeout",
+                                      "ticks_per_step", "serve_max_tokens", "prefill_rows", "max_request_bytes",
+                                      "api_key", "idle_timeout")}
+  check_flags(**ok)
+  check_flags(**{**ok, "api_key": "sk-local-1"})
+  for flag, bad in (("max_request_bytes", 10), ("idle_timeout", 0.0), ("api_key", ""), ("api_key", "two words")):
+    with pytest.raises(InferenceError, match=f"^--{flag}=") as e:
+      check_flags(**{**ok, flag: bad})
+    assert "\n" not in str(e.value) and (flag != "api_key" or "two words" not in str(e.value))   # keys not echoed
+  assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
+  assert not _loopback("0.0.0.0") and not _loopback("192.168.1.5") and not _loopback("example.org")

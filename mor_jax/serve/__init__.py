@@ -4,7 +4,9 @@
   loop.py     the engine loop thread (one owner of the devices), jobs, bounded queue, cancellation, deadlines
   app.py      FastAPI routes: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models, /health,
               /metrics, / (the web page in static/)
-  schemas.py  request bodies (unknown fields refused) and OpenAI-style errors
+  guard.py    API key, JSON content type, body size and pace, idle-connection deadline
+  prepare.py  a body -> the checked request and its prompt's token ids (in a worker thread)
+  schemas.py  request bodies (unknown fields refused, every field bounded) and OpenAI-style errors
   text.py     incremental detokenisation, stop strings
   metrics.py  Prometheus metrics
 

@@ -2,6 +2,11 @@
 
   POST /v1/completions, /v1/chat/completions   (stream: server-sent events in OpenAI's chunk format, then [DONE])
   GET  /v1/models, /health, /metrics, /        (/ : the page that colours each token by its recursion depth)
+
+With --api_key, /v1/* and /metrics need `Authorization: Bearer KEY`; /health, / and /static are open. A POST
+passes serve/guard.py (key, JSON content type, body size), is parsed and tokenized in a worker thread
+(serve/prepare.py), and is queued to the engine loop. A task per request watches its connection: a client that
+goes away cancels its job at once (streamed or not) and is counted (mor_client_disconnects_total).
 """
 
 from __future__ import annotations
@@ -17,19 +22,24 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mor_jax.infer.errors import InferenceError
 from mor_jax.infer.sampling import SamplingParams
-from mor_jax.serve.loop import Job, QueueFull
-from mor_jax.serve.schemas import ApiError, ChatRequest, CompletionRequest, validation_error
+from mor_jax.serve import prepare
+from mor_jax.serve.guard import authorize, read_body
+from mor_jax.serve.loop import Job, LoopClosed, QueueFull
+from mor_jax.serve.schemas import ApiError
 from mor_jax.serve.text import TokenText
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-DISCONNECT_POLL_S = 0.5
+LOOP_ERRORS = {  # a loop's ("error", kind, message) -> (status, type, code)
+    "invalid_request": (400, "invalid_request_error", "invalid_value"),
+    "engine_failed": (500, "server_error", "engine_error"),
+    "shutting_down": (503, "server_error", "shutting_down")}
 
 
 def create_app(svc) -> FastAPI:
@@ -50,75 +60,54 @@ def create_app(svc) -> FastAPI:
   async def _page():
     return FileResponse(os.path.join(STATIC, "index.html"))
 
+  @app.get("/favicon.ico")
+  async def _icon():
+    return FileResponse(os.path.join(STATIC, "favicon.svg"), media_type="image/svg+xml")
+
   app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
   @app.get("/health")
   async def _health():
     ok = not svc.draining and svc.loop.error is None
-    body = {"status": "ok" if ok else ("draining" if svc.draining else "error"), "slots": svc.engine.slots,
-            "busy": svc.engine.busy, "waiting": svc.loop.waiting}
+    status = "error" if svc.loop.error is not None else ("draining" if svc.draining else "ok")
+    body = {"status": status, "slots": svc.engine.slots, "busy": svc.engine.busy, "waiting": svc.loop.waiting}
+    if svc.loop.error is not None:
+      body["error"] = svc.loop.error_message
     return JSONResponse(body, status_code=200 if ok else 503)
 
   @app.get("/metrics")
-  async def _metrics():
+  async def _metrics(request: Request):
+    authorize(svc, request)
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
   @app.get("/v1/models")
-  async def _models():
+  async def _models(request: Request):
+    authorize(svc, request)
     return {"object": "list", "data": [svc.model_card()]}
 
   @app.post("/v1/completions")
   async def _completions(request: Request):
-    body = _parse(CompletionRequest, await request.body())
-    prompt = body.prompt
-    ids = _encode(svc, prompt, "prompt")
-    return await _serve(svc, request, body, ids, body.max_tokens, chat=False)
+    authorize(svc, request)
+    body, ids, echo = await run_in_threadpool(prepare.completion, svc, await read_body(svc, request))
+    return await _serve(svc, request, body, ids, body.max_tokens, chat=False, echo=echo if body.echo else "")
 
   @app.post("/v1/chat/completions")
   async def _chat(request: Request):
-    body = _parse(ChatRequest, await request.body())
-    if svc.chat_template is None:
-      raise ApiError(400, "this model's tokenizer has no chat template (tokenizer_config.json chat_template): use "
-                     "/v1/completions with a plain prompt", param="messages", code="no_chat_template")
-    try:
-      text = svc.chat_template([m.model_dump(exclude_none=True) for m in body.messages])
-    except ValueError as e:        # the template refused the conversation (raise_exception) or does not render
-      raise ApiError(400, str(e).splitlines()[0], param="messages", code="chat_template_error") from None
-    ids = _encode(svc, text, "messages")
+    authorize(svc, request)
+    body, ids = await run_in_threadpool(prepare.chat, svc, await read_body(svc, request))
     return await _serve(svc, request, body, ids, body.limit(), chat=True)
 
   return app
 
 
-def _parse(model, raw: bytes):
-  try:
-    return model.model_validate_json(raw or b"")
-  except ValidationError as e:
-    raise validation_error(e.errors()) from None
-
-
-def _encode(svc, prompt, param: str) -> list[int]:
-  if isinstance(prompt, list):
-    if max(prompt) >= svc.engine.cfg.vocab_size:
-      raise ApiError(400, f"token ids must be below the vocabulary size {svc.engine.cfg.vocab_size}", param=param)
-    return list(prompt)
-  try:
-    ids = svc.engine.encode(prompt)
-  except InferenceError as e:
-    raise ApiError(400, str(e), param=param, code="invalid_prompt") from None
-  if not ids:
-    raise ApiError(400, "the prompt encodes to no tokens", param=param, code="invalid_prompt")
-  return ids
-
-
 def _submit(svc, body, ids: list[int], max_tokens: int | None) -> Job:
   """Checks the request against the model and the server, and queues it."""
+  if svc.loop.error is not None:
+    raise ApiError(503, svc.loop.error_message + " (the server is going down)",
+                   type="server_error", code="engine_error", headers={"Retry-After": "5"})
   if svc.draining:
     raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
                    headers={"Retry-After": "5"})
-  if body.model != svc.model_name:
-    raise ApiError(404, f"model {body.model!r} does not exist: this server serves {svc.model_name!r} (GET /v1/models)",
-                   type="not_found_error", param="model", code="model_not_found")
   ctx = svc.engine.cfg.max_seq_len
   n = max_tokens if max_tokens is not None else max(1, min(svc.engine.layout.max_new, ctx - len(ids)))
   try:
@@ -127,47 +116,64 @@ def _submit(svc, body, ids: list[int], max_tokens: int | None) -> Job:
     param = "max_tokens" if len(ids) < ctx else "prompt"
     raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
   timeout = min(body.timeout or svc.request_timeout, svc.request_timeout)
-  job = Job(ids, n, SamplingParams(body.temperature, body.top_k, body.top_p),
-            body.seed if body.seed is not None else secrets.randbelow(2 ** 31), time.monotonic() + timeout,
-            asyncio.get_running_loop())
+  sampling = SamplingParams(body.temperature, min(body.top_k, svc.engine.cfg.vocab_size), body.top_p)
+  job = Job(ids, n, sampling, body.seed if body.seed is not None else secrets.randbelow(2 ** 31),
+            time.monotonic() + timeout, asyncio.get_running_loop())
   try:
     svc.loop.submit(job)
   except QueueFull:
     raise ApiError(429, f"the server is busy ({svc.loop.max_queue} requests wait for a slot); retry later",
                    type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+  except LoopClosed as e:          # (the engine failed, or the drain timeout ended every request, just now)
+    code = "engine_error" if svc.loop.error is not None else "shutting_down"
+    raise ApiError(503, str(e), type="server_error", code=code, headers={"Retry-After": "5"}) from None
   return job
 
 
-async def _events(svc, job: Job, tt: TokenText, request: Request | None):
-  """Yields lists of (piece, depth), then the finish reason. Raises ApiError on timeout or engine error; the
-  job is cancelled when this generator ends early (client gone, stop string)."""
+async def _watch(svc, request: Request, job: Job) -> None:
+  """Waits for the client to go away (the body is read: the next ASGI message is the disconnect); then cancels
+  the job, counts it and wakes the handler. Cancelled by the handler once the answer is complete."""
+  while (await request.receive())["type"] != "http.disconnect":
+    pass
+  if not job.answered:
+    job.answered = True
+    svc.metrics.disconnects.inc()
+    svc.loop.cancel(job)
+    job.events.put_nowait(("gone",))
+
+
+async def _events(svc, job: Job, tt: TokenText):
+  """Yields lists of (piece, depth), then the finish reason (nothing when the client went away). Raises
+  ApiError on timeout or engine error; the job is cancelled when this generator ends early (client gone, stop
+  string)."""
   try:
     while True:
-      try:
-        ev = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S) if request else await job.events.get()
-      except asyncio.TimeoutError:
-        if await request.is_disconnected():
-          svc.metrics.disconnects.inc()
-          return
-        continue
+      ev = await job.events.get()
+      if ev[0] == "gone":
+        return
       if ev[0] == "tokens":
         pieces = tt.add(ev[1], ev[2])
         if pieces:
           yield pieces
         if tt.stopped:
+          job.answered = True
           yield "stop"
           return
       elif ev[0] == "done":
+        job.answered = True
         rest = tt.finish()
         if rest:
           yield rest
         yield FINISH.get(ev[1].finish_reason, ev[1].finish_reason)
         return
       elif ev[0] == "timeout":
+        job.answered = True
         raise ApiError(504, "the request ran past its timeout (the server's --request_timeout or the request's "
                        "timeout)", type="timeout_error", code="request_timeout")
       else:
-        raise ApiError(503, str(ev[1]), type="server_error", code="engine_unavailable")
+        job.answered = True
+        status, kind, code = LOOP_ERRORS[ev[1]]
+        raise ApiError(status, ev[2], type=kind, code=code, headers={"Retry-After": "5"} if status > 500 else None)
   finally:
     if not job.ended:
       svc.loop.cancel(job)
@@ -183,25 +189,29 @@ def _mor(pieces, return_depths: bool) -> dict:
   return {"mor": {"tokens": [p for p, _ in pieces], "depths": [d for _, d in pieces]}}
 
 
-async def _serve(svc, request: Request, body, ids: list[int], max_tokens, *, chat: bool):
+async def _serve(svc, request: Request, body, ids: list[int], max_tokens, *, chat: bool, echo: str = ""):
   job = _submit(svc, body, ids, max_tokens)
+  watcher = asyncio.create_task(_watch(svc, request, job))
   tt = TokenText(svc.tokenizer, body.stops(), eos_id=getattr(svc.tokenizer, "eos_id", None))
   rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-  created = int(time.time())
-  head = {"id": rid, "created": created, "model": svc.model_name}
+  head = {"id": rid, "created": int(time.time()), "model": svc.model_name}
   path = request.url.path
   if body.stream:
-    return EventSourceResponse(_stream(svc, job, tt, ids, body, head, chat, path), ping=15,
+    return EventSourceResponse(_stream(svc, job, watcher, tt, ids, body, head, chat, path, echo), ping=15,
                                headers={"Cache-Control": "no-cache"})
   pieces, finish = [], None
-  async for item in _events(svc, job, tt, request):
-    if isinstance(item, str):
-      finish = item
-    else:
-      pieces += item
+  try:
+    async for item in _events(svc, job, tt):
+      if isinstance(item, str):
+        finish = item
+      else:
+        pieces += item
+  finally:
+    watcher.cancel()
   if finish is None:                # the client went away
+    svc.metrics.requests.labels(path, "499").inc()
     return Response(status_code=499)
-  text = "".join(p for p, _ in pieces)
+  text = echo + "".join(p for p, _ in pieces)
   choice = {"index": 0, "finish_reason": finish, **_mor(pieces, body.return_depths)}
   if chat:
     choice["message"] = {"role": "assistant", "content": text}
@@ -212,12 +222,13 @@ async def _serve(svc, request: Request, body, ids: list[int], max_tokens, *, cha
           "usage": _usage(ids, tt)}
 
 
-async def _stream(svc, job, tt, ids, body, head, chat: bool, path: str):
-  """The SSE events of a streamed request (OpenAI chunks, then [DONE]); errors as an {"error": ...} event."""
+async def _stream(svc, job, watcher, tt, ids, body, head, chat: bool, path: str, echo: str):
+  """The SSE events of a streamed request (OpenAI chunks, then [DONE]); errors as an {"error": ...} event, then
+  [DONE] (a timeout, the engine failing, the drain timeout at shutdown)."""
   obj = "chat.completion.chunk" if chat else "text_completion"
 
-  def chunk(pieces, finish=None, first=False):
-    text = "".join(p for p, _ in pieces)
+  def chunk(pieces, finish=None, first=False, text=None):
+    text = "".join(p for p, _ in pieces) if text is None else text
     c = {"index": 0, "finish_reason": finish, **_mor(pieces, body.return_depths and pieces)}
     if chat:
       c["delta"] = ({"role": "assistant"} if first else {}) | ({"content": text} if pieces or first else {})
@@ -229,13 +240,19 @@ async def _stream(svc, job, tt, ids, body, head, chat: bool, path: str):
   try:
     if chat:
       yield chunk([], first=True)
-    async for item in _events(svc, job, tt, None):
+    if echo:
+      yield chunk([], text=echo)
+    async for item in _events(svc, job, tt):
       yield chunk([], finish=item) if isinstance(item, str) else chunk(item)
     if body.stream_options is not None and body.stream_options.include_usage:
       yield {"data": json.dumps({**head, "object": obj, "choices": [], "usage": _usage(ids, tt)})}
   except ApiError as e:
     status = str(e.status)
     yield {"data": json.dumps(e.body())}
+  except (asyncio.CancelledError, GeneratorExit):   # the client went away (or uvicorn's last-resort cancel)
+    status = "499"
+    raise
   finally:
+    watcher.cancel()
     svc.metrics.requests.labels(path, status).inc()
   yield {"data": "[DONE]"}

@@ -81,12 +81,18 @@ def accelerator() -> dict:
     return {"backend": None}
 
 
+RESULTS = "benchmarks/results"   # outputs, not code: rewriting a result there does not make the next one 'dirty'
+
+
 def provenance(conditions: dict | None = None, argv: list[str] | None = None) -> dict:
-  """Commit, dirty tree, date, command line, machine, versions and the given conditions."""
-  status = _git("status", "--porcelain", "--untracked-files=no")
+  """Commit, dirty tree (tracked files changed outside benchmarks/results/, and which), date, command line,
+  machine, versions and the given conditions."""
+  status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS}")
+  changed = [line.split(maxsplit=1)[-1] for line in (status or "").splitlines() if line.strip()]
   return {
       "commit": _git("rev-parse", "HEAD"),
-      "dirty": None if status is None else bool(status),
+      "dirty": None if status is None else bool(changed),
+      **({"dirty_paths": changed[:20]} if changed else {}),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "command": " ".join([os.path.basename(sys.executable)] + list(sys.argv if argv is None else argv)),
       "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "cpu_flags": _cpu_flags(),
