@@ -162,6 +162,15 @@ class Engine:
     return self.layout.max_len
 
   @property
+  def context(self) -> int:
+    """Tokens (prompt + generated) one sequence may hold in this engine: the model's context, or max_len + 1."""
+    return min(self.cfg.max_seq_len, self.max_len + 1)
+
+  def default_new_tokens(self, prompt_len: int) -> int:
+    """New tokens a request of `prompt_len` tokens gets when it names no limit: what fits, at most max_new_tokens."""
+    return max(1, min(self.max_new_tokens, self.context - prompt_len))
+
+  @property
   def capacity(self) -> int:
     """Positions per sequence the caches hold now (a bucket that follows the live requests)."""
     return self.layout.capacity
