@@ -61,10 +61,10 @@ Layout: `layout.py` (static shapes, the state pytree), `tick.py` (the jitted tic
 from mor_jax.infer.engine.layout import (BLOCK, DONE, EMPTY, ENTER, EXIT, PHASES, STATS, EngineCache, EngineLayout,
                                          EngineState, bucket, expected_recursions, init_state, kv_bytes, make_layout,
                                          resize)
-from mor_jax.infer.engine.admit import admit_requests
+from mor_jax.infer.engine.admit import insert, prefill
 from mor_jax.infer.engine.scheduler import Engine, Progress, Request
 from mor_jax.infer.engine.tick import SKIP_EMPTY_PHASES, run_ticks, tick
 
 __all__ = ["BLOCK", "DONE", "EMPTY", "ENTER", "EXIT", "PHASES", "SKIP_EMPTY_PHASES", "STATS", "Engine", "EngineCache",
-           "EngineLayout", "EngineState", "Progress", "Request", "admit_requests", "bucket", "expected_recursions",
-           "init_state", "kv_bytes", "make_layout", "resize", "run_ticks", "tick"]
+           "EngineLayout", "EngineState", "Progress", "Request", "bucket", "expected_recursions",
+           "init_state", "insert", "kv_bytes", "make_layout", "prefill", "resize", "run_ticks", "tick"]

@@ -61,15 +61,12 @@ def _insert_caches(cfg: ModelConfig, lay: EngineLayout, c, pc: dict, slots_B, re
   return c
 
 
-def admit_requests(cfg: ModelConfig, lay: EngineLayout, w, st: EngineState, tokens_BP, lengths_B, slots_B,
-                   keys_B2, limits_B, reqs_B, sp_B, threshold, eos_id):
-  """Prefills a batch of prompts (the plain path's forward_cached) and moves them into free slots.
+def prefill(cfg: ModelConfig, lay: EngineLayout, w, tokens_BP, lengths_B, keys_B2, sp_B, threshold):
+  """Prefills a batch of prompts (the plain path's forward_cached, the engine's regions at the prompt bucket P).
 
-  slots_B: the slot of each prompt (lay.slots for padding rows: nothing is kept). The first token is sampled
-  from the prompt's last position (key fold_in(key, 0)), as in the plain path; sp_B: each prompt's sampling
-  parameters ({"temperature", "top_k", "top_p"}: [Bp] arrays), kept in its slot. The prompt length bucket P must
-  fit the engine's capacity.
-  Returns (state, prompt recursions [Bp, P], first token [Bp], recursions behind it [Bp]).
+  The first token is sampled from the prompt's last position (key fold_in(key, 0)), as in the plain path; sp_B:
+  each prompt's sampling parameters ({"temperature", "top_k", "top_p"}: [Bp] arrays). Depends on (Bp, P) only,
+  not on the engine's capacity. Returns (caches, prompt recursions [Bp, P], first token [Bp], its recursions [Bp]).
   """
   Bp, P = tokens_BP.shape
   pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (Bp, P))
@@ -81,15 +78,23 @@ def admit_requests(cfg: ModelConfig, lay: EngineLayout, w, st: EngineState, toke
   tok = sample_rows(jax.vmap(jax.random.fold_in)(keys_B2, jnp.zeros((Bp,), jnp.int32)),
                     logits_fn(cfg, w, last), sp_B["temperature"], sp_B["top_k"], sp_B["top_p"])
   rec_last = jnp.take_along_axis(info["recursions"], (lengths_B - 1)[:, None], axis=1)[:, 0]
-  real = slots_B < lay.slots
-  c = _insert_caches(cfg, lay, st.cache, pc, slots_B, real)
+  return pc, jnp.where(valid, info["recursions"], 0), tok, rec_last
+
+
+def insert(cfg: ModelConfig, lay: EngineLayout, st: EngineState, pc: dict, tok_B, lengths_B, slots_B, keys_B2,
+           limits_B, reqs_B, sp_B, eos_id):
+  """Moves prefilled requests into free slots (in place): caches, first token, limits, sampling parameters.
+
+  slots_B: the slot of each prompt (lay.slots for padding rows: nothing is kept). The prompt bucket must fit the
+  engine's capacity.
+  """
+  c = _insert_caches(cfg, lay, st.cache, pc, slots_B, slots_B < lay.slots)
   put = lambda a, x: a.at[slots_B].set(x.astype(a.dtype), mode="drop")
-  finish = finish_code(tok, 1, limits_B, eos_id)
-  st = st.replace(cache=c, phase=put(st.phase, jnp.where(finish != RUNNING, DONE, ENTER)), token=put(st.token, tok),
-                  pos=put(st.pos, lengths_B), rec=put(st.rec, jnp.zeros_like(tok)), req=put(st.req, reqs_B),
-                  count=put(st.count, jnp.ones_like(tok)), base=put(st.base, jnp.ones_like(tok)),
-                  limit=put(st.limit, limits_B), finish=put(st.finish, finish),
-                  keys=st.keys.at[slots_B].set(keys_B2, mode="drop"),
-                  temperature=put(st.temperature, sp_B["temperature"]), top_k=put(st.top_k, sp_B["top_k"]),
-                  top_p=put(st.top_p, sp_B["top_p"]))
-  return st, jnp.where(valid, info["recursions"], 0), tok, rec_last
+  finish = finish_code(tok_B, 1, limits_B, eos_id)
+  one = jnp.ones_like(tok_B)
+  return st.replace(cache=c, phase=put(st.phase, jnp.where(finish != RUNNING, DONE, ENTER)), token=put(st.token, tok_B),
+                    pos=put(st.pos, lengths_B), rec=put(st.rec, jnp.zeros_like(tok_B)), req=put(st.req, reqs_B),
+                    count=put(st.count, one), base=put(st.base, one), limit=put(st.limit, limits_B),
+                    finish=put(st.finish, finish), keys=st.keys.at[slots_B].set(keys_B2, mode="drop"),
+                    temperature=put(st.temperature, sp_B["temperature"]), top_k=put(st.top_k, sp_B["top_k"]),
+                    top_p=put(st.top_p, sp_B["top_p"]))

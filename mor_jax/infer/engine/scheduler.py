@@ -28,7 +28,7 @@ from mor_jax.infer import prompts as prompts_lib
 from mor_jax.infer import weights as weights_lib
 from mor_jax.infer.decode import check_supported
 from mor_jax.infer.engine import layout as layout_lib
-from mor_jax.infer.engine.admit import admit_requests
+from mor_jax.infer.engine import admit
 from mor_jax.infer.engine.layout import DONE, EngineLayout, EngineState, expected_recursions, init_state, live
 from mor_jax.infer.engine.tick import run_ticks
 from mor_jax.infer.errors import InferenceError
@@ -42,13 +42,18 @@ def _run_program(cfg: ModelConfig, lay: EngineLayout):
 
 
 @functools.lru_cache(maxsize=64)
-def _admit_program(cfg: ModelConfig, lay: EngineLayout):
-  return jax.jit(functools.partial(admit_requests, cfg, lay), donate_argnums=(1,))
+def _prefill_program(cfg: ModelConfig, lay: EngineLayout):
+  return jax.jit(functools.partial(admit.prefill, cfg, lay.at_capacity(lay.max_len)))   # (capacity-free)
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_program(cfg: ModelConfig, lay: EngineLayout):
+  return jax.jit(functools.partial(admit.insert, cfg, lay), donate_argnums=(0,))
 
 
 @functools.lru_cache(maxsize=64)
 def _resize_program(old: EngineLayout, new: EngineLayout):
-  return jax.jit(functools.partial(layout_lib.resize, old, new), donate_argnums=(0,))
+  return jax.jit(functools.partial(layout_lib.resize, old, new))
 
 
 @jax.jit
@@ -113,8 +118,8 @@ class Engine:
   one request may generate (default: max_len); threshold / kv_capacity / add_bos / dtype: as in `Generator`;
   entry_rows / exit_rows: sub-batch of the first layer / last layer + head per tick (default: all slots; `auto`:
   about 1.25 x slots / expected recursions per token); refill_min: free slots that end a step to admit waiting
-  requests (default max(1, slots // 8)); prefill_rows: prompts per admission call, a fixed batch (default: the
-  waiting requests that fit, padded to a power of two); window: tokens a slot may produce per step (the read-back
+  requests (default max(1, slots // 8)); prefill_rows: prompts per prefill call (default 4): one request is
+  prefilled alone, more in batches of prefill_rows (padded), so each prompt-length bucket compiles two programs; window: tokens a slot may produce per step (the read-back
   buffer); step_tokens: tokens all slots together produce per `step()` (default: no limit besides the window).
   """
 
@@ -143,7 +148,7 @@ class Engine:
                                          window=window)
     self.weights = weights_lib.prepare_weights(cfg, variables, dtype)
     self.refill_min = max(1, slots // 8) if refill_min is None else max(1, int(refill_min))
-    self.prefill_rows = None if prefill_rows is None else max(1, min(slots, int(prefill_rows)))
+    self.prefill_rows = max(1, min(slots, int(prefill_rows or 4)))
     self.step_tokens = None if not step_tokens else max(1, int(step_tokens))
     self.queue: collections.deque[Request] = collections.deque()
     self.results: dict[int, Generation] = {}
@@ -243,10 +248,12 @@ class Engine:
 
   # ------------------------------------------------------------------ capacity
   def _fit(self, run: _Run, need: int) -> None:
-    """Moves the caches to the bucket of `need` positions when it is larger, or at most a quarter of them."""
+    """Moves the caches to the bucket of `need` positions when it is larger, or at most a quarter of them, or
+    smaller while no slot holds a request."""
     lay = self.layout
     new = layout_lib.bucket(need, lay.max_len)
-    if new == lay.capacity or (lay.capacity // 4 < new < lay.capacity):
+    idle = all(s is None for s in run.owner)
+    if new == lay.capacity or (lay.capacity // 4 < new < lay.capacity and not idle):
       return
     logging.info("engine: KV caches %s from %d to %d positions per sequence (%s)", "grow" if new > lay.capacity
                  else "shrink", lay.capacity, new, _mib(self.kv_bytes(new)))
@@ -262,11 +269,20 @@ class Engine:
 
   # ------------------------------------------------------------------ running
   def _admit(self, run: _Run, free: list[int]) -> list[Progress]:
-    """Prefills waiting requests into the free slots; reports their first tokens."""
+    """Prefills waiting requests into the free slots, up to `prefill_rows` per call; reports their first tokens."""
+    events = []
+    while self.queue and free:
+      k = min(len(free), len(self.queue), self.prefill_rows)
+      take = [self.queue.popleft() for _ in range(k)]
+      events += self._prefill_into(run, take, free[:k])
+      free = free[k:]
+    return events
+
+  def _prefill_into(self, run: _Run, take: list[Request], slots: list[int]) -> list[Progress]:
+    """One prefill call (one row, or a batch of `prefill_rows`: two programs per prompt-length bucket) and the
+    insertion of its requests into `slots`."""
     B = self.layout.slots
-    cap = len(free) if self.prefill_rows is None else min(len(free), self.prefill_rows)
-    take = [self.queue.popleft() for _ in range(min(cap, len(self.queue)))]
-    Bp = prompts_lib.batch_rows(len(take), B) if self.prefill_rows is None else self.prefill_rows
+    Bp = 1 if len(take) == 1 else self.prefill_rows
     longest = max(len(r.prompt_tokens) for r in take)
     P = prompts_lib.bucket_length(longest, self.max_len)
     self._fit(run, max(P, longest + 1, self._live_need(run)))
@@ -275,24 +291,26 @@ class Engine:
     slots_arr, reqs, row_ids = np.full((Bp,), B, np.int32), np.full((Bp,), -1, np.int32), np.zeros((Bp,), np.int32)
     seeds, sp = np.zeros((Bp,), np.int32), {"temperature": np.zeros((Bp,), np.float32),
                                             "top_k": np.zeros((Bp,), np.int32), "top_p": np.ones((Bp,), np.float32)}
-    for i, (r, b) in enumerate(zip(take, free)):
+    for i, (r, b) in enumerate(zip(take, slots)):
       tokens[i, :len(r.prompt_tokens)] = r.prompt_tokens
       lengths[i], slots_arr[i], limits[i] = len(r.prompt_tokens), b, r.max_new_tokens
       reqs[i], row_ids[i], seeds[i] = r.id, r.row_id, run.seed if r.seed is None else r.seed
       rs = r.sampling or run.sampling
       sp["temperature"][i], sp["top_k"][i], sp["top_p"][i] = rs.temperature, rs.top_k, rs.top_p
     ta = time.perf_counter()
-    st, prec, tok, rec = _admit_program(self.cfg, self.layout)(
-        self.weights, self._state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slots_arr),
-        _request_keys(jnp.asarray(seeds), jnp.asarray(row_ids)), jnp.asarray(limits), jnp.asarray(reqs),
-        jax.tree.map(jnp.asarray, sp), *run.args)
-    self._state = st
+    keys, lengths, sp = _request_keys(jnp.asarray(seeds), jnp.asarray(row_ids)), jnp.asarray(lengths), \
+        jax.tree.map(jnp.asarray, sp)
+    pc, prec, tok, rec = _prefill_program(self.cfg, self.layout)(self.weights, jnp.asarray(tokens), lengths, keys, sp,
+                                                                 run.args[0])
+    self._state = _insert_program(self.cfg, self.layout)(self._state, pc, tok, lengths, jnp.asarray(slots_arr), keys,
+                                                         jnp.asarray(limits), jnp.asarray(reqs), sp, run.args[1])
     prec, tok, rec = jax.device_get((prec, tok, rec))
     run.admit_s += time.perf_counter() - ta
     run.admit_calls += 1
     events = []
-    for i, (r, b) in enumerate(zip(take, free)):
-      s = run.owner[b] = _Slot(r, [int(tok[i])], [int(rec[i])], prompt_rec=[int(x) for x in prec[i, :len(r.prompt_tokens)]])
+    for i, (r, b) in enumerate(zip(take, slots)):
+      s = run.owner[b] = _Slot(r, [int(tok[i])], [int(rec[i])],
+                               prompt_rec=[int(x) for x in prec[i, :len(r.prompt_tokens)]])
       self._pos[b] = len(r.prompt_tokens)
       if run.stream:
         events.append(Progress(r.id, list(s.tokens), list(s.recursions)))
