@@ -37,7 +37,8 @@ from typing import Sequence, TextIO
 
 FLAG_DEFAULTS = dict(prompt=None, interactive=False, prompts_file=None, output_file=None, max_new_tokens=256,
                      temperature=0.8, top_k=0, top_p=1.0, seed=0, threshold=None, step=None, stop=(),
-                     kv_capacity="full", batch_size=16, tokenizer=None, prompt_ids=None, chat=False, dtype="float32")
+                     kv_capacity="full", batch_size=16, tokenizer=None, prompt_ids=None, chat=False, dtype="float32",
+                     ignore_eos=False)
 
 
 def define_flags(flags=None) -> None:
@@ -62,6 +63,8 @@ def define_flags(flags=None) -> None:
   flags.DEFINE_enum("dtype", d["dtype"], ["float32", "bfloat16"], "generate/serve: dtype of the weights and KV "
                     "caches while decoding (bfloat16: half the bytes read per token; norms, routers, softmax and "
                     "logits stay float32; see docs/inference.md for its accuracy cost).")
+  flags.DEFINE_bool("ignore_eos", d["ignore_eos"], "generate/serve: every request generates max_new_tokens / "
+                    "max_tokens (EOS does not end it; for benchmarks and load tests).")
   flags.DEFINE_integer("batch_size", d["batch_size"], "generate: prompts per batch for --prompts_file.")
   flags.DEFINE_string("tokenizer", d["tokenizer"], "generate/eval: the model's tokenizer (tokenizer.json or a Hugging "
                       "Face tokenizer folder); default: the workdir's tokenizer/, then the stored config's.")
@@ -184,6 +187,7 @@ def main_generate(config, workdir: str, *, prompt: str | None = None, interactiv
                   threshold: float | None = None, step: int | None = None, stop: Sequence[str] = (),
                   kv_capacity="full", batch_size: int = 16, tokenizer: str | None = None,
                   prompt_ids: str | Sequence[int] | None = None, chat: bool = False, dtype: str = "float32",
+                  ignore_eos: bool = False,
                   stdout: TextIO | None = None,
                   stderr: TextIO | None = None, stdin: TextIO | None = None):
   """The generate command. `config` may be None (the checkpoint's own config is used).
@@ -216,7 +220,8 @@ def main_generate(config, workdir: str, *, prompt: str | None = None, interactiv
     if stop:
       raise InferenceError("--stop needs a tokenizer (strings); leave it out with --prompt_ids.")
     return [_one_ids(gen, out, err, ids, seed=seed, max_new_tokens=max_new_tokens, sampling=sampling)]
-  one = functools.partial(_one, gen, out, err, dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop),
+  one = functools.partial(_one, gen, out, err, dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
+                                                    stop_at_eos=not ignore_eos),
                           echo=not chat)
   if prompt is not None:
     return [one(wrap([_user(unescape(prompt))]) if chat else unescape(prompt), seed)]

@@ -22,7 +22,7 @@ import time
 from typing import Callable
 
 FLAG_DEFAULTS = dict(host="127.0.0.1", port=8000, slots=16, max_queue=256, request_timeout=600.0, drain_timeout=30.0,
-                     step_tokens=4, served_model_name=None, serve_max_tokens=None, ignore_eos=False,
+                     step_tokens=4, served_model_name=None, serve_max_tokens=None,
                      prefill_rows=0, max_request_bytes=4 * 2 ** 20, api_key=None, idle_timeout=5.0,
                      max_model_len=None)
 API_KEY_ENV = "MOR_API_KEY"
@@ -50,8 +50,6 @@ def define_flags(flags=None) -> None:
                        "(default: --max_model_len).")
   flags.DEFINE_integer("prefill_rows", d["prefill_rows"], "serve: prompts prefilled per admission call, a fixed "
                        "batch (at most --slots; 0: the requests that arrived, padded to a power of two).")
-  flags.DEFINE_bool("ignore_eos", d["ignore_eos"], "serve: every request generates max_tokens (EOS does not end it; "
-                    "for load tests).")
   flags.DEFINE_integer("max_request_bytes", d["max_request_bytes"], "serve: largest request body; a larger one gets "
                        "413 before it is read.")
   flags.DEFINE_string("api_key", d["api_key"], f"serve: require 'Authorization: Bearer KEY' on /v1/* and /metrics "
@@ -64,7 +62,8 @@ def run_from_flags(config, workdir) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
   F = flags.FLAGS
   return main_serve(config, workdir, tokenizer=F.tokenizer, step=F.step, threshold=F.threshold,
-                    kv_capacity=F.kv_capacity, dtype=F.dtype, **{k: F[k].value for k in FLAG_DEFAULTS})
+                    kv_capacity=F.kv_capacity, dtype=F.dtype, ignore_eos=F.ignore_eos,
+                    **{k: F[k].value for k in FLAG_DEFAULTS})
 
 
 @dataclasses.dataclass
