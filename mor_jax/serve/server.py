@@ -26,6 +26,7 @@ FLAG_DEFAULTS = dict(host="127.0.0.1", port=8000, slots=16, max_queue=256, reque
                      prefill_rows=0, max_request_bytes=4 * 2 ** 20, api_key=None, idle_timeout=5.0,
                      max_model_len=None)
 API_KEY_ENV = "MOR_API_KEY"
+WARM_PROMPT_LENGTHS = (16, 32, 64, 128)   # prompt buckets compiled in the background after start-up
 DRAIN_GRACE_S = 5.0      # after --drain_timeout: for the error events to reach the clients, then uvicorn cancels
 
 
@@ -163,8 +164,8 @@ def build_service(config, workdir: str, *, tokenizer=None, step=None, threshold=
   max_len = (max_model_len or cfg.max_seq_len) - 1    # cache positions: the last token generated is not fed back
   eng = Engine(cfg, restored.variables, tok, slots=slots, max_len=max_len, max_new_tokens=serve_max_tokens,
                threshold=threshold, kv_capacity=kv, add_bos=False, dtype=dtype,
-               prefill_rows=min(slots, prefill_rows) if prefill_rows else None,
-               window=max(16, 2 * step_tokens), step_tokens=slots * step_tokens)
+               prefill_rows=min(slots, prefill_rows) if prefill_rows else None, entry_rows="auto",
+               exit_rows="auto", window=max(16, 2 * step_tokens), step_tokens=slots * step_tokens, compile_ahead=True)
   source = tokenizer_source(restored.config, directory=restored.directory, override=tokenizer)
   folder = source if source and os.path.isdir(source) else (os.path.dirname(source) if source else None)
   metrics = Metrics(eng.slots, cfg.recursions)
@@ -185,7 +186,9 @@ def _warm_up(svc: Service, err) -> None:
   print(f"[compiling: admission of short prompts, the decode step for sequences of up to {eng.capacity} tokens]",
         file=err, flush=True)
   eng.generate([[0]], max_new_tokens=min(2, eng.max_new_tokens), stop_at_eos=False)
-  print(f"[compiled in {time.time() - t:.1f}s; longer sequences compile on first use]", file=err, flush=True)
+  eng.compile_ahead(prompt_lengths=WARM_PROMPT_LENGTHS)
+  print(f"[compiled in {time.time() - t:.1f}s; prompts of up to {max(WARM_PROMPT_LENGTHS)} tokens and the next "
+        "cache size compile in the background, anything longer on first use]", file=err, flush=True)
 
 
 def _loopback(host: str) -> bool:

@@ -28,32 +28,11 @@ from mor_jax.infer import prompts as prompts_lib
 from mor_jax.infer import weights as weights_lib
 from mor_jax.infer.decode import check_supported
 from mor_jax.infer.engine import layout as layout_lib
-from mor_jax.infer.engine import admit
+from mor_jax.infer.engine.programs import Programs
 from mor_jax.infer.engine.layout import DONE, EngineLayout, EngineState, expected_recursions, init_state, live
-from mor_jax.infer.engine.tick import run_ticks
 from mor_jax.infer.errors import InferenceError
 from mor_jax.infer.generate import Generation
 from mor_jax.infer.sampling import FINISH_REASONS, STOP, SamplingParams
-
-
-@functools.lru_cache(maxsize=64)
-def _run_program(cfg: ModelConfig, lay: EngineLayout):
-  return jax.jit(functools.partial(run_ticks, cfg, lay), donate_argnums=(1,))
-
-
-@functools.lru_cache(maxsize=64)
-def _prefill_program(cfg: ModelConfig, lay: EngineLayout):
-  return jax.jit(functools.partial(admit.prefill, cfg, lay.at_capacity(lay.max_len)))   # (capacity-free)
-
-
-@functools.lru_cache(maxsize=64)
-def _insert_program(cfg: ModelConfig, lay: EngineLayout):
-  return jax.jit(functools.partial(admit.insert, cfg, lay), donate_argnums=(0,))
-
-
-@functools.lru_cache(maxsize=64)
-def _resize_program(old: EngineLayout, new: EngineLayout):
-  return jax.jit(functools.partial(layout_lib.resize, old, new))
 
 
 @jax.jit
@@ -120,14 +99,16 @@ class Engine:
   about 1.25 x slots / expected recursions per token); refill_min: free slots that end a step to admit waiting
   requests (default max(1, slots // 8)); prefill_rows: prompts per prefill call (default 4): one request is
   prefilled alone, more in batches of prefill_rows (padded), so each prompt-length bucket compiles two programs; window: tokens a slot may produce per step (the read-back
-  buffer); step_tokens: tokens all slots together produce per `step()` (default: no limit besides the window).
+  buffer); step_tokens: tokens all slots together produce per `step()` (default: no limit besides the window);
+  compile_ahead: compile the next cache bucket's programs in a background thread while serving the current one
+  (a server: no stall when a sequence outgrows the caches; `compile_ahead()` queues prompt buckets too).
   """
 
   def __init__(self, cfg: ModelConfig, variables, tokenizer=None, *, slots: int = 8, max_len: int | None = None,
                max_new_tokens: int | None = None, threshold: float | None = None, kv_capacity="full",
                entry_rows: int | str | None = None, exit_rows: int | str | None = None,
                refill_min: int | None = None, prefill_rows: int | None = None, add_bos: bool = False,
-               dtype: str = "float32", window: int = 16, step_tokens: int | None = None):
+               dtype: str = "float32", window: int = 16, step_tokens: int | None = None, compile_ahead: bool = False):
     check_supported(cfg)
     if slots < 1:
       raise InferenceError(f"slots must be >= 1, got {slots}.")
@@ -147,6 +128,9 @@ class Engine:
     self.layout = layout_lib.make_layout(cfg, slots, max_len, kv_capacity, auto(entry_rows), auto(exit_rows),
                                          window=window)
     self.weights = weights_lib.prepare_weights(cfg, variables, dtype)
+    self.programs = Programs(cfg, self.weights)
+    self.ahead = bool(compile_ahead)
+    self._shapes_used: set = set()                # (rows, P) of the prefills so far
     self.refill_min = max(1, slots // 8) if refill_min is None else max(1, int(refill_min))
     self.prefill_rows = max(1, min(slots, int(prefill_rows or 4)))
     self.step_tokens = None if not step_tokens else max(1, int(step_tokens))
@@ -157,6 +141,11 @@ class Engine:
     self._run: _Run | None = None
     self._pos = np.zeros((slots,), np.int64)      # position of each slot's token in flight (host copy)
     self.stats: dict = {}
+
+  @property
+  def _prefill_layout(self) -> EngineLayout:
+    """The layout prefill programs are keyed by (they do not depend on the capacity)."""
+    return self.layout.at_capacity(self.max_len)
 
   @property
   def slots(self) -> int:
@@ -258,9 +247,37 @@ class Engine:
     logging.info("engine: KV caches %s from %d to %d positions per sequence (%s)", "grow" if new > lay.capacity
                  else "shrink", lay.capacity, new, _mib(self.kv_bytes(new)))
     new_lay = lay.at_capacity(new)
-    self._state = _resize_program(lay, new_lay)(self._state)
+    self._state = self.programs.get(("resize", lay, new_lay))(self._state)
     self.layout = new_lay
     run.resizes += 1
+    self._compile_next()
+
+  def _compile_next(self) -> None:
+    """Queues the programs of the next capacity bucket (and of the way back to the smallest) for the background
+    compiler, so that a sequence that outgrows the caches does not wait for a compilation."""
+    lay = self.layout
+    if not self.ahead:
+      return
+    nxt = lay.at_capacity(layout_lib.bucket(lay.capacity + 1, lay.max_len))
+    if nxt.capacity > lay.capacity:
+      for key in [("ticks", nxt), ("resize", lay, nxt)] + [("insert", nxt, n, P) for n, P in sorted(self._shapes_used)]:
+        self.programs.ahead(key)
+    smallest = lay.at_capacity(layout_lib.bucket(1, lay.max_len))
+    if smallest.capacity < lay.capacity:
+      self.programs.ahead(("resize", lay, smallest))
+
+  def compile_ahead(self, prompt_lengths: Sequence[int] = (), wait: bool = False) -> None:
+    """Queues the programs for prompts of these lengths (one and `prefill_rows` at a time) and the decode step at
+    the current capacity for the background compiler; `wait` blocks until they are ready."""
+    keys = [("ticks", self.layout)]
+    for P in sorted({prompts_lib.bucket_length(int(n), self.max_len) for n in prompt_lengths}):
+      for n in sorted({1, self.prefill_rows}):
+        keys += [("prefill", n, P, self._prefill_layout), ("insert", self.layout.at_capacity(
+            layout_lib.bucket(P + 1, self.max_len)), n, P)]
+    for key in keys:
+      self.programs.ahead(key)
+    if wait:
+      self.programs.wait()
 
   def _live_need(self, run: _Run) -> int:
     """Positions the live slots need now (their token in flight included)."""
@@ -300,10 +317,12 @@ class Engine:
     ta = time.perf_counter()
     keys, lengths, sp = _request_keys(jnp.asarray(seeds), jnp.asarray(row_ids)), jnp.asarray(lengths), \
         jax.tree.map(jnp.asarray, sp)
-    pc, prec, tok, rec = _prefill_program(self.cfg, self.layout)(self.weights, jnp.asarray(tokens), lengths, keys, sp,
-                                                                 run.args[0])
-    self._state = _insert_program(self.cfg, self.layout)(self._state, pc, tok, lengths, jnp.asarray(slots_arr), keys,
-                                                         jnp.asarray(limits), jnp.asarray(reqs), sp, run.args[1])
+    self._shapes_used.add((Bp, P))
+    pc, prec, tok, rec = self.programs.get(("prefill", Bp, P, self._prefill_layout))(
+        self.weights, jnp.asarray(tokens), lengths, keys, sp, run.args[0])
+    self._state = self.programs.get(("insert", self.layout, Bp, P))(
+        self._state, pc, tok, lengths, jnp.asarray(slots_arr), keys, jnp.asarray(limits), jnp.asarray(reqs), sp,
+        run.args[1])
     prec, tok, rec = jax.device_get((prec, tok, rec))
     run.admit_s += time.perf_counter() - ta
     run.admit_calls += 1
@@ -373,6 +392,7 @@ class Engine:
     eos_id = self.tokenizer.eos_id if (stop_at_eos and self.tokenizer is not None) else None
     if self._state is None:
       self._state = jax.jit(functools.partial(init_state, cfg, lay, self.weights.dtype))()
+      self._compile_next()
     self._run = _Run(owner=[None] * lay.slots, sampling=sampling, seed=int(seed),
                      args=(jnp.float32(self.threshold), jnp.int32(-1 if eos_id is None else eos_id)), stream=stream,
                      stats0=jax.device_get(self._state.stats), t0=time.perf_counter())
@@ -395,8 +415,8 @@ class Engine:
       return self._collect(run, phase, None, finish, None, None, events)
     budget = max_tokens or self.step_tokens or (1 << 30)
     refill_at = max(1, min(len(self.queue), self.refill_min)) if self.queue else B + 1
-    st = self._state = _run_program(self.cfg, self.layout)(self.weights, st, *run.args, jnp.int32(max(1, max_ticks)),
-                                                           jnp.int32(refill_at), jnp.int32(budget))
+    st = self._state = self.programs.get(("ticks", self.layout))(
+        self.weights, st, *run.args, jnp.int32(max(1, max_ticks)), jnp.int32(refill_at), jnp.int32(budget))
     phase, count, finish, pos, recent, recent_rec = jax.device_get((st.phase, st.count, st.finish, st.pos, st.recent,
                                                                     st.recent_rec))
     self._pos[:] = pos
