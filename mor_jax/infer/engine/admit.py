@@ -75,8 +75,7 @@ def prefill(cfg: ModelConfig, lay: EngineLayout, w, tokens_BP, lengths_B, keys_B
   pc = cache_lib.init_cache(cfg, plan, Bp, w.dtype)
   h, pc, info = forward_cached(cfg, plan, w, pc, tokens_BP, pos, valid, threshold=threshold)
   last = jnp.take_along_axis(h, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-  tok = sample_rows(jax.vmap(jax.random.fold_in)(keys_B2, jnp.zeros((Bp,), jnp.int32)),
-                    logits_fn(cfg, w, last), sp_B["temperature"], sp_B["top_k"], sp_B["top_p"])
+  tok = sample_rows(keys_B2, jnp.zeros((Bp,), jnp.int32), logits_fn(cfg, w, last), sp_B["temperature"], sp_B["top_k"], sp_B["top_p"])
   rec_last = jnp.take_along_axis(info["recursions"], (lengths_B - 1)[:, None], axis=1)[:, 0]
   return pc, jnp.where(valid, info["recursions"], 0), tok, rec_last
 

@@ -159,12 +159,13 @@ def _block_pass(cfg: ModelConfig, lay: EngineLayout, w, threshold, blk, st: Engi
   return st, cache
 
 
-def sample_rows(keys_B2, logits_BV, temperature_B, top_k_B, top_p_B):
-  """`sample_logits` with each row's own sampling parameters (argmax for all rows when every row is greedy)."""
-  def one(key, logits, t, k, p):
-    return sample_logits(key[None], logits[None], {"temperature": t, "top_k": k, "top_p": p})[0]
+def sample_rows(keys_B2, index_B, logits_BV, temperature_B, top_k_B, top_p_B):
+  """`sample_logits` with each row's own sampling parameters and key fold_in(key, index) (argmax for all rows when
+  every row is greedy: then no key is derived)."""
+  def one(key, i, logits, t, k, p):
+    return sample_logits(jax.random.fold_in(key, i)[None], logits[None], {"temperature": t, "top_k": k, "top_p": p})[0]
   return jax.lax.cond(jnp.all(temperature_B <= 0), lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32),
-                      lambda: jax.vmap(one)(keys_B2, logits_BV, temperature_B, top_k_B, top_p_B))
+                      lambda: jax.vmap(one)(keys_B2, index_B, logits_BV, temperature_B, top_k_B, top_p_B))
 
 
 def _exit(cfg: ModelConfig, lay: EngineLayout, w, eos_id, leave: _Rows, st: EngineState, cache):
@@ -180,8 +181,8 @@ def _exit(cfg: ModelConfig, lay: EngineLayout, w, eos_id, leave: _Rows, st: Engi
     x, last = _unique_layer(cfg, w.last, last, x, pos, leave, sel)
   logits = weights_lib.logits(w, rms_norm(x[:, 0], w.final_norm, cfg.rms_eps))
   count = leave.take(st.count)
-  tok = sample_rows(jax.vmap(jax.random.fold_in)(leave.take(st.keys), count), logits, leave.take(st.temperature),
-                    leave.take(st.top_k), leave.take(st.top_p))
+  tok = sample_rows(leave.take(st.keys), count, logits, leave.take(st.temperature), leave.take(st.top_k),
+                    leave.take(st.top_p))
   rows = jnp.arange(lay.slots) if leave.rows is None else leave.rows
   col = jnp.clip(count - leave.take(st.base), 0, lay.window - 1)
   recent = st.recent.at[rows, col].set(jnp.where(sel, tok, st.recent[rows, col]))
