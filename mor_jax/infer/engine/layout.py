@@ -54,6 +54,7 @@ class EngineLayout:
   window: int                   # tokens one slot may produce per step (the step's read-back buffer)
   entry_rows: int
   exit_rows: int
+  gather: bool = False          # block attention on each row's own region, gathered (else all regions, masked)
 
   @property
   def caps(self) -> tuple[int, ...]:
@@ -62,7 +63,18 @@ class EngineLayout:
 
   @property
   def offsets(self) -> tuple[int, ...]:
-    return tuple(int(x) for x in np.cumsum((0,) + self.caps[:-1]))
+    """First entry of each region: regions in ascending size, so that a window of the largest region's size that
+    starts at any region stays inside the cache."""
+    caps = self.caps
+    out, at = [0] * len(caps), 0
+    for g in sorted(range(len(caps)), key=lambda g: (caps[g], g)):
+      out[g], at = at, at + caps[g]
+    return tuple(out)
+
+  @property
+  def span(self) -> int:
+    """Entries of the largest region (the window a row gathers when `gather`)."""
+    return max(self.caps)
 
   @property
   def width(self) -> int:
@@ -74,9 +86,13 @@ class EngineLayout:
 
 
 def make_layout(cfg: ModelConfig, slots: int, max_len: int, kv_capacity="full", entry_rows: int | None = None,
-                exit_rows: int | None = None, window: int = 16, capacity: int | None = None) -> EngineLayout:
+                exit_rows: int | None = None, window: int = 16, capacity: int | None = None,
+                block_attention: str = "auto") -> EngineLayout:
   """Shapes of an engine: its cache plan at `max_len` (the plain path's, `kv_capacity` 'full' / 'routed' /
-  fractions) and the recursion regions of the shared block's cache; `capacity` (default: the smallest bucket)."""
+  fractions) and the recursion regions of the shared block's cache; `capacity` (default: the smallest bucket).
+  block_attention: 'masked' (each row attends over all regions side by side, masked to its own: no copies, R x the
+  attention work), 'gather' (each row's region gathered first: one copy, 1 x the work), 'auto' (gather from 3
+  regions on)."""
   plan = cache_lib.make_plan(cfg, max_len, kv_capacity)
   R = cfg.recursions
   one_block_per_recursion = len(plan.calls) == R and all(
@@ -90,7 +106,8 @@ def make_layout(cfg: ModelConfig, slots: int, max_len: int, kv_capacity="full", 
   return EngineLayout(slots=int(slots), max_len=int(max_len), capacity=bucket(capacity or 1, max_len), plan=plan,
                       region_of=tuple(c.reads if c.cache is None else c.cache for c in plan.calls),
                       writes=tuple(c.cache is not None for c in plan.calls), limits=tuple(plan.stage_capacity),
-                      window=max(1, int(window)), entry_rows=entry_rows, exit_rows=exit_rows)
+                      window=max(1, int(window)), entry_rows=entry_rows, exit_rows=exit_rows,
+                      gather=block_attention == "gather" or (block_attention == "auto" and len(plan.stage_capacity) >= 3))
 
 
 # ------------------------------------------------------------------ state

@@ -132,8 +132,11 @@ def _block_pass(cfg: ModelConfig, lay: EngineLayout, w, threshold, blk, st: Engi
   mask = (e >= off[:, None]) & (e < (off + length + write.astype(jnp.int32))[:, None]) & (index <= pos[:, None])
   cos, sin = rope_angles(pos[:, None], cfg.head_dim, cfg.rope_theta)
   x, ks, vs = st.h[:, None], list(cache.stage_k), list(cache.stage_v)
-  for l, wl in enumerate(w.block):
-    x, ks[l], vs[l] = layer_step(cfg, wl, x, cos, sin, ks[l], vs[l], slot[:, None], mask[:, None])
+  if lay.gather:
+    x, ks, vs = _gathered_block(cfg, lay, w, x, cos, sin, ks, vs, index, off, length, write, slot, pos)
+  else:
+    for l, wl in enumerate(w.block):
+      x, ks[l], vs[l] = layer_step(cfg, wl, x, cos, sin, ks[l], vs[l], slot[:, None], mask[:, None])
   stage_len = cache.stage_len.at[region, b].add(write.astype(jnp.int32))
   cache = cache.replace(stage_k=tuple(ks), stage_v=tuple(vs), stage_index=index, stage_len=stage_len)
   out = x[:, 0]
@@ -157,6 +160,25 @@ def _block_pass(cfg: ModelConfig, lay: EngineLayout, w, threshold, blk, st: Engi
   st = st.replace(h=h, depth=jnp.where(cont, nxt, depth), gate=gate,
                   phase=jnp.where(blk, jnp.where(cont, BLOCK, EXIT), st.phase), rec=st.rec + applied.astype(jnp.int32))
   return st, cache
+
+
+def _gathered_block(cfg, lay: EngineLayout, w, x, cos, sin, ks, vs, index, off, length, write, slot, pos):
+  """The block's layers with each row attending to its own region only: the region (`lay.span` entries from `off`)
+  is gathered per layer, the layer runs on the copy, and the row's new key/value goes back to `slot` (in place)."""
+  B, K, span = lay.slots, cfg.num_kv_heads, lay.span
+  window = lambda a: jax.vmap(lambda row, o: jax.lax.dynamic_slice_in_dim(row, o, span, axis=-2))(a, off)
+  idx = window(index[:, :, None])[..., 0]                                   # [B, span] positions in the window
+  j = jnp.arange(span)[None, :]
+  mask = (j < (length + write.astype(jnp.int32))[:, None]) & (idx <= pos[:, None])
+  local = jnp.minimum(length, span - 1)                                     # (a row that writes nothing: masked)
+  nrows = jnp.arange(B * K)
+  at, tgt = jnp.repeat(local, K), jnp.repeat(slot, K)
+  for l, wl in enumerate(w.block):
+    kw, vw = (window(a.reshape(B, K, -1, a.shape[-1])).reshape(B * K, span, -1) for a in (ks[l], vs[l]))
+    x, kw, vw = layer_step(cfg, wl, x, cos, sin, kw, vw, local[:, None], mask[:, None])
+    ks[l] = ks[l].at[nrows, tgt].set(kw[nrows, at], mode="promise_in_bounds")
+    vs[l] = vs[l].at[nrows, tgt].set(vw[nrows, at], mode="promise_in_bounds")
+  return x, ks, vs
 
 
 def sample_rows(keys_B2, index_B, logits_BV, temperature_B, top_k_B, top_p_B):
