@@ -4,8 +4,9 @@ A `KVCache` holds the keys (RoPE already applied) and values of one stack of
 layers that always run together (the unique first layer, the unique last
 layer, or the shared block at one recursion), for every sequence of the batch:
 
-    k, v    L arrays [B*K, S+1, E]  one per layer of the stack, row b*K + k: sequence b, kv head k;
-                                    S = capacity (entries)
+    k       L arrays [B*K, E, S+1]  one per layer of the stack, row b*K + k: sequence b, kv head k;
+                                    S = capacity (entries); keys transposed (model/attention.attend_cache)
+    v       L arrays [B*K, S+1, E]
     index   [B, S+1] int32          original sequence position of each entry
     length  [B] int32               entries filled so far (entries 0..length-1 are valid)
 
@@ -46,7 +47,7 @@ from mor_jax.model.layers import causal_mask
 
 @flax.struct.dataclass
 class KVCache:
-  k: tuple           # per layer [B * K, S + 1, E]
+  k: tuple           # per layer [B * K, E, S + 1]
   v: tuple           # per layer [B * K, S + 1, E]
   index: jax.Array   # [B, S] int32
   length: jax.Array  # [B] int32
@@ -97,7 +98,7 @@ class KVCache:
   @property
   def bytes_per_entry(self) -> int:
     """Key + value bytes of one token in this cache (all its layers)."""
-    N, _, E = self.k[0].shape
+    N, E, _ = self.k[0].shape
     K = N // self.length.shape[0]
     return int(2 * self.num_layers * K * E * self.k[0].dtype.itemsize)
 
@@ -180,9 +181,9 @@ def make_plan(cfg: ModelConfig, max_len: int, capacity: str | Sequence[float] | 
 
 
 def empty_cache(cfg: ModelConfig, num_layers: int, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
-  shape = (batch * cfg.num_kv_heads, capacity + 1, cfg.head_dim)   # + the spare entry
-  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-  return KVCache(k=zeros(), v=zeros(), index=jnp.full((batch, capacity + 1), np.iinfo(np.int32).max, jnp.int32),
+  N, S, E = batch * cfg.num_kv_heads, capacity + 1, cfg.head_dim   # + the spare entry
+  zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+  return KVCache(k=zeros((N, E, S)), v=zeros((N, S, E)), index=jnp.full((batch, S), np.iinfo(np.int32).max, jnp.int32),
                  length=jnp.zeros((batch,), jnp.int32))
 
 

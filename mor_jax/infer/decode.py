@@ -55,18 +55,20 @@ def logits_fn(cfg: ModelConfig, weights, h_BTD):
   return weights_lib.logits(weights_lib.prepare_weights(cfg, weights), h_BTD)
 
 
-def write_kv(cache_NSE, new_BTKE, slot_BT):
-  """Writes new keys (or values) [B, T, K, E] into a cache of N = B x K rows at entries slot_BT, in place."""
+def write_kv(cache, new_BTKE, slot_BT, keys: bool):
+  """Writes new keys [B, T, K, E] into a key cache [N, E, S] (keys=True), or values into a value cache [N, S, E],
+  of N = B x K rows at entries slot_BT, in place."""
   B, T, K, _ = new_BTKE.shape
   rows = (jnp.arange(B)[:, None, None] * K + jnp.arange(K)[None, :, None])            # [B, K, 1]
   slots = jnp.broadcast_to(slot_BT[:, None, :], (B, K, T))
-  return cache_NSE.at[rows, slots].set(new_BTKE.transpose(0, 2, 1, 3).astype(cache_NSE.dtype),
-                                       mode="promise_in_bounds")
+  new = new_BTKE.transpose(0, 2, 1, 3).astype(cache.dtype)                             # [B, K, T, E]
+  at = cache.at[rows, :, slots] if keys else cache.at[rows, slots]
+  return at.set(new, mode="promise_in_bounds")
 
 
-def layer_step(cfg: ModelConfig, w: dict, x_BTD, cos, sin, k_NSE, v_NSE, slot_BT, mask_BTS):
+def layer_step(cfg: ModelConfig, w: dict, x_BTD, cos, sin, k_NES, v_NSE, slot_BT, mask_BTS):
   """One decoder layer (weights.DecodeWeights layer dict) on T new tokens per row with a decode cache
-  (cache.KVCache: N = B x kv heads rows of S entries).
+  (cache.KVCache: N = B x kv heads rows of S entries; keys transposed).
 
   slot_BT: where each new key/value goes in the cache (every slot must be in range: the caches keep a spare
   entry for tokens that write nothing, so that every write is in place); None: attend to the cache as it is
@@ -79,13 +81,13 @@ def layer_step(cfg: ModelConfig, w: dict, x_BTD, cos, sin, k_NSE, v_NSE, slot_BT
   qkv = jnp.matmul(rms_norm(x_BTD, w["in_norm"], cfg.rms_eps).astype(dt), w["qkv"])
   q = apply_rope(qkv[..., :H * E].reshape(B, T, H, E), cos, sin)
   if slot_BT is not None:
-    k_NSE = write_kv(k_NSE, apply_rope(qkv[..., H * E:(H + K) * E].reshape(B, T, K, E), cos, sin), slot_BT)
-    v_NSE = write_kv(v_NSE, qkv[..., (H + K) * E:].reshape(B, T, K, E), slot_BT)
-  att = attend_cache(q, k_NSE, v_NSE, mask_BTS).reshape(B, T, H * E)
+    k_NES = write_kv(k_NES, apply_rope(qkv[..., H * E:(H + K) * E].reshape(B, T, K, E), cos, sin), slot_BT, True)
+    v_NSE = write_kv(v_NSE, qkv[..., (H + K) * E:].reshape(B, T, K, E), slot_BT, False)
+  att = attend_cache(q, k_NES, v_NSE, mask_BTS).reshape(B, T, H * E)
   x_BTD = x_BTD + jnp.matmul(att.astype(dt), w["o"]).astype(x_BTD.dtype)
   gu = jnp.matmul(rms_norm(x_BTD, w["post_norm"], cfg.rms_eps).astype(dt), w["gate_up"])
   x_BTD = x_BTD + jnp.matmul(swiglu(gu[..., :F], gu[..., F:]), w["down"]).astype(x_BTD.dtype)
-  return x_BTD, k_NSE, v_NSE
+  return x_BTD, k_NES, v_NSE
 
 
 def _run_cached(cfg, layers, kv: KVCache, x, cos, sin, pos, enter):

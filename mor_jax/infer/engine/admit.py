@@ -30,10 +30,14 @@ def _targets(K: int, slots_B, real_B, entries: int, first_entry: int, spare: int
   return rows, jnp.broadcast_to(at, (Bp, K, entries))
 
 
-def _put(dst_NSE, src_NSE, rows, at, entries: int):
-  K = rows.shape[1]
-  src = src_NSE[:, :entries].reshape(rows.shape[0], K, entries, -1)
-  return dst_NSE.at[rows, at].set(src.astype(dst_NSE.dtype), mode="promise_in_bounds")
+def _put(dst, src, rows, at, entries: int, keys: bool):
+  """Entries 0..entries-1 of the prefill cache `src` into `dst` at (rows, at): keys [N, E, S], values [N, S, E]."""
+  Bp, K = rows.shape[:2]
+  if keys:
+    new = src[:, :, :entries].reshape(Bp, K, -1, entries).transpose(0, 1, 3, 2)
+    return dst.at[rows, :, at].set(new.astype(dst.dtype), mode="promise_in_bounds")
+  new = src[:, :entries].reshape(Bp, K, entries, -1)
+  return dst.at[rows, at].set(new.astype(dst.dtype), mode="promise_in_bounds")
 
 
 def _insert_caches(cfg: ModelConfig, lay: EngineLayout, c, pc: dict, slots_B, real_B):
@@ -45,7 +49,7 @@ def _insert_caches(cfg: ModelConfig, lay: EngineLayout, c, pc: dict, slots_B, re
     n = kv.capacity
     rows, at = _targets(K, slots_B, real_B, n, lay.offsets[g], spare)
     for l in range(len(ks)):
-      ks[l], vs[l] = _put(ks[l], kv.k[l], rows, at, n), _put(vs[l], kv.v[l], rows, at, n)
+      ks[l], vs[l] = _put(ks[l], kv.k[l], rows, at, n, True), _put(vs[l], kv.v[l], rows, at, n, False)
     idx = idx.at[rows[:, 0] // K, at[:, 0]].set(kv.index[:, :n], mode="promise_in_bounds")
     ln = ln.at[g, slots_B].set(kv.length, mode="drop")
   c = c.replace(stage_k=tuple(ks), stage_v=tuple(vs), stage_index=idx, stage_len=ln)
@@ -53,7 +57,7 @@ def _insert_caches(cfg: ModelConfig, lay: EngineLayout, c, pc: dict, slots_B, re
   def put_kv(dst: cache_lib.KVCache, src: cache_lib.KVCache):
     n = src.capacity
     rows, at = _targets(K, slots_B, real_B, n, 0, dst.capacity)
-    return dst.replace(k=(_put(dst.k[0], src.k[0], rows, at, n),), v=(_put(dst.v[0], src.v[0], rows, at, n),),
+    return dst.replace(k=(_put(dst.k[0], src.k[0], rows, at, n, True),), v=(_put(dst.v[0], src.v[0], rows, at, n, False),),
                        index=dst.index.at[rows[:, 0] // K, at[:, 0]].set(src.index[:, :n], mode="promise_in_bounds"),
                        length=dst.length.at[slots_B].set(src.length, mode="drop"))
   if cfg.has_middle:

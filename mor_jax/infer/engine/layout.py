@@ -113,11 +113,12 @@ def make_layout(cfg: ModelConfig, slots: int, max_len: int, kv_capacity="full", 
 # ------------------------------------------------------------------ state
 @flax.struct.dataclass
 class EngineCache:
-  stage_k: tuple           # per block layer [B * K, width, E]: recursion regions side by side, then a spare
+  stage_k: tuple           # per block layer [B * K, E, width] (keys transposed, as cache.KVCache's): recursion
+                           # regions side by side, then a spare
   stage_v: tuple
   stage_index: jax.Array   # [B, width] int32 position of each entry
   stage_len: jax.Array     # [G, B] int32 entries filled per region
-  first: cache_lib.KVCache | None   # [B * K, capacity + 1, E] per layer
+  first: cache_lib.KVCache | None   # one layer, capacity + 1 entries
   last: cache_lib.KVCache | None
 
   @property
@@ -160,23 +161,18 @@ def live(phase):
   return (phase == ENTER) | (phase == BLOCK) | (phase == EXIT)
 
 
-def _zeros_kv(cfg: ModelConfig, rows: int, entries: int, layers: int, dtype) -> tuple:
-  return tuple(jnp.zeros((rows, entries, cfg.head_dim), dtype) for _ in range(layers))
+def _zeros_kv(cfg: ModelConfig, rows: int, entries: int, layers: int, dtype, keys: bool) -> tuple:
+  shape = (rows, cfg.head_dim, entries) if keys else (rows, entries, cfg.head_dim)
+  return tuple(jnp.zeros(shape, dtype) for _ in range(layers))
 
 
 def init_cache(cfg: ModelConfig, lay: EngineLayout, dtype) -> EngineCache:
-  N = lay.slots * cfg.num_kv_heads
-
-  def unique():
-    return cache_lib.KVCache(k=_zeros_kv(cfg, N, lay.capacity + 1, 1, dtype),
-                             v=_zeros_kv(cfg, N, lay.capacity + 1, 1, dtype),
-                             index=jnp.full((lay.slots, lay.capacity + 1), BIG, jnp.int32),
-                             length=jnp.zeros((lay.slots,), jnp.int32))
-  return EngineCache(stage_k=_zeros_kv(cfg, N, lay.width, cfg.base_depth, dtype),
-                     stage_v=_zeros_kv(cfg, N, lay.width, cfg.base_depth, dtype),
+  return EngineCache(stage_k=_zeros_kv(cfg, lay.slots * cfg.num_kv_heads, lay.width, cfg.base_depth, dtype, True),
+                     stage_v=_zeros_kv(cfg, lay.slots * cfg.num_kv_heads, lay.width, cfg.base_depth, dtype, False),
                      stage_index=jnp.full((lay.slots, lay.width), BIG, jnp.int32),
                      stage_len=jnp.zeros((len(lay.limits), lay.slots), jnp.int32),
-                     first=unique() if cfg.has_middle else None, last=unique() if cfg.has_middle else None)
+                     first=cache_lib.empty_cache(cfg, 1, lay.slots, lay.capacity, dtype) if cfg.has_middle else None,
+                     last=cache_lib.empty_cache(cfg, 1, lay.slots, lay.capacity, dtype) if cfg.has_middle else None)
 
 
 def init_state(cfg: ModelConfig, lay: EngineLayout, dtype=jnp.float32) -> EngineState:
@@ -193,34 +189,34 @@ def init_state(cfg: ModelConfig, lay: EngineLayout, dtype=jnp.float32) -> Engine
                      stats={k: jnp.int32(0) for k in STATS})
 
 
-def _move_entries(a, old: EngineLayout, new: EngineLayout, fill):
-  """An [rows, old width, ...] array of stage entries in the new layout's regions (entries beyond a region's new
-  size are dropped: `resize` only shrinks below what no row uses)."""
-  parts = []
-  for o, c_old, c_new in zip(old.offsets, old.caps, new.caps):
-    part = a[:, o:o + min(c_old, c_new)]
-    pad = [(0, 0)] * a.ndim
-    pad[1] = (0, c_new - part.shape[1])
-    parts.append(jnp.pad(part, pad, constant_values=fill))
+def _pad_to(a, axis: int, size: int, fill):
   pad = [(0, 0)] * a.ndim
-  pad[1] = (0, 1)
-  return jnp.pad(jnp.concatenate(parts, axis=1), pad, constant_values=fill)
+  pad[axis] = (0, size - a.shape[axis])
+  return jnp.pad(a, pad, constant_values=fill)
+
+
+def _move_entries(a, old: EngineLayout, new: EngineLayout, fill, axis: int = 1):
+  """An array of stage entries (along `axis`) in the new layout's regions (entries beyond a region's new size are
+  dropped: `resize` only shrinks below what no row uses); then the spare entry."""
+  parts = [_pad_to(jax.lax.slice_in_dim(a, o, o + min(c_old, c_new), axis=axis), axis, c_new, fill)
+           for o, c_old, c_new in zip(old.offsets, old.caps, new.caps)]
+  order = sorted(range(len(parts)), key=lambda g: new.offsets[g])
+  out = jnp.concatenate([parts[g] for g in order], axis=axis)
+  return _pad_to(out, axis, out.shape[axis] + 1, fill)
 
 
 def _move_kv(kv: cache_lib.KVCache, capacity: int) -> cache_lib.KVCache:
-  def fit(a, fill):
-    a = a[:, :min(a.shape[1] - 1, capacity)]
-    pad = [(0, 0)] * a.ndim
-    pad[1] = (0, capacity + 1 - a.shape[1])
-    return jnp.pad(a, pad, constant_values=fill)
-  return kv.replace(k=tuple(fit(a, 0) for a in kv.k), v=tuple(fit(a, 0) for a in kv.v), index=fit(kv.index, BIG))
+  def fit(a, fill, axis=1):
+    a = jax.lax.slice_in_dim(a, 0, min(a.shape[axis] - 1, capacity), axis=axis)
+    return _pad_to(a, axis, capacity + 1, fill)
+  return kv.replace(k=tuple(fit(a, 0, 2) for a in kv.k), v=tuple(fit(a, 0) for a in kv.v), index=fit(kv.index, BIG))
 
 
 def resize(old: EngineLayout, new: EngineLayout, st: EngineState) -> EngineState:
   """The state moved to another capacity bucket (entries kept in place; run under jax.jit with the state donated)."""
   c = st.cache
-  move = lambda a, fill=0: _move_entries(a, old, new, fill)
-  cache = c.replace(stage_k=tuple(move(a) for a in c.stage_k), stage_v=tuple(move(a) for a in c.stage_v),
+  move = lambda a, fill=0, axis=1: _move_entries(a, old, new, fill, axis)
+  cache = c.replace(stage_k=tuple(move(a, 0, 2) for a in c.stage_k), stage_v=tuple(move(a) for a in c.stage_v),
                     stage_index=move(c.stage_index, BIG),
                     first=None if c.first is None else _move_kv(c.first, new.capacity),
                     last=None if c.last is None else _move_kv(c.last, new.capacity))

@@ -75,7 +75,7 @@ def _unique_layer(cfg: ModelConfig, w: dict, kv: cache_lib.KVCache, x_M1D, pos_M
     x, kg, vg = layer_step(cfg, w, x_M1D, cos, sin, kv.k[0][nrows], kv.v[0][nrows], slot[:, None], mask[:, None])
     at = jnp.repeat(slot, K)
     local = jnp.arange(M * K)
-    k = kv.k[0].at[nrows, at].set(kg[local, at], mode="promise_in_bounds")
+    k = kv.k[0].at[nrows, :, at].set(kg[local, :, at], mode="promise_in_bounds")     # (keys: [N, E, S])
     v = kv.v[0].at[nrows, at].set(vg[local, at], mode="promise_in_bounds")
   length = kv.length.at[r].add(write_M.astype(jnp.int32), mode="promise_in_bounds")
   return x, kv.replace(k=(k,), v=(v,), index=index, length=length)
@@ -166,17 +166,21 @@ def _gathered_block(cfg, lay: EngineLayout, w, x, cos, sin, ks, vs, index, off, 
   """The block's layers with each row attending to its own region only: the region (`lay.span` entries from `off`)
   is gathered per layer, the layer runs on the copy, and the row's new key/value goes back to `slot` (in place)."""
   B, K, span = lay.slots, cfg.num_kv_heads, lay.span
-  window = lambda a: jax.vmap(lambda row, o: jax.lax.dynamic_slice_in_dim(row, o, span, axis=-2))(a, off)
-  idx = window(index[:, :, None])[..., 0]                                   # [B, span] positions in the window
+
+  def window(a, axis):   # a [B, ..., entries (axis), ...] -> each row's window of `span` entries from `off`
+    return jax.vmap(lambda row, o: jax.lax.dynamic_slice_in_dim(row, o, span, axis=axis - 1))(a, off)
+  idx = window(index, 1)                                                    # [B, span] positions in the window
   j = jnp.arange(span)[None, :]
   mask = (j < (length + write.astype(jnp.int32))[:, None]) & (idx <= pos[:, None])
   local = jnp.minimum(length, span - 1)                                     # (a row that writes nothing: masked)
   nrows = jnp.arange(B * K)
   at, tgt = jnp.repeat(local, K), jnp.repeat(slot, K)
+  E = cfg.head_dim
   for l, wl in enumerate(w.block):
-    kw, vw = (window(a.reshape(B, K, -1, a.shape[-1])).reshape(B * K, span, -1) for a in (ks[l], vs[l]))
+    kw = window(ks[l].reshape(B, K, E, -1), 3).reshape(B * K, E, span)       # keys [N, E, S]
+    vw = window(vs[l].reshape(B, K, -1, E), 2).reshape(B * K, span, E)
     x, kw, vw = layer_step(cfg, wl, x, cos, sin, kw, vw, local[:, None], mask[:, None])
-    ks[l] = ks[l].at[nrows, tgt].set(kw[nrows, at], mode="promise_in_bounds")
+    ks[l] = ks[l].at[nrows, :, tgt].set(kw[nrows, :, at], mode="promise_in_bounds")
     vs[l] = vs[l].at[nrows, tgt].set(vw[nrows, at], mode="promise_in_bounds")
   return x, ks, vs
 
