@@ -84,6 +84,10 @@ class EngineLayout:
   def at_capacity(self, capacity: int) -> "EngineLayout":
     return dataclasses.replace(self, capacity=int(capacity))
 
+  def rows_free(self) -> "EngineLayout":
+    """This layout without its sub-batch sizes: the key of the programs that do not depend on them."""
+    return dataclasses.replace(self, entry_rows=0, exit_rows=0)
+
 
 def make_layout(cfg: ModelConfig, slots: int, max_len: int, kv_capacity="full", entry_rows: int | None = None,
                 exit_rows: int | None = None, window: int = 16, capacity: int | None = None,
@@ -153,7 +157,7 @@ class EngineState:
   stats: dict          # int32 counters (see STATS)
 
 
-STATS = ("ticks", "block_rows", "applied_rows", "entry_rows", "exit_rows", "entry_waits", "exit_waits",
+STATS = ("ticks", "live_rows", "block_rows", "applied_rows", "entry_rows", "exit_rows", "entry_waits", "exit_waits",
          "mixed_depth_ticks", "mixed_exit_ticks", "tokens")
 
 

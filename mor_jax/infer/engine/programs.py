@@ -60,6 +60,7 @@ class Programs:
 
   def get(self, key):
     """The compiled program for `key`: ready, waited for, or compiled now."""
+    key = _normal(key)
     with self._lock:
       if key in self._ready:
         return self._ready[key]
@@ -78,6 +79,7 @@ class Programs:
 
   def ahead(self, key) -> None:
     """Queues `key` for the background thread (nothing if it is ready or queued)."""
+    key = _normal(key)
     with self._lock:
       if key in self._ready or key in self._pending:
         return
@@ -125,6 +127,13 @@ class Programs:
     out = jax.eval_shape(functools.partial(admit.prefill, self.cfg, lay), self.w, _rows(n, jnp.int32, P),
                          _rows(n, jnp.int32), _rows(n, jnp.uint32, 2), _sampling(n), _scalar(jnp.float32))
     return out[0]
+
+
+def _normal(key):
+  """Only the decode step depends on the entry/exit sub-batch sizes: other programs are keyed without them."""
+  if key[0] == "ticks":
+    return key
+  return tuple(k.rows_free() if isinstance(k, layout_lib.EngineLayout) else k for k in key)
 
 
 def describe(key) -> str:

@@ -95,8 +95,8 @@ class Engine:
   slots: sequences in flight; max_len: positions one sequence may occupy (default: the model's context; the caches
   are allocated for what the live requests need, in buckets, never more than this); max_new_tokens: the most tokens
   one request may generate (default: max_len); threshold / kv_capacity / add_bos / dtype: as in `Generator`;
-  entry_rows / exit_rows: sub-batch of the first layer / last layer + head per tick (default: all slots; `auto`:
-  about 1.25 x slots / expected recursions per token); refill_min: free slots that end a step to admit waiting
+  entry_rows / exit_rows: sub-batch of the first layer / last layer + head per tick (None: all slots; 'auto', the
+  default: `auto_rows`, about 1.25 x slots / expected recursions per token); refill_min: free slots that end a step to admit waiting
   requests (default max(1, slots // 8)); prefill_rows: prompts per prefill call (default 4): one request is
   prefilled alone, more in batches of prefill_rows (padded), so each prompt-length bucket compiles two programs; window: tokens a slot may produce per step (the read-back
   buffer); step_tokens: tokens all slots together produce per `step()` (default: no limit besides the window);
@@ -106,7 +106,7 @@ class Engine:
 
   def __init__(self, cfg: ModelConfig, variables, tokenizer=None, *, slots: int = 8, max_len: int | None = None,
                max_new_tokens: int | None = None, threshold: float | None = None, kv_capacity="full",
-               entry_rows: int | str | None = None, exit_rows: int | str | None = None,
+               entry_rows: int | str | None = "auto", exit_rows: int | str | None = "auto",
                refill_min: int | None = None, prefill_rows: int | None = None, add_bos: bool = False,
                dtype: str = "float32", window: int = 16, step_tokens: int | None = None, compile_ahead: bool = False):
     check_supported(cfg)
@@ -121,7 +121,7 @@ class Engine:
       raise InferenceError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     prompts_lib.check_tokenizer(cfg.vocab_size, tokenizer, add_bos)
     expected = expected_recursions(cfg)
-    auto = lambda v: max(1, int(np.ceil(1.25 * slots / expected))) if v == "auto" else v
+    auto = lambda v: auto_rows(slots, expected) if v == "auto" else v
     self.cfg, self.tokenizer, self.add_bos = cfg, tokenizer, add_bos
     self.threshold = float(cfg.threshold if threshold is None else threshold)
     self.max_new_tokens = min(max_new, max_len)
@@ -417,8 +417,8 @@ class Engine:
     refill_at = max(1, min(len(self.queue), self.refill_min)) if self.queue else B + 1
     st = self._state = self.programs.get(("ticks", self.layout))(
         self.weights, st, *run.args, jnp.int32(max(1, max_ticks)), jnp.int32(refill_at), jnp.int32(budget))
-    phase, count, finish, pos, recent, recent_rec = jax.device_get((st.phase, st.count, st.finish, st.pos, st.recent,
-                                                                    st.recent_rec))
+    phase, count, finish, pos, recent, recent_rec = jax.device_get(
+        (st.phase, st.count, st.finish, st.pos, st.recent, st.recent_rec))
     self._pos[:] = pos
     return self._collect(run, phase, count, finish, recent, recent_rec, events)
 
@@ -460,6 +460,13 @@ class Engine:
     ids = [self.submit(p, m, row_id=r) for p, m, r in zip(prompts, lims, rows)]
     done = self.run(sampling=sampling, seed=seed, stop_at_eos=stop_at_eos)
     return [done[i] for i in ids]
+
+
+def auto_rows(slots: int, expected_recursions: float) -> int:
+  """The entry / exit sub-batch for tokens that take `expected_recursions` ticks each: 1.25 x the slots that enter
+  and leave per tick; all slots when that is 85% of them or more (compaction then costs more than it saves)."""
+  rows = max(1, int(np.ceil(1.25 * slots / expected_recursions)))
+  return slots if rows >= 0.85 * slots else rows
 
 
 def _mib(n: int) -> str:

@@ -236,6 +236,7 @@ def tick(cfg: ModelConfig, lay: EngineLayout, w, st: EngineState, threshold, eos
   stats = dict(st.stats)
   t = stats["ticks"]
   cache = st.cache
+  stats["live_rows"] += live(st.phase).sum(dtype=jnp.int32)
 
   enter = _Rows(st.phase == ENTER, lay.entry_rows, t)
   st, cache = _maybe(jnp.any(enter.sel), lambda s, c: _entry(cfg, lay, w, threshold, enter, s, c), (st, cache))
