@@ -23,8 +23,8 @@ import pytest
 from test_serve import ROOT, httpx, openai, make_workdir, start_server, stop_server
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
-SLOTS, CTX, IDLE_S, DRAIN_S = 4, 1024, 2.0, 1.0
-LONG = 900                    # tokens of a long generation (about 8 s on a 2-core CPU)
+SLOTS, CTX, IDLE_S, DRAIN_S = 4, 2048, 2.0, 1.0
+LONG = CTX - 8                # tokens of a long generation (several seconds on a 2-core CPU)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,13 @@ def server(tmp_path_factory):
   w = make_workdir(str(tmp_path_factory.mktemp("hostile") / "w"), ctx=CTX)
   s = start_server([os.path.join(ROOT, "main.py"), "--mode=serve", f"--workdir={w}", "--port=0", f"--slots={SLOTS}",
                     "--max_queue=8", "--ignore_eos", f"--idle_timeout={IDLE_S}", f"--drain_timeout={DRAIN_S}"])
-  # one long generation first: the caches grow through every capacity bucket up to LONG tokens, so each bucket's
-  # programs are compiled before the timing-sensitive tests run
-  httpx.post(s.url + "/v1/completions", json={"model": "w", "prompt": "w1", "max_tokens": LONG, "temperature": 0},
-             timeout=300).raise_for_status()
+  # long generations first, one alone and SLOTS at once: the caches grow through every capacity bucket up to
+  # LONG tokens, so the programs of each bucket are compiled before the timing-sensitive tests run
+  body = {"model": "w", "prompt": "w1", "max_tokens": LONG, "temperature": 0}
+  httpx.post(s.url + "/v1/completions", json=body, timeout=300).raise_for_status()
+  with ThreadPoolExecutor(SLOTS) as pool:
+    for r in [pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=300) for _ in range(SLOTS)]:
+      r.result().raise_for_status()
   yield s
   stop_server(s)
 

@@ -227,6 +227,48 @@ def resize(old: EngineLayout, new: EngineLayout, st: EngineState) -> EngineState
   return st.replace(cache=cache)
 
 
+def _slots_of(st: EngineState, K: int, fn):
+  """`fn(array, axis, size)` applied to every per-slot array of the state (the slot axis and its length per slot:
+  1 for per-slot arrays, K for the caches' rows); the statistics stay as they are."""
+  c = st.cache
+  per_row = lambda a: fn(a, 0, K)
+  per_slot = lambda a: fn(a, 0, 1)
+
+  def kv(x):
+    return None if x is None else x.replace(k=tuple(map(per_row, x.k)), v=tuple(map(per_row, x.v)),
+                                            index=per_slot(x.index), length=per_slot(x.length))
+  cache = c.replace(stage_k=tuple(map(per_row, c.stage_k)), stage_v=tuple(map(per_row, c.stage_v)),
+                    stage_index=per_slot(c.stage_index), stage_len=fn(c.stage_len, 1, 1), first=kv(c.first),
+                    last=kv(c.last))
+  rest = {f.name: per_slot(getattr(st, f.name)) for f in dataclasses.fields(st) if f.name not in ("cache", "stats")}
+  return st.replace(cache=cache, **rest)
+
+
+class _Axis:
+  """Where a state array keeps its slots: `axis`, `per` entries per slot (a leaf of `_slot_axes`)."""
+
+  def __init__(self, axis: int, per: int):
+    self.axis, self.per = axis, per
+
+
+def _slot_axes(st: EngineState, K: int) -> EngineState:
+  """The state's structure with an `_Axis` for every per-slot array (None for the statistics)."""
+  spec = _slots_of(st, K, lambda a, axis, per: _Axis(axis, per))
+  return spec.replace(stats=jax.tree.map(lambda _: None, st.stats))
+
+
+def take_slots(st: EngineState, n: int, K: int) -> EngineState:
+  """The state of slots 0..n-1 alone (copies: a step on few live slots runs on them only)."""
+  return _slots_of(st, K, lambda a, axis, per: jax.lax.slice_in_dim(a, 0, n * per, axis=axis))
+
+
+def put_slots(st: EngineState, part: EngineState, K: int) -> EngineState:
+  """`st` with slots 0..n-1 replaced by `part`'s (in place when `st` is donated); the statistics are `part`'s."""
+  def put(spec, a, p):
+    return p if spec is None else jax.lax.dynamic_update_slice_in_dim(a, p.astype(a.dtype), 0, axis=spec.axis)
+  return jax.tree.map(put, _slot_axes(st, K), st, part, is_leaf=lambda x: x is None or isinstance(x, _Axis))
+
+
 def kv_bytes(cfg: ModelConfig, lay: EngineLayout, dtype=jnp.float32) -> int:
   """Bytes of the engine's KV caches (keys, values, positions, fill counts) at the layout's capacity, without
   allocating them."""

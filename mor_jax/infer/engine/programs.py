@@ -1,7 +1,7 @@
 """The engine's compiled programs: each compiled once for the shapes it serves, ahead of time in a background
 thread or on first use.
 
-  ("ticks", layout)          one step of ticks at a cache capacity (tick.run_ticks)
+  ("ticks", layout, active)  one step of ticks at a cache capacity, on the first `active` slots (tick.run_step)
   ("resize", old, new)       the state moved between capacities (layout.resize)
   ("prefill", rows, P)       a prefill of `rows` prompts of up to P tokens (admit.prefill; independent of capacity)
   ("insert", layout, rows, P)   its requests moved into the state at a capacity (admit.insert)
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from mor_jax.config import ModelConfig
 from mor_jax.infer.engine import admit, layout as layout_lib
-from mor_jax.infer.engine.tick import run_ticks
+from mor_jax.infer.engine.tick import run_step
 
 
 def _shape(a):
@@ -94,8 +94,8 @@ class Programs:
   def _build(self, key):
     kind = key[0]
     if kind == "ticks":
-      lay = key[1]
-      fn = jax.jit(functools.partial(run_ticks, self.cfg, lay), donate_argnums=(1,))
+      lay, active = key[1], key[2]
+      fn = jax.jit(functools.partial(run_step, self.cfg, lay, active), donate_argnums=(1,))
       i32 = _scalar(jnp.int32)
       args = (self.w, self.state(lay), _scalar(jnp.float32), i32, i32, i32, i32)
     elif kind == "resize":
@@ -139,7 +139,7 @@ def _normal(key):
 def describe(key) -> str:
   kind = key[0]
   if kind == "ticks":
-    return f"the decode step at {key[1].capacity} positions per sequence"
+    return f"the decode step at {key[1].capacity} positions per sequence on {key[2]} slot(s)"
   if kind == "resize":
     return f"the cache resize {key[1].capacity} -> {key[2].capacity}"
   if kind == "prefill":

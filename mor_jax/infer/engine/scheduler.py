@@ -252,6 +252,11 @@ class Engine:
     run.resizes += 1
     self._compile_next()
 
+  def _active(self, n: int) -> int:
+    """Slots a step runs on when slots 0..n-1 may be live: 1 (a lone request), a quarter of the slots, or all (three
+    decode programs per cache size)."""
+    return next(a for a in (1, max(1, self.slots // 4), self.slots) if a >= n)
+
   def _compile_next(self) -> None:
     """Queues the programs of the next capacity bucket (and of the way back to the smallest) for the background
     compiler, so that a sequence that outgrows the caches does not wait for a compilation."""
@@ -260,7 +265,8 @@ class Engine:
       return
     nxt = lay.at_capacity(layout_lib.bucket(lay.capacity + 1, lay.max_len))
     if nxt.capacity > lay.capacity:
-      for key in [("ticks", nxt), ("resize", lay, nxt)] + [("insert", nxt, n, P) for n, P in sorted(self._shapes_used)]:
+      ticks = [("ticks", nxt, a) for a in sorted({self._active(1), self._active(lay.slots // 4), lay.slots})]
+      for key in ticks + [("resize", lay, nxt)] + [("insert", nxt, n, P) for n, P in sorted(self._shapes_used)]:
         self.programs.ahead(key)
     smallest = lay.at_capacity(layout_lib.bucket(1, lay.max_len))
     if smallest.capacity < lay.capacity:
@@ -269,7 +275,7 @@ class Engine:
   def compile_ahead(self, prompt_lengths: Sequence[int] = (), wait: bool = False) -> None:
     """Queues the programs for prompts of these lengths (one and `prefill_rows` at a time) and the decode step at
     the current capacity for the background compiler; `wait` blocks until they are ready."""
-    keys = [("ticks", self.layout)]
+    keys = [("ticks", self.layout, a) for a in sorted({self._active(1), self._active(self.slots // 4), self.slots})]
     for P in sorted({prompts_lib.bucket_length(int(n), self.max_len) for n in prompt_lengths}):
       for n in sorted({1, self.prefill_rows}):
         keys += [("prefill", n, P, self._prefill_layout), ("insert", self.layout.at_capacity(
@@ -413,10 +419,13 @@ class Engine:
     phase, finish = jax.device_get((st.phase, st.finish))
     if not np.any(live(phase)):
       return self._collect(run, phase, None, finish, None, None, events)
-    budget = max_tokens or self.step_tokens or (1 << 30)
+    if run.stream and any(e.tokens for e in events):
+      return self._collect(run, phase, None, finish, None, None, events)   # first tokens out before decoding on
+    active = self._active(max(b for b in range(B) if run.owner[b] is not None) + 1)
+    budget = max_tokens or (self.step_tokens * active // B if self.step_tokens else 0) or (1 << 30)
     refill_at = max(1, min(len(self.queue), self.refill_min)) if self.queue else B + 1
-    st = self._state = self.programs.get(("ticks", self.layout))(
-        self.weights, st, *run.args, jnp.int32(max(1, max_ticks)), jnp.int32(refill_at), jnp.int32(budget))
+    st = self._state = self.programs.get(("ticks", self.layout, active))(
+        self.weights, st, *run.args, jnp.int32(max(1, max_ticks)), jnp.int32(refill_at), jnp.int32(max(1, budget)))
     phase, count, finish, pos, recent, recent_rec = jax.device_get(
         (st.phase, st.count, st.finish, st.pos, st.recent, st.recent_rec))
     self._pos[:] = pos

@@ -9,6 +9,8 @@ attention reads the regions side by side with a mask (no per-row windows are gat
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -16,7 +18,8 @@ from mor_jax.config import ModelConfig
 from mor_jax.infer import cache as cache_lib
 from mor_jax.infer import weights as weights_lib
 from mor_jax.infer.decode import layer_step
-from mor_jax.infer.engine.layout import BLOCK, DONE, ENTER, EXIT, EngineLayout, EngineState, live
+from mor_jax.infer.engine.layout import (BLOCK, DONE, ENTER, EXIT, EngineLayout, EngineState, live, put_slots,
+                                         take_slots)
 from mor_jax.infer.sampling import RUNNING, finish_code, sample_logits
 from mor_jax.model import routing
 from mor_jax.model.layers import rms_norm, rope_angles
@@ -278,3 +281,16 @@ def run_ticks(cfg: ModelConfig, lay: EngineLayout, w, st: EngineState, threshold
     return (s.stats["ticks"] < stop_at) & jnp.any(alive) & (B - alive.sum() < refill_at) & room & budget
 
   return jax.lax.while_loop(cond, lambda s: tick(cfg, lay, w, s, threshold, eos_id), st)
+
+
+def run_step(cfg: ModelConfig, lay: EngineLayout, active: int, w, st: EngineState, threshold, eos_id, max_ticks,
+             refill_at, token_budget) -> EngineState:
+  """One step on slots 0..active-1 (the others are empty): with fewer than all slots live, the ticks run on a copy
+  of those slots' state (taken and put back once per step), so a lone request costs a batch of one, not of
+  `lay.slots`."""
+  if active >= lay.slots:
+    return run_ticks(cfg, lay, w, st, threshold, eos_id, max_ticks, refill_at, token_budget)
+  part_lay = dataclasses.replace(lay, slots=active, entry_rows=active, exit_rows=active)
+  part = take_slots(st, active, cfg.num_kv_heads)
+  part = run_ticks(cfg, part_lay, w, part, threshold, eos_id, max_ticks, refill_at, token_budget)
+  return put_slots(st, part, cfg.num_kv_heads)
