@@ -18,7 +18,9 @@ routing ideal of a model (`ideal_speedup`) and prompt text cut from the corpus's
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -181,41 +183,52 @@ def text_prompts(tokenizer, n: int, prompt_len: int, seed: int = 0, text: str | 
 
 # ----------------------------------------------------------------------------------------------- timing
 class Compilations:
-  """Counts XLA compilations (and their seconds) while it is open: a timed run should show none.
+  """Counts the XLA compilations (their seconds and program names) while it is open: a timed run should show none.
 
     with Compilations() as c:
       ...
-    c.count, c.seconds
+    c.count, c.seconds, c.programs
   """
 
-  _listening = False
   _live: list = []
 
   def __init__(self):
-    self.count, self.seconds = 0, 0.0
+    self.count, self.seconds, self.programs = 0, 0.0, []
 
-  @classmethod
-  def _listen(cls):
-    if cls._listening:
-      return
-    import jax  # pylint: disable=g-import-not-at-top
-
-    def listener(event, seconds, **unused):
-      if event == "/jax/core/compile/backend_compile_duration":
-        for c in cls._live:
+  class _Handler(logging.Handler):
+    def emit(self, record):
+      m = re.match(r"Finished XLA compilation of (\S+) in ([\d.e-]+) sec", record.getMessage())
+      if m:
+        for c in Compilations._live:
           c.count += 1
-          c.seconds += seconds
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    cls._listening = True
+          c.seconds += float(m.group(2))
+          c.programs.append(m.group(1))
+
+  _handler = _Handler()
 
   def __enter__(self):
-    self._listen()
+    import jax  # pylint: disable=g-import-not-at-top
+    if not self._live:
+      self._was = jax.config.jax_log_compiles
+      jax.config.update("jax_log_compiles", True)
+      logging.getLogger("jax").addHandler(self._handler)
+      logging.getLogger("jax").propagate = False          # (the names are reported; no log lines)
     self._live.append(self)
     return self
 
   def __exit__(self, *exc):
+    import jax  # pylint: disable=g-import-not-at-top
     self._live.remove(self)
+    if not self._live:
+      logging.getLogger("jax").removeHandler(self._handler)
+      logging.getLogger("jax").propagate = True
+      jax.config.update("jax_log_compiles", self._was)
     return False
+
+
+WARMUPS_HELP = ("untimed runs of the whole workload first: the engine's programs depend on the prompt buckets and "
+                "cache capacities it meets, and a session starts from the capacity the last one ended with (its "
+                "resize program is first met in the second run), so 2")
 
 
 def main(argv=None) -> int:

@@ -19,9 +19,9 @@ request generates exactly its length). Modes, all at the fixed batch `--batch`:
   (c)  MoR through the engine (continuous depth-wise batching).
 
 Throughput = generated tokens / wall-clock seconds for the whole workload, prefill, KV-cache writes, host
-scheduling and admission included. Every model and mode first runs the whole workload once untimed (the engine's
-programs depend on the prompt buckets and cache capacities it meets, so only the whole workload compiles all of
-them); then `--repeats` timed runs, interleaved over models and modes (load drifts hit every mode alike); the best
+scheduling and admission included. Every model and mode first runs the whole workload untimed (`--warmups`
+times for the engine: its programs depend on the prompt buckets and cache capacities it meets, and a run starts
+from the capacity the last one ended with); then `--repeats` timed runs, interleaved over models and modes (load drifts hit every mode alike); the best
 run of each is reported, and the XLA compilations seen during timed runs (should be 0). Printed per model and
 mode: tokens/s, against vanilla batched (a) and vanilla's engine (a'), CPU time per token (all threads), mean
 recursions per generated token, the routing ideal L / (2 + 12/R x mean recursions), slot utilisation, exit waits
@@ -217,7 +217,8 @@ def measure(models: dict[str, Model], wl: Workload, args) -> dict:
     t = time.perf_counter()
     probe = batched()                                                   # warm-up: compiles every batch shape
     eng = make_engine(m, B, args, exit_rows_setting(args.exit_rows, B, probe["mean_recursions"]))
-    run_engine(eng, wl)                                                 # warm-up: every bucket and capacity
+    for _ in range(args.warmups):
+      run_engine(eng, wl)                                               # warm-up: every bucket and capacity
     print(f"  warmed up {name} in {time.perf_counter() - t:.0f}s (entry/exit rows {eng.layout.entry_rows}/"
           f"{eng.layout.exit_rows} of {B})", flush=True)
     fns[(name, "batched")] = batched
@@ -234,7 +235,8 @@ def measure(models: dict[str, Model], wl: Workload, args) -> dict:
           flush=True)
   for k in best:
     best[k]["walls_s"] = walls[k]
-  return {"best": best, "compilations": compiles.count, "compile_s": compiles.seconds}
+  return {"best": best, "compilations": compiles.count, "compile_s": compiles.seconds,
+          "compiled": sorted(set(compiles.programs))}
 
 
 def report(models: dict[str, Model], best: dict, args) -> tuple[list, dict]:
@@ -315,6 +317,7 @@ def main(argv=None):
   p.add_argument("--refill_min", type=int, default=0, help="engine: free slots that trigger admission (0: its default)")
   p.add_argument("--prefill_rows", type=int, default=0, help="engine: prompts per prefill call (0: its default)")
   p.add_argument("--threshold", type=float, default=0.5)
+  p.add_argument("--warmups", type=int, default=2, help=bm.WARMUPS_HELP)
   p.add_argument("--repeats", type=int, default=3, help="timed runs of each model and mode (best kept)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default="")
@@ -332,7 +335,8 @@ def main(argv=None):
     print(f"  {name}: {m.cfg.strategy} L={m.cfg.num_layers} R={m.cfg.recursions} "
           f"{'MoR ' + m.cfg.mor_type if m.cfg.mor_enable else ''}; {m.source}", flush=True)
   res = measure(models, wl, args)
-  print(f"XLA compilations during timed runs: {res['compilations']} ({res['compile_s']:.1f}s)", flush=True)
+  print(f"XLA compilations during timed runs: {res['compilations']} ({res['compile_s']:.1f}s"
+        + (f": {', '.join(res['compiled'])})" if res["compiled"] else ")"), flush=True)
   rows, tg = report(models, res["best"], args)
   print("\nrecursion depth per generated token (fractions at depth 0..R; engine runs):")
   for r in rows:

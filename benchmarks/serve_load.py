@@ -11,7 +11,8 @@ request generates exactly --max_tokens), --served_model_name and --max_queue (>=
 `--clients` streaming clients run a closed loop (each sends its next request when its last one ended) over
 `--requests` completions of `--prompt_len`-token prompts cut from the validation split (token windows decoded to
 text with the model's own tokenizer, so the routers see real text), greedy, `return_depths`. The whole workload
-runs once untimed first (every program the timed run needs is compiled), then once timed.
+runs `--warmups` times untimed first (every program the timed run needs is compiled; compilations the server
+logs during the timed run are counted and reported), then once timed.
 
 Per model: tokens/s (generated tokens / wall seconds of the timed run), time to first token and inter-token
 latency p50 / p99 (client side; ITL of a request = (last token - first token) / (tokens - 1)), mean recursions per
@@ -169,7 +170,8 @@ def serve_model(name: str, wd: str, prompts: list[str], args) -> dict:
   srv = Server(wd, flags)
   try:
     start = len(srv.lines)
-    asyncio.run(drive(srv.url, name, prompts, args.clients, args.max_tokens))                     # warm-up
+    for _ in range(args.warmups):
+      asyncio.run(drive(srv.url, name, prompts, args.clients, args.max_tokens))
     warm = srv.compilations(start)
     before, first = engine_counters(srv.url), len(srv.lines)
     s = summarise(*asyncio.run(drive(srv.url, name, prompts, args.clients, args.max_tokens)))
@@ -196,7 +198,8 @@ def engine_only(wd: str, prompts: list[str], args) -> dict:
   ids = [bos + svc.tokenizer.encode(p) for p in prompts]
   run = lambda: eng.generate(ids, max_new_tokens=args.max_tokens, sampling=SamplingParams(temperature=0.0),
                              stop_at_eos=False)
-  run()                                                                                           # warm-up
+  for _ in range(args.warmups):
+    run()
   with bm.Compilations() as c:
     t = time.perf_counter()
     outs = run()
@@ -205,13 +208,15 @@ def engine_only(wd: str, prompts: list[str], args) -> dict:
   rec = [r for o in outs for r in o.recursions]
   return {"engine_tok_s": tokens / wall, "engine_wall_s": wall, "engine_slots": eng.slots,
           "engine_mean_recursions": float(np.mean(rec)), "engine_timed_compilations": c.count,
+          "engine_timed_compiled": sorted(set(c.programs)),
           "engine_ticks": eng.stats["ticks"], "engine_slot_utilisation": eng.stats["slot_utilisation"]}
 
 
 def model_prompts(wd: str, args, text: str) -> list[str]:
   from mor_jax.infer import load_tokenizer, restore  # pylint: disable=g-import-not-at-top
   r = restore(wd)
-  return bm.text_prompts(load_tokenizer(r.config, r.cfg, directory=r.directory), args.requests, args.prompt_len, args.seed, text)
+  tok = load_tokenizer(r.config, r.cfg, directory=r.directory)
+  return bm.text_prompts(tok, args.requests, args.prompt_len, args.seed, text)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -219,8 +224,8 @@ def print_row(r: dict) -> None:
   print(f"| {r['model']} | {r['recursions']} | {r['mean_recursions']:.2f} | {r['ideal']:.2f}x | {r['tok_s']:,.0f} | "
         f"{r['vs_vanilla']:.2f}x | {r['vs_vanilla'] / r['ideal']:.0%} | {r['engine_tok_s']:,.0f} | "
         f"{r['tok_s'] / r['engine_tok_s']:.0%} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
-        f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {r['tokens_per_chunk']:.1f} | {r['engine_share']:.0%} | {r['startup_s']:.0f} |",
-        flush=True)
+        f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {r['tokens_per_chunk']:.1f} | {r['engine_share']:.0%} | "
+        f"{r['startup_s']:.0f} |", flush=True)
 
 
 def targets(rows: list) -> dict:
@@ -248,6 +253,7 @@ def main(argv=None):
   p.add_argument("--requests", type=int, default=128)
   p.add_argument("--max_tokens", type=int, default=64)
   p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens (a window of the validation text)")
+  p.add_argument("--warmups", type=int, default=2, help=bm.WARMUPS_HELP)
   p.add_argument("--no_engine", action="store_true", help="skip the engine-only runs")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default="")
