@@ -21,8 +21,9 @@ request generates exactly its length). Modes, all at the fixed batch `--batch`:
 Throughput = generated tokens / wall-clock seconds for the whole workload, prefill, KV-cache writes, host
 scheduling and admission included. Every model and mode first runs the whole workload untimed (`--warmups`
 times for the engine: its programs depend on the prompt buckets and cache capacities it meets, and a run starts
-from the capacity the last one ended with); then `--repeats` timed runs, interleaved over models and modes (load drifts hit every mode alike); the best
-run of each is reported, and the XLA compilations seen during timed runs (should be 0). Printed per model and
+from the capacity the last one ended with); then `--repeats` timed runs, interleaved over models and modes (load
+drifts hit every mode alike); the best run of each is reported, and the XLA compilations seen during timed runs
+(should be 0). Printed per model and
 mode: tokens/s, against vanilla batched (a) and vanilla's engine (a'), CPU time per token (all threads), mean
 recursions per generated token, the routing ideal L / (2 + 12/R x mean recursions), slot utilisation, exit waits
 per tick, whether the engine's tokens equal batched decoding's; then the issue-34 targets: the depth-wise part

@@ -20,7 +20,9 @@ generated token (from return_depths), the share of the wall time the server spen
 the routing ideal L / (unique layers + mean recursions x block layers) (L = 14, 2 unique, 12/R block layers;
 vanilla 1.0), tokens/s against vanilla's (`vs_vanilla`), and the engine alone: the server's own engine
 (`build_service`, same slots and step budget) in this process on the same requests after the same warm-up
-(`engine_tok_s`). Targets (issue 34): MoR vs vanilla through the server >= 0.85 x the ideal for every R; vanilla
+(`engine_tok_s`), and in the clients' closed loop without HTTP (`engine_closed_tok_s`: the same arrivals, so
+server / closed-loop engine is the cost of the HTTP layer). Also the cores the server and the clients kept busy
+(CPU seconds / wall). Targets (issue 34): MoR vs vanilla through the server >= 0.85 x the ideal for every R; vanilla
 through the server >= 0.85 x vanilla engine-only. Not a test: timings depend on the machine and its load.
 """
 
@@ -76,6 +78,15 @@ class Server:
     self.url = re.search(r"at (http://\S+)", line).group(1)
     m = re.search(r"ready in ([\d.]+)s", line)
     self.ready_s = float(m.group(1)) if m else float("nan")     # the server's own count (after its imports)
+
+  def cpu_s(self) -> float:
+    """CPU seconds the server process used so far (all threads; Linux /proc; NaN elsewhere)."""
+    try:
+      with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+      return float("nan")
 
   def compilations(self, start: int, end: int | None = None) -> dict:
     """XLA compilations the server logged (JAX_LOG_COMPILES) in its stderr lines [start, end): count, seconds,
@@ -145,6 +156,11 @@ def engine_share(before, after, s: dict) -> dict:
           "engine_share": t / s["wall_s"]}
 
 
+def cpu_shares(srv: Server, before: tuple, wall: float) -> dict:
+  """Cores the server and the clients (this process) kept busy during a run of `wall` seconds."""
+  return {"server_cores": (srv.cpu_s() - before[0]) / wall, "client_cores": (time.process_time() - before[1]) / wall}
+
+
 def pct(xs, q) -> float:
   return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
@@ -173,9 +189,10 @@ def serve_model(name: str, wd: str, prompts: list[str], args) -> dict:
     for _ in range(args.warmups):
       asyncio.run(drive(srv.url, name, prompts, args.clients, args.max_tokens))
     warm = srv.compilations(start)
-    before, first = engine_counters(srv.url), len(srv.lines)
+    before, first, cpu = engine_counters(srv.url), len(srv.lines), (srv.cpu_s(), time.process_time())
     s = summarise(*asyncio.run(drive(srv.url, name, prompts, args.clients, args.max_tokens)))
     s.update(engine_share(before, engine_counters(srv.url), s))
+    s.update(cpu_shares(srv, cpu, s["wall_s"]))
     time.sleep(0.5)                                              # (the last stderr lines of the run)
     comp = srv.compilations(first)
   finally:
@@ -188,28 +205,50 @@ def serve_model(name: str, wd: str, prompts: list[str], args) -> dict:
           "warmup_compilations": warm["count"]}
 
 
+def closed_loop(eng, ids: list, clients: int, n_new: int) -> int:
+  """The server's arrival pattern without HTTP: `clients` requests in flight, each finished one replaced by the
+  next at the following step (a streaming session, as the server's loop runs it). Returns the tokens made."""
+  from mor_jax.infer.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  todo, tokens = list(ids)[::-1], 0
+  eng.start(sampling=SamplingParams(temperature=0.0), stop_at_eos=False, stream=True)
+  try:
+    for _ in range(min(clients, len(todo))):
+      eng.submit(todo.pop(), n_new)
+    while not eng.idle:
+      for ev in eng.step():
+        tokens += len(ev.tokens)
+        if ev.result is not None and todo:
+          eng.submit(todo.pop(), n_new)
+  finally:
+    eng.finish()
+  return tokens
+
+
 def engine_only(wd: str, prompts: list[str], args) -> dict:
-  """The server's engine (build_service at the default flags) in this process: the same requests, all queued."""
+  """The server's engine (build_service at the default flags) in this process on the same requests: all queued
+  at once (`engine_*`), and in the clients' closed loop (`engine_closed_*`)."""
   from mor_jax.infer.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
   from mor_jax.serve.server import build_service  # pylint: disable=g-import-not-at-top
   svc = build_service(None, wd, ignore_eos=True)
   eng = svc.engine
   bos = [svc.bos_id] if svc.bos_id is not None else []
   ids = [bos + svc.tokenizer.encode(p) for p in prompts]
-  run = lambda: eng.generate(ids, max_new_tokens=args.max_tokens, sampling=SamplingParams(temperature=0.0),
-                             stop_at_eos=False)
+  queued = lambda: eng.generate(ids, max_new_tokens=args.max_tokens, sampling=SamplingParams(temperature=0.0),
+                                stop_at_eos=False)
+  closed = lambda: closed_loop(eng, ids, args.clients, args.max_tokens)
   for _ in range(args.warmups):
-    run()
+    queued()
+    closed()
+  out = {"engine_slots": eng.slots}
   with bm.Compilations() as c:
-    t = time.perf_counter()
-    outs = run()
-    wall = time.perf_counter() - t
-  tokens = sum(len(o.tokens) for o in outs)
-  rec = [r for o in outs for r in o.recursions]
-  return {"engine_tok_s": tokens / wall, "engine_wall_s": wall, "engine_slots": eng.slots,
-          "engine_mean_recursions": float(np.mean(rec)), "engine_timed_compilations": c.count,
-          "engine_timed_compiled": sorted(set(c.programs)),
-          "engine_ticks": eng.stats["ticks"], "engine_slot_utilisation": eng.stats["slot_utilisation"]}
+    for key, fn in (("engine", queued), ("engine_closed", closed)):
+      t, cpu = time.perf_counter(), time.process_time()
+      res = fn()
+      wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+      tokens = res if isinstance(res, int) else sum(len(o.tokens) for o in res)
+      out.update({f"{key}_tok_s": tokens / wall, f"{key}_wall_s": wall, f"{key}_cores": cpu / wall,
+                  f"{key}_ticks": eng.stats["ticks"], f"{key}_slot_utilisation": eng.stats["slot_utilisation"]})
+  return {**out, "engine_timed_compilations": c.count, "engine_timed_compiled": sorted(set(c.programs))}
 
 
 def model_prompts(wd: str, args, text: str) -> list[str]:
@@ -223,9 +262,10 @@ def model_prompts(wd: str, args, text: str) -> list[str]:
 def print_row(r: dict) -> None:
   print(f"| {r['model']} | {r['recursions']} | {r['mean_recursions']:.2f} | {r['ideal']:.2f}x | {r['tok_s']:,.0f} | "
         f"{r['vs_vanilla']:.2f}x | {r['vs_vanilla'] / r['ideal']:.0%} | {r['engine_tok_s']:,.0f} | "
-        f"{r['tok_s'] / r['engine_tok_s']:.0%} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+        f"{r['engine_closed_tok_s']:,.0f} | {r['tok_s'] / r['engine_tok_s']:.0%} | {r['ttft_p50_ms']:.0f} | "
+        f"{r['ttft_p99_ms']:.0f} | "
         f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {r['tokens_per_chunk']:.1f} | {r['engine_share']:.0%} | "
-        f"{r['startup_s']:.0f} |", flush=True)
+        f"{r['server_cores']:.2f} / {r['client_cores']:.2f} | {r['startup_s']:.0f} |", flush=True)
 
 
 def targets(rows: list) -> dict:
@@ -266,15 +306,15 @@ def main(argv=None):
         f"prompts x {args.max_tokens} new tokens (greedy, EOS ignored), default server flags "
         f"({FLAG_DEFAULTS['slots']} slots, step_tokens {FLAG_DEFAULTS['step_tokens']}), float32, trained models "
         f"({args.train_steps} steps)", flush=True)
-  print("| model | R | mean rec/token | ideal | tok/s | vs vanilla | of ideal | engine tok/s | server / engine "
-        "| TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | tokens/chunk | time in engine | start-up s |\n|" +
-        " --- |" * 16,
-        flush=True)
+  print("| model | R | mean rec/token | ideal | tok/s | vs vanilla | of ideal | engine tok/s | engine closed-loop "
+        "tok/s | server / engine | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | tokens/chunk | time in engine "
+        "| cores server / clients | start-up s |\n|" + " --- |" * 18, flush=True)
   rows, base = [], None
   for name in names:
     prompts = model_prompts(workdirs[name], args, text)
     s = serve_model(name, workdirs[name], prompts, args)
-    e = {"engine_tok_s": float("nan")} if args.no_engine else engine_only(workdirs[name], prompts, args)
+    e = ({"engine_tok_s": float("nan"), "engine_closed_tok_s": float("nan")} if args.no_engine
+         else engine_only(workdirs[name], prompts, args))
     R = bm.recursions(name)
     base = s["tok_s"] if name == "vanilla" else base
     row = {"model": name, "recursions": R, "mean_recursions": s["mean_recursions"],

@@ -127,8 +127,9 @@ def server_rates(wd: str, prompts: list[str], n_single: int, n_new: int, rounds:
       for key, todo, clients in (("single", prompts[:n_single], 1), ("batch", prompts * rounds, len(prompts))):
         for _ in range(2):            # warm-up (twice: a run starts from the cache capacity the last one ended with)
           asyncio.run(sl.drive(srv.url, "smollm2", todo[:clients], clients, n_new))
-        first = len(srv.lines)
+        first, cpu = len(srv.lines), (srv.cpu_s(), time.process_time())
         s = sl.summarise(*asyncio.run(sl.drive(srv.url, "smollm2", todo, clients, n_new)))
+        s.update(sl.cpu_shares(srv, cpu, s["wall_s"]))
         time.sleep(0.5)
         c = srv.compilations(first)
         out[key] = {**s, "clients": clients, "timed_compilations": c["count"], "timed_compile_s": c["seconds"]}
@@ -205,7 +206,8 @@ def main(argv=None):
     s = srv[key]
     print(f"(c) server, {s['clients']} stream(s): {s['tok_s']:.1f} tokens/s, TTFT p50/p99 {s['ttft_p50_ms']:.0f}/"
           f"{s['ttft_p99_ms']:.0f} ms, ITL p50/p99 {s['itl_p50_ms']:.1f}/{s['itl_p99_ms']:.1f} ms, "
-          f"{s['tokens_per_chunk']:.1f} tokens per streamed chunk", flush=True)
+          f"{s['tokens_per_chunk']:.1f} tokens per streamed chunk; cores busy: server {s['server_cores']:.2f}, "
+          f"clients {s['client_cores']:.2f}", flush=True)
   print(f"    start-up {srv['startup_s']:.1f}s (the server's own count: {srv['ready_s']:.1f}s)", flush=True)
   rs = ratios(cli, hf, srv)
   print("\n| ratio | value | target | |\n| --- | --- | --- | --- |")
