@@ -191,7 +191,7 @@ class _ScriptedEngine:
     return self.running.pop(rid, None) is not None
 
   def step(self):
-    from mor_jax.infer.engine.scheduler import Progress  # pylint: disable=g-import-not-at-top
+    from mor_jax.infer.engine import Progress  # pylint: disable=g-import-not-at-top
     if self.fail is not None:
       raise self.fail
     while self.queue and len(self.running) < self.slots:

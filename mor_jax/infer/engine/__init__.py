@@ -62,7 +62,8 @@ from mor_jax.infer.engine.layout import (BLOCK, DONE, EMPTY, ENTER, EXIT, PHASES
                                          EngineState, bucket, expected_recursions, init_state, kv_bytes, make_layout,
                                          resize)
 from mor_jax.infer.engine.admit import insert, prefill
-from mor_jax.infer.engine.scheduler import Engine, Progress, Request
+from mor_jax.infer.engine.scheduler import Engine
+from mor_jax.infer.engine.session import Progress, Request
 from mor_jax.infer.engine.tick import SKIP_EMPTY_PHASES, run_ticks, tick
 
 __all__ = ["BLOCK", "DONE", "EMPTY", "ENTER", "EXIT", "PHASES", "SKIP_EMPTY_PHASES", "STATS", "Engine", "EngineCache",

@@ -13,7 +13,6 @@ drive it to completion.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import logging
 import time
@@ -29,79 +28,27 @@ from mor_jax.infer import weights as weights_lib
 from mor_jax.infer.decode import check_supported
 from mor_jax.infer.engine import layout as layout_lib
 from mor_jax.infer.engine.programs import Programs
+from mor_jax.infer.engine.session import Progress, Request, Session, Slot, auto_rows, mib, request_keys
 from mor_jax.infer.engine.layout import DONE, EngineLayout, EngineState, expected_recursions, init_state, live
 from mor_jax.infer.errors import InferenceError
 from mor_jax.infer.generate import Generation
-from mor_jax.infer.sampling import FINISH_REASONS, STOP, SamplingParams
-
-
-@jax.jit
-def _request_keys(seeds_B, rows_B):
-  """Sampling key of each request: fold_in(PRNGKey(seed), row id), as the plain path's."""
-  return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seeds_B, rows_B)
-
-
-@dataclasses.dataclass
-class Request:
-  id: int
-  prompt_tokens: list[int]
-  max_new_tokens: int
-  row_id: int
-  prompt: str | None = None
-  submitted: float = 0.0
-  sampling: SamplingParams | None = None   # None: the session's
-  seed: int | None = None                  # None: the session's
-
-
-@dataclasses.dataclass
-class Progress:
-  """What `Engine.step` reports for one request: the tokens it made since the last step (with the recursions
-  behind each), and its Generation once it is finished (or cancelled: finish_reason 'stop')."""
-  id: int
-  tokens: list[int]
-  recursions: list[int]
-  result: Generation | None = None
-
-
-@dataclasses.dataclass
-class _Slot:
-  """Host-side record of a request in a slot: its tokens so far (with the recursions behind each)."""
-  req: Request
-  tokens: list = dataclasses.field(default_factory=list)
-  recursions: list = dataclasses.field(default_factory=list)
-  sent: int = 0
-  prompt_rec: list = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class _Run:
-  """Host-side bookkeeping of one serving session (`start` ... `finish`)."""
-  owner: list                      # per slot: its _Slot, or None
-  sampling: SamplingParams
-  seed: int
-  args: tuple                      # (threshold, eos id): traced arguments of the programs
-  stream: bool
-  stats0: dict
-  t0: float
-  done: dict = dataclasses.field(default_factory=dict)
-  admit_s: float = 0.0
-  admit_calls: int = 0
-  resizes: int = 0
+from mor_jax.infer.sampling import STOP, SamplingParams
 
 
 class Engine:
   """Continuous depth-wise batching decode engine (see the package docstring).
 
-  slots: sequences in flight; max_len: positions one sequence may occupy (default: the model's context; the caches
-  are allocated for what the live requests need, in buckets, never more than this); max_new_tokens: the most tokens
-  one request may generate (default: max_len); threshold / kv_capacity / add_bos / dtype: as in `Generator`;
-  entry_rows / exit_rows: sub-batch of the first layer / last layer + head per tick (None: all slots; 'auto', the
-  default: `auto_rows`, about 1.25 x slots / expected recursions per token); refill_min: free slots that end a step to admit waiting
-  requests (default max(1, slots // 8)); prefill_rows: prompts per prefill call (default 4): one request is
-  prefilled alone, more in batches of prefill_rows (padded), so each prompt-length bucket compiles two programs; window: tokens a slot may produce per step (the read-back
-  buffer); step_tokens: tokens all slots together produce per `step()` (default: no limit besides the window);
-  compile_ahead: compile the next cache bucket's programs in a background thread while serving the current one
-  (a server: no stall when a sequence outgrows the caches; `compile_ahead()` queues prompt buckets too).
+  slots: sequences in flight (a step runs on the live ones: 1, a quarter of the slots, or all); max_len: positions
+  one sequence may occupy (default: the model's context; the caches are allocated for what the live requests need,
+  in buckets, never more); max_new_tokens: the most tokens one request may generate (default: max_len);
+  threshold / kv_capacity / add_bos / dtype: as in `Generator`; entry_rows / exit_rows: sub-batch of the first
+  layer / last layer + head per tick (None: all slots; 'auto', the default: `auto_rows`); refill_min: free slots
+  that end a step to admit waiting requests (default max(1, slots // 8)); prefill_rows: prompts per prefill call
+  (default 4: one request is prefilled alone, more in batches of prefill_rows, so each prompt-length bucket has two
+  programs); window: tokens a slot may produce per step (the read-back buffer); step_tokens: tokens all slots
+  together produce per `step()` (scaled to the live slots; default: no limit besides the window); compile_ahead:
+  compile the next cache size's programs in a background thread while serving the current one (a server: no stall
+  when a sequence outgrows the caches; `compile_ahead()` queues prompt buckets too).
   """
 
   def __init__(self, cfg: ModelConfig, variables, tokenizer=None, *, slots: int = 8, max_len: int | None = None,
@@ -138,7 +85,7 @@ class Engine:
     self.results: dict[int, Generation] = {}
     self._next_id = 0
     self._state: EngineState | None = None
-    self._run: _Run | None = None
+    self._run: Session | None = None
     self._pos = np.zeros((slots,), np.int64)      # position of each slot's token in flight (host copy)
     self.stats: dict = {}
 
@@ -236,7 +183,7 @@ class Engine:
     return False
 
   # ------------------------------------------------------------------ capacity
-  def _fit(self, run: _Run, need: int) -> None:
+  def _fit(self, run: Session, need: int) -> None:
     """Moves the caches to the bucket of `need` positions when it is larger, or at most a quarter of them, or
     smaller while no slot holds a request."""
     lay = self.layout
@@ -245,7 +192,7 @@ class Engine:
     if new == lay.capacity or (lay.capacity // 4 < new < lay.capacity and not idle):
       return
     logging.info("engine: KV caches %s from %d to %d positions per sequence (%s)", "grow" if new > lay.capacity
-                 else "shrink", lay.capacity, new, _mib(self.kv_bytes(new)))
+                 else "shrink", lay.capacity, new, mib(self.kv_bytes(new)))
     new_lay = lay.at_capacity(new)
     self._state = self.programs.get(("resize", lay, new_lay))(self._state)
     self.layout = new_lay
@@ -285,13 +232,13 @@ class Engine:
     if wait:
       self.programs.wait()
 
-  def _live_need(self, run: _Run) -> int:
+  def _live_need(self, run: Session) -> int:
     """Positions the live slots need now (their token in flight included)."""
     owned = [b for b, s in enumerate(run.owner) if s is not None]
     return max((int(self._pos[b]) + 1 for b in owned), default=1)
 
   # ------------------------------------------------------------------ running
-  def _admit(self, run: _Run, free: list[int]) -> list[Progress]:
+  def _admit(self, run: Session, free: list[int]) -> list[Progress]:
     """Prefills waiting requests into the free slots, up to `prefill_rows` per call; reports their first tokens."""
     events = []
     while self.queue and free:
@@ -301,7 +248,7 @@ class Engine:
       free = free[k:]
     return events
 
-  def _prefill_into(self, run: _Run, take: list[Request], slots: list[int]) -> list[Progress]:
+  def _prefill_into(self, run: Session, take: list[Request], slots: list[int]) -> list[Progress]:
     """One prefill call (one row, or a batch of `prefill_rows`: two programs per prompt-length bucket) and the
     insertion of its requests into `slots`."""
     B = self.layout.slots
@@ -321,7 +268,7 @@ class Engine:
       rs = r.sampling or run.sampling
       sp["temperature"][i], sp["top_k"][i], sp["top_p"][i] = rs.temperature, rs.top_k, rs.top_p
     ta = time.perf_counter()
-    keys, lengths, sp = _request_keys(jnp.asarray(seeds), jnp.asarray(row_ids)), jnp.asarray(lengths), \
+    keys, lengths, sp = request_keys(jnp.asarray(seeds), jnp.asarray(row_ids)), jnp.asarray(lengths), \
         jax.tree.map(jnp.asarray, sp)
     self._shapes_used.add((Bp, P))
     pc, prec, tok, rec = self.programs.get(("prefill", Bp, P, self._prefill_layout))(
@@ -334,7 +281,7 @@ class Engine:
     run.admit_calls += 1
     events = []
     for i, (r, b) in enumerate(zip(take, slots)):
-      s = run.owner[b] = _Slot(r, [int(tok[i])], [int(rec[i])],
+      s = run.owner[b] = Slot(r, [int(tok[i])], [int(rec[i])],
                                prompt_rec=[int(x) for x in prec[i, :len(r.prompt_tokens)]])
       self._pos[b] = len(r.prompt_tokens)
       if run.stream:
@@ -342,14 +289,7 @@ class Engine:
         s.sent = 1
     return events
 
-  def _generation(self, s: _Slot, finish: int) -> Generation:
-    toks = s.tokens
-    return Generation(prompt_tokens=s.req.prompt_tokens, tokens=toks, recursions=s.recursions,
-                      prompt_recursions=s.prompt_rec, finish_reason=FINISH_REASONS[finish],
-                      text=(self.tokenizer.decode([t for t in toks if t != self.tokenizer.eos_id])   # EOS: no text
-                            if self.tokenizer is not None else None), prompt=s.req.prompt)
-
-  def _collect(self, run: _Run, phase, count, finish, recent, recent_rec, events: list[Progress]) -> list[Progress]:
+  def _collect(self, run: Session, phase, count, finish, recent, recent_rec, events: list[Progress]) -> list[Progress]:
     """Adds the step's new tokens to each request, reports them (streaming sessions) and the finished requests'
     results, whose slots become free."""
     by_id = {e.id: e for e in events}
@@ -372,21 +312,9 @@ class Engine:
         if ev is None:
           ev = by_id[s.req.id] = Progress(s.req.id, [], [])
           events.append(ev)
-        ev.result = run.done[s.req.id] = self._generation(s, int(finish[b]))
+        ev.result = run.done[s.req.id] = s.generation(self.tokenizer, int(finish[b]))
         run.owner[b] = None
     return [e for e in events if e.tokens or e.result is not None]
-
-  def _record_stats(self, run: _Run, st: EngineState, wall: float) -> None:
-    B = self.layout.slots
-    s = {k: int(v) - int(run.stats0[k]) for k, v in jax.device_get(st.stats).items()}   # this session's counts
-    ticks = max(1, s["ticks"])
-    gen_tokens = sum(len(g.tokens) for g in run.done.values())
-    self.stats = {**s, "wall_s": wall, "admit_s": run.admit_s, "admit_calls": run.admit_calls,
-                  "resizes": run.resizes, "capacity": self.layout.capacity,
-                  "generated_tokens": gen_tokens, "slot_utilisation": s["applied_rows"] / (ticks * B),
-                  "block_row_occupancy": s["block_rows"] / (ticks * B),
-                  "mean_recursions": (sum(sum(g.recursions) for g in run.done.values()) / max(1, gen_tokens)),
-                  "tokens_per_tick": s["tokens"] / ticks}
 
   def start(self, *, sampling: SamplingParams = SamplingParams(), seed: int = 0, stop_at_eos: bool = True,
             stream: bool = False) -> None:
@@ -399,7 +327,7 @@ class Engine:
     if self._state is None:
       self._state = jax.jit(functools.partial(init_state, cfg, lay, self.weights.dtype))()
       self._compile_next()
-    self._run = _Run(owner=[None] * lay.slots, sampling=sampling, seed=int(seed),
+    self._run = Session(owner=[None] * lay.slots, sampling=sampling, seed=int(seed),
                      args=(jnp.float32(self.threshold), jnp.int32(-1 if eos_id is None else eos_id)), stream=stream,
                      stats0=jax.device_get(self._state.stats), t0=time.perf_counter())
 
@@ -436,7 +364,8 @@ class Engine:
     run, self._run = self._run, None
     if run is None:
       return {}
-    self._record_stats(run, self._state, time.perf_counter() - run.t0)
+    self.stats = run.summary(jax.device_get(self._state.stats), self.layout.slots, self.layout.capacity,
+                             time.perf_counter() - run.t0)
     self.results.update(run.done)
     return run.done
 
@@ -469,14 +398,3 @@ class Engine:
     ids = [self.submit(p, m, row_id=r) for p, m, r in zip(prompts, lims, rows)]
     done = self.run(sampling=sampling, seed=seed, stop_at_eos=stop_at_eos)
     return [done[i] for i in ids]
-
-
-def auto_rows(slots: int, expected_recursions: float) -> int:
-  """The entry / exit sub-batch for tokens that take `expected_recursions` ticks each: 1.25 x the slots that enter
-  and leave per tick; all slots when that is 85% of them or more (compaction then costs more than it saves)."""
-  rows = max(1, int(np.ceil(1.25 * slots / expected_recursions)))
-  return slots if rows >= 0.85 * slots else rows
-
-
-def _mib(n: int) -> str:
-  return f"{n / 2 ** 20:.1f} MiB"
