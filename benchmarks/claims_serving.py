@@ -17,7 +17,9 @@ def _mor(rows: list) -> list:
 
 
 def _trained(s: Source) -> str:
-  return s.data["provenance"]["conditions"]["weights"]
+  """'trained 300 steps' (the benchmark writes 'trained, 300 steps') or 'random-weight'."""
+  w = s.data["provenance"]["conditions"]["weights"]
+  return "random-weight" if w == "random" else w.replace(", ", " ")
 
 
 def _xs(values, fmt="{:.2f}x") -> str:
@@ -47,7 +49,7 @@ def readme_engine(s: Source) -> str:
   eng = _depthwise_engine(s)
   mor = _mor(eng)
   best = max(mor, key=lambda r: r["vs_vanilla_batched"])
-  return (f"engine alone ({_trained(s)} routers, batch {mor[0]['batch']}, {_machine(s)}): MoR "
+  return (f"engine alone (models {_trained(s)}, batch {mor[0]['batch']}, {_machine(s)}): MoR "
           f"R={'/'.join(str(r['recursions']) for r in mor)} at {_xs(r['vs_vanilla_engine'] for r in mor)} vanilla on "
           f"the same engine (routing ideal {_xs(r['ideal'] for r in mor)}); best {best['vs_vanilla_batched']:.2f}x "
           f"vanilla batched decoding ({origin(s, True)})")
