@@ -24,9 +24,6 @@ LEGACY = {
     "benchmarks/results/gpu_h200_train_throughput.json": ("b2c743f", "2026-11-26"),
     "benchmarks/results/isoflop/isoflop.json": ("219133c", "2026-11-26"),
     "benchmarks/results/isoflop_seeds/isoflop_seeds.json": ("ca8ddac", "2026-12-03"),
-    "benchmarks/results/serve_engine_cpu.json": ("c742f27", "2026-12-03"),
-    "benchmarks/results/serve_load_cpu_tps4.json": ("c742f27", "2026-12-03"),
-    "benchmarks/results/serve_load_cpu_tps16.json": ("c742f27", "2026-12-03"),
     "benchmarks/results/token_depths/default_job_step300.json": ("8562ced", "2026-12-03"),
     "benchmarks/results/uptrain/uptrain.json": ("c742f27", "2026-12-03"),
     "benchmarks/results/uptrain_long/uptrain.json": ("c742f27", "2026-12-03"),
@@ -335,57 +332,3 @@ def ab_table(s: Source) -> str:
   return (f"{d['rounds']} rounds of {d['steps']} steps ({origin(s)}):\n\n" +
           table(["variant", "base tok/s", "new tok/s", "new/base (median of per-round ratios)"], rows,
                 ["---", "---:", "---:", "---:"]) + f"\n\nPer-round ratios ranged {lo:.2f}-{hi:.2f}.")
-
-
-# ------------------------------------------------------------------ decoding engine and server
-
-def _engine(js: Source, mode: str) -> list:
-  return [r for r in js.data["engine"] if r["mode"] == mode and r["setting"] == "fixed"]
-
-
-def _recursions(model: str) -> int:
-  return int(model[3:]) if model.startswith("mor") else 1
-
-
-def _cpu(log: Source) -> str:
-  threads = log_field(log.data, r"CPU threads: (\d+)", "the CPU threads")
-  return f"{threads}-core CPU"
-
-
-def readme_engine(js: Source, log: Source) -> str:
-  mor = [r for r in _engine(js, "engine") if r["model"] != "vanilla"]
-  rs = "/".join(str(_recursions(r["model"])) for r in mor)
-  xs = "/".join(f"{r['vs_vanilla_batched']:.2f}x" for r in mor)
-  return (f"engine alone ({weights_of(js, log.data)} routers, batch {mor[0]['batch']}, {_cpu(log)}): MoR R={rs} "
-          f"at {xs} vanilla batched decoding's tokens/s ({origin(js, True)})")
-
-
-def readme_serving(t4: Source, t16: Source, js: Source, log: Source) -> str:
-  def span(src):
-    return rng([r["vs_vanilla"] for r in src.data["serve"] if r["model"] != "vanilla"])
-  engine = rng([r["vs_vanilla_batched"] for r in _engine(js, "engine") if r["model"] != "vanilla"])
-  return (f"through the server at its default settings then ({t4.data['args']['ticks_per_step']} ticks per step), "
-          f"MoR R=2-4 at {span(t4)} vanilla's tokens/s ({span(t16)} at {t16.data['args']['ticks_per_step']}); "
-          f"the engine alone {engine} ({t4.data['args']['clients']} streaming clients, {weights_of(js, log.data)} "
-          f"routers, {_cpu(log)}, {origin(t4, True)})")
-
-
-def serving_default(t4: Source) -> str:
-  xs = [r["vs_vanilla"] for r in t4.data["serve"] if r["model"] != "vanilla"]
-  return (f"{rng(xs)} vanilla's tokens/s at {t4.data['args']['ticks_per_step']} ticks per step, the server's default "
-          f"then ({origin(t4, True)})")
-
-
-def engine_table(js: Source, log: Source) -> str:
-  batched = {r["model"]: r for r in _engine(js, "batched")}
-  rows = []
-  for r in _engine(js, "engine"):
-    b, n = batched[r["model"]], _recursions(r["model"])
-    rows.append(["vanilla" if n == 1 else f"MoR R={n}", f"{b['tok_s']:,.0f}", f"{r['tok_s']:,.0f}",
-                 f"{r['vs_vanilla_batched']:.2f}x", f"{r['ideal_routing_speedup']:.2f}x",
-                 f"{r['mean_recursions']:.2f} / {n}", f"{b['slot_utilisation']:.2f} -> {r['slot_utilisation']:.2f}"])
-  work = log_field(log.data, r"^device: .*?; (\d+ requests, .*?), greedy", "the requests")
-  return (f"Engine only, {weights_of(js, log.data)} routers, batch {rows and _engine(js, 'engine')[0]['batch']}, "
-          f"{work}, greedy; {_cpu(log)} shared with other jobs ({origin(js)}; `{js.path}` and `.log`):\n\n" +
-          table(["model", "batched tok/s", "engine tok/s", "engine vs vanilla batched", "ideal from routing alone",
-                 "mean recursions / R", "slot utilisation batched -> engine"], rows))

@@ -19,6 +19,7 @@ import re
 from typing import Callable
 
 import claims_figures as F  # noqa: E402  (benchmarks/claims_figures.py: the renderers, LEGACY and origin())
+import claims_serving as S  # noqa: E402  (benchmarks/claims_serving.py: serving and decoding renderers)
 
 R = "benchmarks/results/"
 
@@ -42,9 +43,8 @@ CLAIMS = {
     "cpu-step": claim(F.cpu_step, "cpu_train_step_avx512.json", "cpu_train_step_avx512.log",
                       "reference_pytorch_cpu_speed.json"),
     "gpu-mfu": claim(F.gpu_mfu, "gpu_h100_train_throughput.json"),
-    "readme-engine": claim(F.readme_engine, "serve_engine_cpu.json", "serve_engine_cpu.log"),
-    "readme-serving": claim(F.readme_serving, "serve_load_cpu_tps4.json", "serve_load_cpu_tps16.json",
-                            "serve_engine_cpu.json", "serve_engine_cpu.log"),
+    "readme-serving": claim(S.readme_serving, "serve_trained.json", "serve_real.json"),
+    "readme-engine": claim(S.readme_engine, "depthwise_batching.json"),
     "gguf-logits": claim(F.gguf_logits, "gguf_logits.json"),
     # docs/interop.md, docs/uptraining.md
     "gguf-logits-detail": claim(F.gguf_logits_detail, "gguf_logits.json"),
@@ -57,8 +57,12 @@ CLAIMS = {
     # docs/model.md
     "token-depths": claim(F.token_depths, "token_depths/default_job_step300.json"),
     # docs/inference.md
-    "serving-default": claim(F.serving_default, "serve_load_cpu_tps4.json"),
-    "engine-table": claim(F.engine_table, "serve_engine_cpu.json", "serve_engine_cpu.log", block=True),
+    "serving-trained": claim(S.serving_trained, "serve_trained.json"),
+    "engine-table": claim(S.engine_table, "depthwise_batching.json", block=True),
+    # docs/serving.md
+    "serve-trained-table": claim(S.serve_trained_table, "serve_trained.json", block=True),
+    "serve-real-table": claim(S.serve_real_table, "serve_real.json", block=True),
+    "serve-real-bf16": claim(S.serve_real_bf16, "serve_real.json"),
     # docs/performance.md
     "perf-cpu-avx512": claim(F.cpu_table, "cpu_train_step_avx512.json", "cpu_train_step_avx512.log",
                              "reference_pytorch_cpu_speed.json", block=True),

@@ -131,3 +131,26 @@ def test_engine_state_and_errors():
   with pytest.raises(InferenceError, match="max_len"):
     Engine(cfg, None, slots=2, max_len=CTX + 1)
   assert not eng.queue and eng.kv_bytes() > 0
+
+
+def test_caches_are_sized_to_the_requests_not_the_context():
+  """An engine for an 8k-context model serving a 100-token request allocates at most 1/16 of the full-context
+  caches; the caches grow across buckets as a sequence gets longer and shrink when the engine is idle; greedy
+  output (tokens and the recursions behind them) equals the plain path's."""
+  cfg = tiny_model_config("middle_cycle", 3, "expert", vocab=V, max_seq_len=8192)
+  v = variables_for(cfg)
+  eng = Engine(cfg, v, slots=2, prefill_rows=2)
+  full = eng.kv_bytes(capacity=8191)
+  prompt = PROMPTS[4] * 2                                             # 24 tokens
+  out = eng.generate([prompt], max_new_tokens=[76], sampling=GREEDY)[0]
+  assert eng.capacity == 128 and eng.kv_bytes() * 16 <= full        # 100 positions: the 128 bucket (1/64)
+  want = Generator(cfg, v).generate([prompt], max_new_tokens=76, sampling=GREEDY)[0]
+  assert (out.tokens, out.recursions) == (want.tokens, want.recursions) and len(set(out.recursions)) > 1
+  # a longer request grows the caches twice on its way (64 -> 128 -> 256 positions); the outputs stay exact
+  long = eng.generate([prompt, PROMPTS[1]], max_new_tokens=[150, 20], sampling=GREEDY)
+  assert eng.stats["resizes"] >= 2 and eng.capacity == 256
+  plain_long = Generator(cfg, v).generate([prompt, PROMPTS[1]], max_new_tokens=150, sampling=GREEDY)
+  assert [(o.tokens, o.recursions) for o in long] == [(plain_long[0].tokens, plain_long[0].recursions),
+                                                     (plain_long[1].tokens[:20], plain_long[1].recursions[:20])]
+  eng.generate([[3, 4]], max_new_tokens=[4], sampling=GREEDY)        # idle in between: back to the smallest bucket
+  assert eng.capacity == 64

@@ -122,8 +122,10 @@ class _FakeEngine:
   """What the HTTP layer reads from the engine (no model: these requests never reach it)."""
   cfg = type("Cfg", (), {"vocab_size": 16, "max_seq_len": 32, "strategy": "middle_cycle", "recursions": 2,
                          "mor_enable": True, "mor_type": "expert"})()
-  layout = type("Lay", (), {"max_new": 32})()
-  slots, busy = 2, 0
+  slots, busy, max_new_tokens, context = 2, 0, 32, 32
+
+  def default_new_tokens(self, prompt_len):
+    return max(1, min(self.max_new_tokens, self.context - prompt_len))
 
   def encode(self, text):
     return [1] * len(text.split())
@@ -188,8 +190,8 @@ class _ScriptedEngine:
     self.queue = [q for q in self.queue if q[0] != rid]
     return self.running.pop(rid, None) is not None
 
-  def step(self, _ticks):
-    from mor_jax.infer.engine.scheduler import Progress  # pylint: disable=g-import-not-at-top
+  def step(self):
+    from mor_jax.infer.engine import Progress  # pylint: disable=g-import-not-at-top
     if self.fail is not None:
       raise self.fail
     while self.queue and len(self.running) < self.slots:
@@ -219,7 +221,7 @@ def test_the_loop_answers_a_refused_request_and_every_job_when_the_engine_fails(
   from mor_jax.serve.loop import EngineLoop, Job, LoopClosed  # pylint: disable=g-import-not-at-top
   from mor_jax.serve.metrics import Metrics  # pylint: disable=g-import-not-at-top
   eng, failures = _ScriptedEngine(), []
-  loop = EngineLoop(eng, Metrics(2, 2), max_queue=4, ticks_per_step=1, on_failure=failures.append)
+  loop = EngineLoop(eng, Metrics(2, 2), max_queue=4, on_failure=failures.append)
 
   async def main():
     def job(prompt, n=3):
@@ -249,7 +251,7 @@ def test_abort_ends_every_job_and_refuses_new_ones():
   from mor_jax.serve.loop import EngineLoop, Job, LoopClosed  # pylint: disable=g-import-not-at-top
   from mor_jax.serve.metrics import Metrics  # pylint: disable=g-import-not-at-top
   eng = _ScriptedEngine()
-  loop = EngineLoop(eng, Metrics(2, 2), max_queue=4, ticks_per_step=1)
+  loop = EngineLoop(eng, Metrics(2, 2), max_queue=4)
 
   async def main():
     jobs = [Job([1], 10 ** 6, SamplingParams(0.0), 0, time.monotonic() + 30, asyncio.get_running_loop())
@@ -292,8 +294,8 @@ def test_serve_flags_are_checked_in_one_line_naming_the_flag():
   from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
   from mor_jax.serve.server import FLAG_DEFAULTS, _loopback, check_flags  # pylint: disable=g-import-not-at-top
   ok = {k: FLAG_DEFAULTS[k] for k in ("port", "slots", "max_queue", "request_timeout", "drain_timeout",
-                                      "ticks_per_step", "serve_max_tokens", "prefill_rows", "max_request_bytes",
-                                      "api_key", "idle_timeout")}
+                                      "step_tokens", "serve_max_tokens", "prefill_rows", "max_request_bytes",
+                                      "api_key", "idle_timeout", "max_model_len")}
   check_flags(**ok)
   check_flags(**{**ok, "api_key": "sk-local-1"})
   for flag, bad in (("max_request_bytes", 10), ("idle_timeout", 0.0), ("api_key", ""), ("api_key", "two words")):

@@ -23,8 +23,8 @@ import pytest
 from test_serve import ROOT, httpx, openai, make_workdir, start_server, stop_server
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
-SLOTS, CTX, IDLE_S, DRAIN_S = 4, 1024, 2.0, 1.0
-LONG = 900                    # tokens of a long generation (about 8 s on a 2-core CPU)
+SLOTS, CTX, IDLE_S, DRAIN_S = 4, 2048, 2.0, 1.0
+LONG = CTX - 8                # tokens of a long generation (several seconds on a 2-core CPU)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,13 @@ def server(tmp_path_factory):
   w = make_workdir(str(tmp_path_factory.mktemp("hostile") / "w"), ctx=CTX)
   s = start_server([os.path.join(ROOT, "main.py"), "--mode=serve", f"--workdir={w}", "--port=0", f"--slots={SLOTS}",
                     "--max_queue=8", "--ignore_eos", f"--idle_timeout={IDLE_S}", f"--drain_timeout={DRAIN_S}"])
+  # long generations first, one alone and SLOTS at once: the caches grow through every capacity bucket up to
+  # LONG tokens, so the programs of each bucket are compiled before the timing-sensitive tests run
+  body = {"model": "w", "prompt": "w1", "max_tokens": LONG, "temperature": 0}
+  httpx.post(s.url + "/v1/completions", json=body, timeout=300).raise_for_status()
+  with ThreadPoolExecutor(SLOTS) as pool:
+    for r in [pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=300) for _ in range(SLOTS)]:
+      r.result().raise_for_status()
   yield s
   stop_server(s)
 
@@ -249,14 +256,19 @@ def test_idle_connections_are_closed(server):
       s.settimeout(IDLE_S + 3)
       return s.recv(100)
 
-  def long_stream():
+  def long_stream():   # (the other slots busy with long requests too: it lasts well beyond IDLE_S)
     t0 = time.monotonic()
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                      json={"model": "w", "prompt": "w1", "max_tokens": 400, "temperature": 0, "stream": True}) as r:
+                      json={"model": "w", "prompt": "w1", "max_tokens": CTX - 2, "temperature": 0, "stream": True}) as r:
       return [line for line in r.iter_lines() if line.startswith("data: ")], time.monotonic() - t0
-  with ThreadPoolExecutor(5) as pool:
+
+  def busy():
+    return post(server, {"model": "w", "prompt": "w2", "max_tokens": LONG, "temperature": 0}).status_code
+  with ThreadPoolExecutor(5 + SLOTS - 1) as pool:
     jobs = [pool.submit(f) for f in (silent, trickle, kept_alive, stalled_body, long_stream)]
+    others = [pool.submit(busy) for _ in range(SLOTS - 1)]
     silent_s, trickle_s, kept_s, stalled, (lines, stream_s) = [j.result(60) for j in jobs]
+    assert [j.result(60) for j in others] == [200] * (SLOTS - 1)
   assert silent_s == pytest.approx(IDLE_S, abs=1.0) and kept_s == pytest.approx(IDLE_S, abs=1.0)
   assert trickle_s and trickle_s < IDLE_S + 1.5
   assert stalled.startswith(b"HTTP/1.1 408 ")

@@ -4,9 +4,16 @@ A `KVCache` holds the keys (RoPE already applied) and values of one stack of
 layers that always run together (the unique first layer, the unique last
 layer, or the shared block at one recursion), for every sequence of the batch:
 
-    k, v    [L, B, S, K, E]   L layers of the stack, S = capacity (entries)
-    index   [B, S] int32      original sequence position of each entry
-    length  [B] int32         entries filled so far (entries 0..length-1 are valid)
+    k       L arrays [B*K, E, S+1]  one per layer of the stack, row b*K + k: sequence b, kv head k;
+                                    S = capacity (entries); keys transposed (model/attention.attend_cache)
+    v       L arrays [B*K, S+1, E]
+    index   [B, S+1] int32          original sequence position of each entry
+    length  [B] int32               entries filled so far (entries 0..length-1 are valid)
+
+One array per layer (not one stacked array) so that a decode step updates each in place and reads it without
+slicing it out of a stack (a copy per layer and step). Entry S is a spare that is never valid: tokens that write
+nothing write there, so every write is a plain in-place update (a write that may be dropped makes XLA keep, and
+copy, the whole old cache).
 
 Entries are stored compactly: the n-th token of a sequence that enters a
 recursion goes to entry n of that recursion's cache, whatever its position,
@@ -35,32 +42,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from mor_jax.config import ModelConfig
-from mor_jax.kernels.policy import for_decoding
 from mor_jax.model.layers import causal_mask
 
 
 @flax.struct.dataclass
 class KVCache:
-  k: jax.Array       # [L, B, S, K, E]
-  v: jax.Array       # [L, B, S, K, E]
+  k: tuple           # per layer [B * K, E, S + 1]
+  v: tuple           # per layer [B * K, S + 1, E]
   index: jax.Array   # [B, S] int32
   length: jax.Array  # [B] int32
 
   @property
   def capacity(self) -> int:
-    return self.k.shape[2]
+    return self.index.shape[1] - 1
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.k)
 
   @property
   def valid(self):
     """[B, S] bool: entries that hold a token."""
-    return jnp.arange(self.capacity, dtype=jnp.int32)[None, :] < self.length[:, None]
+    return jnp.arange(self.capacity + 1, dtype=jnp.int32)[None, :] < self.length[:, None]
 
   def reserve(self, enter_BT):
     """Entries for the tokens in `enter_BT`, in order: (slot_BT, admitted_BT).
 
     slot = length + (rank of the token among the entering ones); tokens that
-    do not enter, or for which no entry is left, get slot S (writes nothing)
-    and admitted False.
+    do not enter, or for which no entry is left, get slot S (the spare entry:
+    never valid) and admitted False.
     """
     S = self.capacity
     slot = self.length[:, None] + jnp.cumsum(enter_BT.astype(jnp.int32), axis=1) - 1
@@ -70,22 +80,27 @@ class KVCache:
   def record(self, slot_BT, pos_BT, admitted_BT) -> "KVCache":
     """Stores the positions of the admitted tokens and advances `length` (k, v are written by the layers)."""
     b = jnp.arange(slot_BT.shape[0])[:, None]
-    index = self.index.at[b, slot_BT].set(pos_BT.astype(jnp.int32), mode="drop")
+    index = self.index.at[b, slot_BT].set(pos_BT.astype(jnp.int32), mode="clip")
     return self.replace(index=index, length=self.length + admitted_BT.sum(axis=1, dtype=jnp.int32))
 
   def mask(self, q_pos_BT):
-    """[B, T, S]: entry s is visible to a query at position q (valid and not in its future)."""
+    """[B, T, S+1]: entry s is visible to a query at position q (valid and not in its future)."""
     return causal_mask(q_pos_BT.astype(jnp.int32), self.index, k_valid_BS=self.valid)
 
   @property
+  def kv_nbytes(self) -> int:
+    return sum(int(a.nbytes) for a in self.k + self.v)
+
+  @property
   def nbytes(self) -> int:
-    return int(self.k.nbytes + self.v.nbytes + self.index.nbytes + self.length.nbytes)
+    return self.kv_nbytes + int(self.index.nbytes + self.length.nbytes)
 
   @property
   def bytes_per_entry(self) -> int:
     """Key + value bytes of one token in this cache (all its layers)."""
-    L, _, _, K, E = self.k.shape
-    return int(2 * L * K * E * self.k.dtype.itemsize)
+    N, E, _ = self.k[0].shape
+    K = N // self.length.shape[0]
+    return int(2 * self.num_layers * K * E * self.k[0].dtype.itemsize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,19 +180,21 @@ def make_plan(cfg: ModelConfig, max_len: int, capacity: str | Sequence[float] | 
                    has_middle=cfg.has_middle)
 
 
-def empty_cache(cfg: ModelConfig, num_layers: int, batch: int, capacity: int) -> KVCache:
-  shape = (num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(k=jnp.zeros(shape, for_decoding().compute_dtype), v=jnp.zeros(shape, for_decoding().compute_dtype),
-                 index=jnp.full((batch, capacity), np.iinfo(np.int32).max, jnp.int32),
+def empty_cache(cfg: ModelConfig, num_layers: int, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
+  N, S, E = batch * cfg.num_kv_heads, capacity + 1, cfg.head_dim   # + the spare entry
+  zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+  return KVCache(k=zeros((N, E, S)), v=zeros((N, S, E)), index=jnp.full((batch, S), np.iinfo(np.int32).max, jnp.int32),
                  length=jnp.zeros((batch,), jnp.int32))
 
 
-def init_cache(cfg: ModelConfig, plan: CachePlan, batch: int) -> dict:
-  """Empty caches: {'first': KVCache | None, 'stage': (KVCache, ...), 'last': KVCache | None}."""
-  cache = {"stage": tuple(empty_cache(cfg, n, batch, c) for n, c in zip(plan.stage_layers, plan.stage_capacity))}
+def init_cache(cfg: ModelConfig, plan: CachePlan, batch: int, dtype=jnp.float32) -> dict:
+  """Empty caches: {'first': KVCache | None, 'stage': (KVCache, ...), 'last': KVCache | None}; `dtype` of the keys
+  and values: the decode weights' (weights.DecodeWeights.dtype)."""
+  cache = {"stage": tuple(empty_cache(cfg, n, batch, c, dtype) for n, c in zip(plan.stage_layers,
+                                                                                 plan.stage_capacity))}
   if plan.has_middle:
-    cache["first"] = empty_cache(cfg, 1, batch, plan.max_len)
-    cache["last"] = empty_cache(cfg, 1, batch, plan.max_len)
+    cache["first"] = empty_cache(cfg, 1, batch, plan.max_len, dtype)
+    cache["last"] = empty_cache(cfg, 1, batch, plan.max_len, dtype)
   return cache
 
 
@@ -194,7 +211,7 @@ def all_caches(cache: dict) -> list[tuple[str, KVCache]]:
 def cache_stats(cache: dict, plan: CachePlan) -> dict:
   """Allocated and used KV bytes, and entries per recursion (per sequence), as numpy/python values."""
   allocated = sum(c.nbytes for _, c in all_caches(cache))
-  kv_alloc = sum(int(c.k.nbytes + c.v.nbytes) for _, c in all_caches(cache))
+  kv_alloc = sum(c.kv_nbytes for _, c in all_caches(cache))
   used = sum(int(np.asarray(c.length).sum()) * c.bytes_per_entry for _, c in all_caches(cache))
   R = max(call.recursion for call in plan.calls) + 1
   per_rec = np.zeros((R,) + cache["stage"][0].length.shape, np.int64)

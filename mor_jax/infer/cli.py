@@ -37,7 +37,8 @@ from typing import Sequence, TextIO
 
 FLAG_DEFAULTS = dict(prompt=None, interactive=False, prompts_file=None, output_file=None, max_new_tokens=256,
                      temperature=0.8, top_k=0, top_p=1.0, seed=0, threshold=None, step=None, stop=(),
-                     kv_capacity="full", batch_size=16, tokenizer=None, prompt_ids=None, chat=False)
+                     kv_capacity="full", batch_size=16, tokenizer=None, prompt_ids=None, chat=False, dtype="float32",
+                     ignore_eos=False)
 
 
 def define_flags(flags=None) -> None:
@@ -59,6 +60,11 @@ def define_flags(flags=None) -> None:
   flags.DEFINE_multi_string("stop", list(d["stop"]), "generate: stop string (repeatable); the text ends before it.")
   flags.DEFINE_string("kv_capacity", d["kv_capacity"], "generate: KV cache size per recursion: full | routed | "
                       "comma-separated fractions (see mor_jax/infer/cache.py).")
+  flags.DEFINE_enum("dtype", d["dtype"], ["float32", "bfloat16"], "generate/serve: dtype of the weights and KV "
+                    "caches while decoding (bfloat16: half the bytes read per token; norms, routers, softmax and "
+                    "logits stay float32; see docs/inference.md for its accuracy cost).")
+  flags.DEFINE_bool("ignore_eos", d["ignore_eos"], "generate/serve: every request generates max_new_tokens / "
+                    "max_tokens (EOS does not end it; for benchmarks and load tests).")
   flags.DEFINE_integer("batch_size", d["batch_size"], "generate: prompts per batch for --prompts_file.")
   flags.DEFINE_string("tokenizer", d["tokenizer"], "generate/eval: the model's tokenizer (tokenizer.json or a Hugging "
                       "Face tokenizer folder); default: the workdir's tokenizer/, then the stored config's.")
@@ -180,7 +186,9 @@ def main_generate(config, workdir: str, *, prompt: str | None = None, interactiv
                   temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                   threshold: float | None = None, step: int | None = None, stop: Sequence[str] = (),
                   kv_capacity="full", batch_size: int = 16, tokenizer: str | None = None,
-                  prompt_ids: str | Sequence[int] | None = None, chat: bool = False, stdout: TextIO | None = None,
+                  prompt_ids: str | Sequence[int] | None = None, chat: bool = False, dtype: str = "float32",
+                  ignore_eos: bool = False,
+                  stdout: TextIO | None = None,
                   stderr: TextIO | None = None, stdin: TextIO | None = None):
   """The generate command. `config` may be None (the checkpoint's own config is used).
 
@@ -206,13 +214,14 @@ def main_generate(config, workdir: str, *, prompt: str | None = None, interactiv
   from mor_jax.infer.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
   sampling = SamplingParams(float(temperature), int(top_k), float(top_p))
   gen, tok_path = _load_generator(config, workdir, step=step, tokenizer=tokenizer, by_ids=ids is not None,
-                                  threshold=threshold, kv_capacity=kv_capacity, err=err)
+                                  threshold=threshold, kv_capacity=kv_capacity, dtype=dtype, err=err)
   wrap = _chat_wrapper(tok_path) if chat else None
   if ids is not None:
     if stop:
       raise InferenceError("--stop needs a tokenizer (strings); leave it out with --prompt_ids.")
     return [_one_ids(gen, out, err, ids, seed=seed, max_new_tokens=max_new_tokens, sampling=sampling)]
-  one = functools.partial(_one, gen, out, err, dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop),
+  one = functools.partial(_one, gen, out, err, dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
+                                                    stop_at_eos=not ignore_eos),
                           echo=not chat)
   if prompt is not None:
     return [one(wrap([_user(unescape(prompt))]) if chat else unescape(prompt), seed)]
@@ -249,7 +258,7 @@ class _Conversation:
     return res
 
 
-def _load_generator(config, workdir, *, step, tokenizer, by_ids, threshold, kv_capacity, err):
+def _load_generator(config, workdir, *, step, tokenizer, by_ids, threshold, kv_capacity, err, dtype="float32"):
   """Restores the model and its tokenizer (none for --prompt_ids unless --tokenizer is given)."""
   from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
   from mor_jax.infer.generate import Generator  # pylint: disable=g-import-not-at-top
@@ -261,7 +270,7 @@ def _load_generator(config, workdir, *, step, tokenizer, by_ids, threshold, kv_c
     tok = infer_ckpt.load_tokenizer(restored.config, restored.cfg, directory=restored.directory, override=tokenizer)
   _check_against_model(restored.cfg, kv_capacity, threshold, err)
   gen = Generator(restored.cfg, restored.variables, tok, threshold=threshold, kv_capacity=kv_capacity,
-                  add_bos=bool(restored.config.data.get("add_bos", False)) and not by_ids)
+                  add_bos=bool(restored.config.data.get("add_bos", False)) and not by_ids, dtype=dtype)
   print(f"[{infer_ckpt.describe(restored)}; loaded in {time.time() - t0:.1f}s]", file=err, flush=True)
   return gen, infer_ckpt.tokenizer_source(restored.config, directory=restored.directory, override=tokenizer)
 

@@ -23,25 +23,25 @@ result as `MoRLM.apply(..., routing_mode="causal")` over the whole sequence
 Everything is static-shaped (masks, not gathers), so the same code serves
 prefill (T = prompt length) and decoding (T = 1). A recursion that no token
 of the batch enters is skipped (`lax.cond`), which is where batch-1 decoding
-saves compute. The model's own modules are reused: embedding, routers and
-head through `MoRLM.apply(method=...)`, layers through `Block.apply` on the
-model's (stacked) parameters.
+saves compute. The parameters come in the decode layout (`weights.DecodeWeights`:
+one entry per layer, fused q/k/v and gate/up kernels, the head as [D, V]) and
+every layer runs through `layer_step`, whose pieces are the model's own
+functions (RMSNorm, RoPE, SwiGLU from model/layers.py, `attend_cache` from
+model/attention.py); the routers are the model's `Router` modules.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from mor_jax.config import ModelConfig
+from mor_jax.infer import weights as weights_lib
 from mor_jax.infer.cache import CachePlan, KVCache
 from mor_jax.infer.errors import InferenceError
 from mor_jax.model import routing
-from mor_jax.model.layers import rope_angles
-from mor_jax.model.recursion import Block, stack_unrolled_params
-from mor_jax.model.transformer import MoRLM
+from mor_jax.model.attention import attend_cache
+from mor_jax.model.layers import apply_rope, rms_norm, rope_angles, swiglu
 
 
 def check_supported(cfg: ModelConfig) -> None:
@@ -50,56 +50,63 @@ def check_supported(cfg: ModelConfig) -> None:
                          "routing is undefined for them. Generate with a model that has a learned router.")
 
 
-def _layer_cfg(cfg: ModelConfig) -> ModelConfig:
-  # inference runs the layers scanned and without rematerialisation (no gradients; same numbers)
-  return dataclasses.replace(cfg, scan_layers=True)   # modules run kernels.policy.for_decoding() (their default)
+def logits_fn(cfg: ModelConfig, weights, h_BTD):
+  """float32 logits from final-normed hidden states (`weights`: DecodeWeights or the model's variables)."""
+  return weights_lib.logits(weights_lib.prepare_weights(cfg, weights), h_BTD)
 
 
-def _block_params(params) -> dict:
-  """The shared block's parameters in the scanned layout {'layers': stacked on axis 0}."""
-  bp = params["block"]
-  return bp if "layers" in bp else stack_unrolled_params(bp)
+def write_kv(cache, new_BTKE, slot_BT, keys: bool):
+  """Writes new keys [B, T, K, E] into a key cache [N, E, S] (keys=True), or values into a value cache [N, S, E],
+  of N = B x K rows at entries slot_BT, in place."""
+  B, T, K, _ = new_BTKE.shape
+  rows = (jnp.arange(B)[:, None, None] * K + jnp.arange(K)[None, :, None])            # [B, K, 1]
+  slots = jnp.broadcast_to(slot_BT[:, None, :], (B, K, T))
+  new = new_BTKE.transpose(0, 2, 1, 3).astype(cache.dtype)                             # [B, K, T, E]
+  at = cache.at[rows, :, slots] if keys else cache.at[rows, slots]
+  return at.set(new, mode="promise_in_bounds")
 
 
-def _embed(m, tokens):
-  return m.embed(tokens)
+def layer_step(cfg: ModelConfig, w: dict, x_BTD, cos, sin, k_NES, v_NSE, slot_BT, mask_BTS):
+  """One decoder layer (weights.DecodeWeights layer dict) on T new tokens per row with a decode cache
+  (cache.KVCache: N = B x kv heads rows of S entries; keys transposed).
+
+  slot_BT: where each new key/value goes in the cache (every slot must be in range: the caches keep a spare
+  entry for tokens that write nothing, so that every write is in place); None: attend to the cache as it is
+  (recursive KV sharing: the layer's own keys/values are not kept). mask_BTS: the cache entries each query sees
+  (after the writes). Returns (x, k, v) with the updated cache arrays.
+  """
+  H, K, E, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+  B, T, _ = x_BTD.shape
+  dt = w["qkv"].dtype
+  qkv = jnp.matmul(rms_norm(x_BTD, w["in_norm"], cfg.rms_eps).astype(dt), w["qkv"])
+  q = apply_rope(qkv[..., :H * E].reshape(B, T, H, E), cos, sin)
+  if slot_BT is not None:
+    k_NES = write_kv(k_NES, apply_rope(qkv[..., H * E:(H + K) * E].reshape(B, T, K, E), cos, sin), slot_BT, True)
+    v_NSE = write_kv(v_NSE, qkv[..., (H + K) * E:].reshape(B, T, K, E), slot_BT, False)
+  att = attend_cache(q, k_NES, v_NSE, mask_BTS).reshape(B, T, H * E)
+  x_BTD = x_BTD + jnp.matmul(att.astype(dt), w["o"]).astype(x_BTD.dtype)
+  gu = jnp.matmul(rms_norm(x_BTD, w["post_norm"], cfg.rms_eps).astype(dt), w["gate_up"])
+  x_BTD = x_BTD + jnp.matmul(swiglu(gu[..., :F], gu[..., F:]), w["down"]).astype(x_BTD.dtype)
+  return x_BTD, k_NES, v_NSE
 
 
-def _final_norm(m, x):
-  return m.final_norm(x)
-
-
-def _logits(m, h):
-  return m.logits(h)
-
-
-def _expert_router(m, x, r):
-  return m.routers[r](x)
-
-
-def _token_router(m, x):
-  return m.router(x)
-
-
-def logits_fn(cfg: ModelConfig, variables, h_BTD):
-  """float32 logits from final-normed hidden states."""
-  return MoRLM(cfg).apply(variables, h_BTD, method=_logits)
-
-
-def _run_cached(lcfg, layer_params, kv: KVCache, x, cos, sin, pos, enter):
+def _run_cached(cfg, layers, kv: KVCache, x, cos, sin, pos, enter):
   """Runs a stack of layers on the entering tokens, writing their keys/values into `kv`."""
   slot, admitted = kv.reserve(enter)
   kv = kv.record(slot, pos, admitted)
-  n = jax.tree.leaves(layer_params)[0].shape[0]
-  out, (k, v) = Block(lcfg, n).apply({"params": layer_params}, x, cos, sin, kv.mask(pos), None, (kv.k, kv.v, slot))
-  return out, kv.replace(k=k, v=v), admitted
+  mask = kv.mask(pos)
+  ks, vs = list(kv.k), list(kv.v)
+  for j, w in enumerate(layers):
+    x, ks[j], vs[j] = layer_step(cfg, w, x, cos, sin, ks[j], vs[j], slot, mask)
+  return x, kv.replace(k=tuple(ks), v=tuple(vs)), admitted
 
 
-def _run_shared(lcfg, layer_params, kv: KVCache, x, cos, sin, pos):
+def _run_shared(cfg, layers, kv: KVCache, x, cos, sin, pos):
   """Runs a stack of layers attending to the keys/values already in `kv` (recursive KV sharing)."""
-  n = jax.tree.leaves(layer_params)[0].shape[0]
-  out, _ = Block(lcfg, n).apply({"params": layer_params}, x, cos, sin, kv.mask(pos), (kv.k, kv.v), None)
-  return out
+  mask = kv.mask(pos)
+  for j, w in enumerate(layers):
+    x, _, _ = layer_step(cfg, w, x, cos, sin, kv.k[j], kv.v[j], None, mask)
+  return x
 
 
 def _maybe(skip_if_empty: bool, fn, enter, x, kv):
@@ -109,13 +116,13 @@ def _maybe(skip_if_empty: bool, fn, enter, x, kv):
   return jax.lax.cond(jnp.any(enter), lambda a: fn(*a), lambda a: (a[0], a[1], jnp.zeros_like(enter)), (x, kv))
 
 
-def _expert_stage(cfg, plan, model, variables, run_call, x, valid, threshold, skip_empty):
+def _expert_stage(cfg, plan, w, run_call, x, valid, threshold, skip_empty):
   """Expert-choice: a token enters recursion r if it entered r - 1 and r's router says so (routing.expert_decision);
   entering tokens get h + gate * block(h). Returns (x, entered per recursion)."""
   enter, entered = valid, []
   for call in plan.calls:
     r = call.recursion
-    z = model.apply(variables, x, r, method=_expert_router)[..., 0]
+    z = weights_lib.expert_router(cfg, w, x, r)
     enters, gate = routing.expert_decision(cfg, z, r, threshold)
     enter = enter & enters
     if cfg.kv_sharing and r == 0:
@@ -130,11 +137,11 @@ def _expert_stage(cfg, plan, model, variables, run_call, x, valid, threshold, sk
   return x, entered
 
 
-def _token_stage(cfg, plan, model, variables, run_call, x, valid, skip_empty):
+def _token_stage(cfg, plan, w, run_call, x, valid, skip_empty):
   """Token-choice: the router's depth (routing.token_choice_decision, with the loss-free bias) from the stage
   input; the token runs depth + 1 recursions and leaves with h0 + gate * state. Returns (x, entered)."""
-  z = model.apply(variables, x, method=_token_router)                      # [B, T, R]
-  _, depth, gate = routing.token_choice_decision(cfg, z, routing.router_bias(cfg, variables))
+  z = weights_lib.token_router(cfg, w, x)                                  # [B, T, R]
+  _, depth, gate = routing.token_choice_decision(cfg, z, w.router_bias)
   state, enter, entered = x, valid, []
   for call in plan.calls:
     enter = enter & (depth >= call.recursion)
@@ -145,20 +152,19 @@ def _token_stage(cfg, plan, model, variables, run_call, x, valid, skip_empty):
   return jnp.where(valid[..., None], x + gate[..., None].astype(x.dtype) * state, x), entered
 
 
-def forward_cached(cfg: ModelConfig, plan: CachePlan, variables, cache: dict, tokens_BT, pos_BT, valid_BT, *,
+def forward_cached(cfg: ModelConfig, plan: CachePlan, weights, cache: dict, tokens_BT, pos_BT, valid_BT, *,
                    threshold=None, skip_empty: bool = True):
   """T new tokens per row through the model with caches (see the module docstring).
 
-  tokens_BT, pos_BT: the tokens and their positions; valid_BT: which of them
-  are real (padding and finished rows write nothing). threshold: the
-  expert-choice router threshold (default cfg.threshold).
+  weights: the decode layout (weights.prepare_weights; the model's variables are arranged on the fly, which a
+  loop should not pay every step). tokens_BT, pos_BT: the tokens and their positions; valid_BT: which of them
+  are real (padding and finished rows write nothing). threshold: the expert-choice router threshold (default
+  cfg.threshold).
   Returns (h_BTD final-normed, cache, info) where info['recursions'] [B, T]
   int32 counts the recursions each token ran and info['entered'] [R, B, T]
   says which recursions it entered.
   """
-  model = MoRLM(cfg)
-  lcfg = _layer_cfg(cfg)
-  params = variables["params"]
+  w = weights_lib.prepare_weights(cfg, weights)
   R = cfg.recursions
   thr = cfg.threshold if threshold is None else threshold
   valid = valid_BT.astype(bool)
@@ -166,29 +172,25 @@ def forward_cached(cfg: ModelConfig, plan: CachePlan, variables, cache: dict, to
   cos, sin = rope_angles(pos, cfg.head_dim, cfg.rope_theta)
   cache = dict(cache)
   stage = list(cache["stage"])
-  x = model.apply(variables, tokens_BT, method=_embed)
+  x = weights_lib.embed(w, tokens_BT)
 
   if cfg.has_middle:
-    first = jax.tree.map(lambda a: a[None], params["first"])
-    x, cache["first"], _ = _run_cached(lcfg, {"layers": first}, cache["first"], x, cos, sin, pos, valid)
-
-  bparams = _block_params(params)
+    x, cache["first"], _ = _run_cached(cfg, [w.first], cache["first"], x, cos, sin, pos, valid)
 
   def run_call(call, x_in, enter, skip):
-    lp = bparams if call.layers == (0, cfg.base_depth) else jax.tree.map(lambda a: a[call.layers[0]:call.layers[1]], bparams)
+    layers = w.block[call.layers[0]:call.layers[1]]
     if call.cache is None:   # KV sharing: attend to recursion `reads`'s cache, write nothing
-      kv = stage[call.reads]
-      fn = lambda x_, kv_: (_run_shared(lcfg, lp, kv_, x_, cos, sin, pos), kv_, enter)
-      out, _, admitted = _maybe(skip, fn, enter, x_in, kv)
+      fn = lambda x_, kv_: (_run_shared(cfg, layers, kv_, x_, cos, sin, pos), kv_, enter)
+      out, _, admitted = _maybe(skip, fn, enter, x_in, stage[call.reads])
       return out, admitted
-    fn = lambda x_, kv_: _run_cached(lcfg, lp, kv_, x_, cos, sin, pos, enter)
+    fn = lambda x_, kv_: _run_cached(cfg, layers, kv_, x_, cos, sin, pos, enter)
     out, stage[call.cache], admitted = _maybe(skip, fn, enter, x_in, stage[call.cache])
     return out, admitted
 
   if cfg.mor_enable and cfg.mor_type == "expert":
-    x, entered = _expert_stage(cfg, plan, model, variables, run_call, x, valid, thr, skip_empty)
+    x, entered = _expert_stage(cfg, plan, w, run_call, x, valid, thr, skip_empty)
   elif cfg.mor_enable:
-    x, entered = _token_stage(cfg, plan, model, variables, run_call, x, valid, skip_empty)
+    x, entered = _token_stage(cfg, plan, w, run_call, x, valid, skip_empty)
   else:
     entered = [None] * R
     for call in plan.calls:    # every token runs every call (sequence: layer-major order)
@@ -196,9 +198,8 @@ def forward_cached(cfg: ModelConfig, plan: CachePlan, variables, cache: dict, to
       entered[call.recursion] = admitted if entered[call.recursion] is None else entered[call.recursion] & admitted
 
   if cfg.has_middle:
-    last = jax.tree.map(lambda a: a[None], params["last"])
-    x, cache["last"], _ = _run_cached(lcfg, {"layers": last}, cache["last"], x, cos, sin, pos, valid)
+    x, cache["last"], _ = _run_cached(cfg, [w.last], cache["last"], x, cos, sin, pos, valid)
   cache["stage"] = tuple(stage)
-  h = model.apply(variables, x, method=_final_norm)
+  h = rms_norm(x, w.final_norm, cfg.rms_eps)
   entered = jnp.stack(entered)
   return h, cache, {"recursions": entered.sum(0, dtype=jnp.int32), "entered": entered}

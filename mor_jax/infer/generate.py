@@ -33,6 +33,7 @@ import numpy as np
 from mor_jax.config import ModelConfig
 from mor_jax.infer import cache as cache_lib
 from mor_jax.infer import prompts as prompts_lib
+from mor_jax.infer import weights as weights_lib
 from mor_jax.infer.decode import check_supported, forward_cached, logits_fn
 from mor_jax.infer.errors import InferenceError
 # sampling lives in sampling.py (re-exported here: `from mor_jax.infer.generate import SamplingParams` keeps working)
@@ -66,14 +67,14 @@ def _record(state: DecodeState, tok, rec, eos_id):
                        step=state.step + 1)
 
 
-def _prefill(cfg, plan, variables, tokens_BP, lengths_B, keys_B2, limit_B, threshold, sp, eos_id, n_out: int):
+def _prefill(cfg, plan, weights, tokens_BP, lengths_B, keys_B2, limit_B, threshold, sp, eos_id, n_out: int):
   B, P = tokens_BP.shape
   pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   valid = pos < lengths_B[:, None]
-  cache = cache_lib.init_cache(cfg, plan, B)
-  h, cache, info = forward_cached(cfg, plan, variables, cache, tokens_BP, pos, valid, threshold=threshold)
+  cache = cache_lib.init_cache(cfg, plan, B, weights.dtype)
+  h, cache, info = forward_cached(cfg, plan, weights, cache, tokens_BP, pos, valid, threshold=threshold)
   last = jnp.take_along_axis(h, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-  logits = logits_fn(cfg, variables, last)
+  logits = logits_fn(cfg, weights, last)
   tok = sample_logits(jax.vmap(jax.random.fold_in)(keys_B2, jnp.zeros((B,), jnp.int32)), logits, sp)
   rec_last = jnp.take_along_axis(info["recursions"], (lengths_B - 1)[:, None], axis=1)[:, 0]
   state = DecodeState(cache=cache, token=tok, pos=lengths_B.astype(jnp.int32), done=jnp.zeros((B,), bool),
@@ -84,7 +85,7 @@ def _prefill(cfg, plan, variables, tokens_BP, lengths_B, keys_B2, limit_B, thres
   return state, jnp.where(valid, info["recursions"], 0)
 
 
-def _decode(cfg, plan, variables, state: DecodeState, n_steps, threshold, sp, eos_id):
+def _decode(cfg, plan, weights, state: DecodeState, n_steps, threshold, sp, eos_id):
   n_out = state.out.shape[1]
   stop_at = jnp.minimum(state.step + n_steps, n_out)
 
@@ -93,9 +94,9 @@ def _decode(cfg, plan, variables, state: DecodeState, n_steps, threshold, sp, eo
 
   def body(s):
     running = ~s.done
-    h, cache, info = forward_cached(cfg, plan, variables, s.cache, s.token[:, None], s.pos[:, None],
+    h, cache, info = forward_cached(cfg, plan, weights, s.cache, s.token[:, None], s.pos[:, None],
                                     running[:, None], threshold=threshold)
-    logits = logits_fn(cfg, variables, h[:, 0])
+    logits = logits_fn(cfg, weights, h[:, 0])
     keys = jax.vmap(jax.random.fold_in)(s.keys, jnp.broadcast_to(s.step, s.done.shape))
     tok = sample_logits(keys, logits, sp)
     s = s.replace(cache=cache, pos=s.pos + running.astype(jnp.int32))
@@ -141,13 +142,16 @@ class Generator:
   kv_capacity: 'full' (exact causal routing), 'routed' (recursion r's cache
   holds ceil(c_r * max_len) entries; tokens beyond it skip r) or fractions.
   add_bos: prepend the tokenizer's BOS to each prompt (as training did with
-  data.add_bos).
+  data.add_bos). dtype: of the weights and caches while decoding (float32, or
+  bfloat16: half the bytes per token; weights.py). `variables` may also be
+  prepared decode weights (weights.prepare_weights).
   """
 
   def __init__(self, cfg: ModelConfig, variables, tokenizer=None, *, threshold: float | None = None,
-               kv_capacity="full", add_bos: bool = False):
+               kv_capacity="full", add_bos: bool = False, dtype: str = "float32"):
     check_supported(cfg)
-    self.cfg, self.variables, self.tokenizer = cfg, variables, tokenizer
+    self.cfg, self.tokenizer = cfg, tokenizer
+    self.weights = weights_lib.prepare_weights(cfg, variables, dtype)
     self.threshold = float(cfg.threshold if threshold is None else threshold)
     self.kv_capacity = kv_capacity if isinstance(kv_capacity, str) else tuple(kv_capacity)
     self.add_bos = add_bos
@@ -207,7 +211,7 @@ class Generator:
       chunk_steps = 8 if streaming else int(limits.max())
     thr = jnp.float32(self.threshold)
 
-    state, prompt_rec = prefill(self.variables, jnp.asarray(tokens), jnp.asarray(lengths), keys,
+    state, prompt_rec = prefill(self.weights, jnp.asarray(tokens), jnp.asarray(lengths), keys,
                                 jnp.asarray(limits), thr, sp, eos, n_out=n_out)
     stream = _Stream(B, self.tokenizer, stop, on_text, on_tokens, eos_id)
     while True:
@@ -215,7 +219,7 @@ class Generator:
         state = stream.update(state)
       if bool(jnp.all(state.done)):
         break
-      state = decode(self.variables, state, jnp.int32(chunk_steps), thr, sp, eos)
+      state = decode(self.weights, state, jnp.int32(chunk_steps), thr, sp, eos)
     self.last_plan, self.last_state = plan, state
     out, rec, count, finish, prompt_rec = jax.device_get((state.out, state.rec, state.count, state.finish, prompt_rec))
     results = []

@@ -90,9 +90,20 @@ class RMSNorm(nn.Module):
                        jnp.float32)
     if scale_only:
       return scale
-    x32 = x_BTD.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return y.astype(x_BTD.dtype) * scale.astype(x_BTD.dtype)
+    return rms_norm(x_BTD, scale, self.eps)
+
+
+def rms_norm(x, scale, eps: float):
+  """RMSNorm as a function (the module above and the cached decoders share it): float32 statistics, then the
+  input's dtype times the scale."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return y.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def swiglu(gate, up):
+  """The MLP's gated activation silu(gate) * up."""
+  return nn.silu(gate) * up
 
 
 def rope_angles(positions_BT, head_dim: int, theta: float):
@@ -183,7 +194,7 @@ class MLP(nn.Module):
     widths = {"gate_proj": F, "up_proj": F}
     if not policy.cpu_kernels:
       g, u = projections(x_BTD, widths, "mlp", cfg, policy, norm_scale)
-      return dense(cfg.hidden_size, cfg, policy, "down_proj", ("mlp", "embed"))(nn.silu(g) * u)
+      return dense(cfg.hidden_size, cfg, policy, "down_proj", ("mlp", "embed"))(swiglu(g, u))
     # CPU kernels: one [g, u] array into the fused SwiGLU->down VJP (same parameters as above)
     gu = projections(x_BTD, widths, "mlp", cfg, policy, norm_scale, split=False, direct_dw=True)
     w = Kernel((F, cfg.hidden_size), cfg.init_std, ("mlp", "embed"), name="down_proj")()

@@ -108,8 +108,8 @@ def _submit(svc, body, ids: list[int], max_tokens: int | None) -> Job:
   if svc.draining:
     raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
                    headers={"Retry-After": "5"})
-  ctx = svc.engine.cfg.max_seq_len
-  n = max_tokens if max_tokens is not None else max(1, min(svc.engine.layout.max_new, ctx - len(ids)))
+  ctx = svc.engine.context
+  n = max_tokens if max_tokens is not None else svc.engine.default_new_tokens(len(ids))
   try:
     svc.engine.check_request(len(ids), n, "this request")
   except InferenceError as e:

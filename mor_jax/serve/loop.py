@@ -2,7 +2,7 @@
 
 A handler makes a `Job` (prompt ids, limits, sampling) and `submit`s it: refused with `QueueFull` when
 `max_queue` jobs already wait for a slot. The loop thread moves submitted jobs into the engine, calls
-`Engine.step(ticks_per_step)` while anything is queued or in flight, and hands each job its progress (new
+`Engine.step()` (one step: about --step_tokens tokens per slot) while anything is queued or in flight, and hands each job its progress (new
 tokens with their recursion depths, then the result) through the job's asyncio queue on the handler's event
 loop. `cancel` (a client that went away, a stop string, a timeout) frees the job's slot at the next step.
 Deadlines are checked by the loop: a job past its deadline is cancelled and told ("timeout").
@@ -66,10 +66,9 @@ class Job:
 class EngineLoop:
   """Drives `engine` (an Engine) from one thread; see the module docstring. `metrics`: a serve.metrics.Metrics."""
 
-  def __init__(self, engine, metrics, *, max_queue: int = 256, ticks_per_step: int = 4, stop_at_eos: bool = True,
-               on_failure=None):
+  def __init__(self, engine, metrics, *, max_queue: int = 256, stop_at_eos: bool = True, on_failure=None):
     self.engine, self.metrics, self.stop_at_eos = engine, metrics, stop_at_eos
-    self.max_queue, self.ticks_per_step = int(max_queue), int(ticks_per_step)
+    self.max_queue = int(max_queue)
     self.on_failure = on_failure             # called (loop thread) with the error that ended the loop
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self._lock = threading.Lock()
@@ -133,7 +132,7 @@ class EngineLoop:
         self._expire()
         if not eng.idle:
           t = time.monotonic()
-          events = eng.step(self.ticks_per_step)
+          events = eng.step()
           self.metrics.step(time.monotonic() - t, eng.busy, self.waiting)
           for ev in events:
             self._deliver(ev)

@@ -45,7 +45,7 @@ def chat(svc, raw: bytes):
   if svc.chat_template is None:
     raise ApiError(400, "this model's tokenizer has no chat template (tokenizer_config.json chat_template): use "
                    "/v1/completions with a plain prompt", param="messages", code="no_chat_template")
-  ctx = svc.engine.cfg.max_seq_len
+  ctx = svc.engine.context
   chars = sum(len(m.content) for m in body.messages)
   if len(body.messages) > ctx or chars > svc.max_prompt_chars:
     raise ApiError(400, f"the conversation ({len(body.messages)} messages, {chars} characters) cannot fit the "
@@ -84,7 +84,7 @@ def _check_ids(svc, ids: list[int]) -> list[int]:
 
 
 def _check_length(svc, n: int, param: str) -> None:
-  ctx = svc.engine.cfg.max_seq_len
+  ctx = svc.engine.context
   if n >= ctx:
     raise ApiError(400, f"the prompt has {n} tokens but the model's context is {ctx} tokens, leaving no room to "
                    f"generate: shorten it to at most {ctx - 1}", param=param, code="context_length_exceeded")
@@ -93,7 +93,7 @@ def _check_length(svc, n: int, param: str) -> None:
 def _text_ids(svc, text: str, param: str) -> list[int]:
   """Token ids of a text prompt (with BOS when the model was trained with one), refused before tokenizing when
   it is too long to fit."""
-  ctx = svc.engine.cfg.max_seq_len
+  ctx = svc.engine.context
   if len(text) > svc.max_prompt_chars:
     raise ApiError(400, f"the prompt has {len(text)} characters, more than the {svc.max_prompt_chars} that the "
                    f"model's context of {ctx} tokens can hold: shorten it", param=param,

@@ -22,9 +22,11 @@ import time
 from typing import Callable
 
 FLAG_DEFAULTS = dict(host="127.0.0.1", port=8000, slots=16, max_queue=256, request_timeout=600.0, drain_timeout=30.0,
-                     ticks_per_step=4, served_model_name=None, serve_max_tokens=None, ignore_eos=False,
-                     prefill_rows=8, max_request_bytes=4 * 2 ** 20, api_key=None, idle_timeout=5.0)
+                     step_tokens=4, served_model_name=None, serve_max_tokens=None,
+                     prefill_rows=0, max_request_bytes=4 * 2 ** 20, api_key=None, idle_timeout=5.0,
+                     max_model_len=None)
 API_KEY_ENV = "MOR_API_KEY"
+WARM_PROMPT_LENGTHS = (16, 32, 64, 128)   # prompt buckets compiled in the background after start-up
 DRAIN_GRACE_S = 5.0      # after --drain_timeout: for the error events to reach the clients, then uvicorn cancels
 
 
@@ -39,17 +41,16 @@ def define_flags(flags=None) -> None:
   flags.DEFINE_integer("max_queue", d["max_queue"], "serve: requests that may wait for a slot; more get 429.")
   flags.DEFINE_float("request_timeout", d["request_timeout"], "serve: seconds a request may take at most.")
   flags.DEFINE_float("drain_timeout", d["drain_timeout"], "serve: seconds SIGTERM waits for requests in flight.")
-  flags.DEFINE_integer("ticks_per_step", d["ticks_per_step"], "serve: engine ticks between two host steps "
-                       "(streaming granularity vs host overhead).")
+  flags.DEFINE_integer("step_tokens", d["step_tokens"], "serve: tokens per slot the engine makes between two "
+                       "host steps (streaming granularity vs host overhead; a MoR token takes several ticks).")
+  flags.DEFINE_integer("max_model_len", d["max_model_len"], "serve: most tokens (prompt + generated) of one request "
+                       "(default: the model's context); the KV caches grow with the live requests up to it.")
   flags.DEFINE_string("served_model_name", d["served_model_name"], "serve: the model's name in the API (default: the "
                       "workdir's folder name).")
   flags.DEFINE_integer("serve_max_tokens", d["serve_max_tokens"], "serve: most tokens one request may generate "
-                       "(default: the model's context).")
+                       "(default: --max_model_len).")
   flags.DEFINE_integer("prefill_rows", d["prefill_rows"], "serve: prompts prefilled per admission call, a fixed "
-                       "batch (at most --slots): one compilation per prompt-length bucket instead of one per batch "
-                       "size met (0: the waiting ones, padded to a power of two).")
-  flags.DEFINE_bool("ignore_eos", d["ignore_eos"], "serve: every request generates max_tokens (EOS does not end it; "
-                    "for load tests).")
+                       "batch (at most --slots; 0: the requests that arrived, padded to a power of two).")
   flags.DEFINE_integer("max_request_bytes", d["max_request_bytes"], "serve: largest request body; a larger one gets "
                        "413 before it is read.")
   flags.DEFINE_string("api_key", d["api_key"], f"serve: require 'Authorization: Bearer KEY' on /v1/* and /metrics "
@@ -62,7 +63,8 @@ def run_from_flags(config, workdir) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
   F = flags.FLAGS
   return main_serve(config, workdir, tokenizer=F.tokenizer, step=F.step, threshold=F.threshold,
-                    kv_capacity=F.kv_capacity, **{k: F[k].value for k in FLAG_DEFAULTS})
+                    kv_capacity=F.kv_capacity, dtype=F.dtype, ignore_eos=F.ignore_eos,
+                    **{k: F[k].value for k in FLAG_DEFAULTS})
 
 
 @dataclasses.dataclass
@@ -90,12 +92,12 @@ class Service:
     kind = "vanilla" if c.strategy == "none" else c.strategy
     return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mor-jax",
             "mor": {"strategy": kind, "recursions": c.recursions, "routing": c.mor_type if c.mor_enable else None,
-                    "context": c.max_seq_len, "slots": self.engine.slots,
-                    "max_tokens": self.engine.layout.max_new, "chat": self.chat_template is not None}}
+                    "context": self.engine.context, "slots": self.engine.slots,
+                    "max_tokens": self.engine.max_new_tokens, "chat": self.chat_template is not None}}
 
 
-def check_flags(*, port, slots, max_queue, request_timeout, drain_timeout, ticks_per_step, serve_max_tokens,
-                prefill_rows=8, max_request_bytes=FLAG_DEFAULTS["max_request_bytes"], api_key=None,
+def check_flags(*, port, slots, max_queue, request_timeout, drain_timeout, step_tokens, serve_max_tokens,
+                prefill_rows=0, max_model_len=None, max_request_bytes=FLAG_DEFAULTS["max_request_bytes"], api_key=None,
                 idle_timeout=FLAG_DEFAULTS["idle_timeout"], **unused) -> None:
   from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
   key_ok = api_key is None or (bool(api_key) and api_key.isprintable() and not any(c.isspace() for c in api_key))
@@ -104,7 +106,9 @@ def check_flags(*, port, slots, max_queue, request_timeout, drain_timeout, ticks
             ("max_queue", max_queue, max_queue >= 0, "an integer >= 0"),
             ("request_timeout", request_timeout, request_timeout > 0, "seconds > 0"),
             ("drain_timeout", drain_timeout, drain_timeout >= 0, "seconds >= 0"),
-            ("ticks_per_step", ticks_per_step, ticks_per_step >= 1, "an integer >= 1"),
+            ("step_tokens", step_tokens, step_tokens >= 1, "an integer >= 1"),
+            ("max_model_len", max_model_len, max_model_len is None or max_model_len >= 2,
+             "an integer >= 2, at most the model's context (or leave it out)"),
             ("prefill_rows", prefill_rows, prefill_rows >= 0, "an integer >= 0"),
             ("serve_max_tokens", serve_max_tokens, serve_max_tokens is None or serve_max_tokens >= 1,
              "an integer >= 1 (or leave it out)"),
@@ -129,8 +133,9 @@ def _chat_template(tokenizer_dir: str | None):
 
 
 def build_service(config, workdir: str, *, tokenizer=None, step=None, threshold=None, kv_capacity="full", slots=16,
-                  max_queue=256, request_timeout=600.0, ticks_per_step=4, served_model_name=None,
-                  serve_max_tokens=None, ignore_eos=False, prefill_rows=8, max_request_bytes=FLAG_DEFAULTS[
+                  max_queue=256, request_timeout=600.0, step_tokens=4, served_model_name=None,
+                  serve_max_tokens=None, ignore_eos=False, prefill_rows=0, max_model_len=None, dtype="float32",
+                  max_request_bytes=FLAG_DEFAULTS[
                       "max_request_bytes"], api_key=None, idle_timeout=FLAG_DEFAULTS["idle_timeout"],
                   **unused) -> Service:
   """Restores the model and its tokenizer, builds the engine, its loop (not started) and the metrics."""
@@ -153,25 +158,37 @@ def build_service(config, workdir: str, *, tokenizer=None, step=None, threshold=
     raise InferenceError("the model was trained with data.add_bos but its tokenizer has no BOS token: give one "
                          "with --tokenizer.")
   # BOS goes before text prompts only (as --mode=generate): the serve layer adds it, the engine takes ids as given
-  eng = Engine(cfg, restored.variables, tok, slots=slots, max_new_tokens=serve_max_tokens or cfg.max_seq_len,
-               threshold=threshold, kv_capacity=kv, add_bos=False,
-               prefill_rows=min(slots, prefill_rows) if prefill_rows else None)
+  if max_model_len is not None and max_model_len > cfg.max_seq_len:
+    raise InferenceError(f"--max_model_len={max_model_len} is more than the model's context of {cfg.max_seq_len} "
+                         "tokens: give at most that (or leave it out).")
+  max_len = (max_model_len or cfg.max_seq_len) - 1    # cache positions: the last token generated is not fed back
+  eng = Engine(cfg, restored.variables, tok, slots=slots, max_len=max_len, max_new_tokens=serve_max_tokens,
+               threshold=threshold, kv_capacity=kv, add_bos=False, dtype=dtype,
+               prefill_rows=min(slots, prefill_rows) if prefill_rows else None, entry_rows="auto",
+               exit_rows="auto", window=max(16, 2 * step_tokens), step_tokens=slots * step_tokens, compile_ahead=True)
   source = tokenizer_source(restored.config, directory=restored.directory, override=tokenizer)
   folder = source if source and os.path.isdir(source) else (os.path.dirname(source) if source else None)
   metrics = Metrics(eng.slots, cfg.recursions)
   name = served_model_name or os.path.basename(os.path.normpath(os.path.abspath(workdir)))
-  return Service(engine=eng, loop=EngineLoop(eng, metrics, max_queue=max_queue, ticks_per_step=ticks_per_step,
-                                                   stop_at_eos=not ignore_eos),
+  return Service(engine=eng, loop=EngineLoop(eng, metrics, max_queue=max_queue, stop_at_eos=not ignore_eos),
                  metrics=metrics, tokenizer=tok, model_name=name, chat_template=_chat_template(folder),
                  request_timeout=float(request_timeout), description=describe(restored),
                  max_request_bytes=int(max_request_bytes), api_key=api_key, idle_timeout=float(idle_timeout),
-                 bos_id=tok.bos_id if add_bos else None, max_prompt_chars=max_prompt_chars(tok, cfg.max_seq_len))
+                 bos_id=tok.bos_id if add_bos else None, max_prompt_chars=max_prompt_chars(tok, eng.context))
 
 
-def _warm_up(svc: Service) -> None:
-  """Compiles the engine's programs (a one-token and a two-token request) before the port opens."""
+def _warm_up(svc: Service, err) -> None:
+  """Compiles the engine's programs for short requests (admission of one prompt of up to 16 tokens, the decode
+  step at the smallest cache capacity) before the port opens; longer prompts and sequences compile on first use
+  (each once; the compilation cache keeps them for the next start)."""
   eng = svc.engine
-  eng.generate([[0]], max_new_tokens=min(2, eng.layout.max_new), stop_at_eos=False)
+  t = time.time()
+  print(f"[compiling: admission of short prompts, the decode step for sequences of up to {eng.capacity} tokens]",
+        file=err, flush=True)
+  eng.generate([[0]], max_new_tokens=min(2, eng.max_new_tokens), stop_at_eos=False)
+  eng.compile_ahead(prompt_lengths=WARM_PROMPT_LENGTHS)
+  print(f"[compiled in {time.time() - t:.1f}s; prompts of up to {max(WARM_PROMPT_LENGTHS)} tokens and the next "
+        "cache size compile in the background, anything longer on first use]", file=err, flush=True)
 
 
 def _loopback(host: str) -> bool:
@@ -232,14 +249,14 @@ def main_serve(config, workdir: str, *, host="127.0.0.1", port=8000, drain_timeo
   if kw.get("api_key") is None:
     kw["api_key"] = os.environ.get(API_KEY_ENV) or None
   check_flags(port=port, drain_timeout=drain_timeout, **{k: kw.get(k, FLAG_DEFAULTS[k]) for k in (
-      "slots", "max_queue", "request_timeout", "ticks_per_step", "serve_max_tokens", "prefill_rows",
+      "slots", "max_queue", "request_timeout", "step_tokens", "serve_max_tokens", "prefill_rows", "max_model_len",
       "max_request_bytes", "api_key", "idle_timeout")})
   if not _loopback(host) and not kw["api_key"]:
     print(f"[warning: --host={host} without an API key: anyone who reaches the port can generate; set "
           f"${API_KEY_ENV} and put a TLS reverse proxy in front (docs/serving.md)]", file=err, flush=True)
   t0 = time.time()
   svc = build_service(config, workdir, **kw)
-  _warm_up(svc)
+  _warm_up(svc, err)
   server = _server(svc, create_app(svc), host=host, port=port, drain_timeout=drain_timeout, err=err, t0=t0)
   svc.loop.start()
   AppStatus.disable_automatic_graceful_drain()      # SIGTERM lets streams finish (bounded by drain_timeout)

@@ -28,19 +28,18 @@ and head run on a compacted sub-batch (about slots / mean recursions rows
 leave per tick), which is where most of the saving over a per-step decoder
 comes from; ENTER / EXIT slots that do not fit wait a tick (rotating priority).
 
-Ticks run in a `lax.while_loop` until enough slots are free to be worth
-refilling (`refill_min`) or everything is done; a thin Python scheduler then
-collects finished requests, prefills waiting ones (the plain path's
-`forward_cached`, batched, prompt length bucketed) and inserts their caches
-into the free slots, and resumes the loop.
+A step runs ticks in a `lax.while_loop` until enough slots are free to be worth refilling (`refill_min`), the
+step's token budget is spent, a slot filled its read-back window, a token reached the allocated capacity, or
+everything is done; a thin Python scheduler then reads back only the step's new tokens, collects finished
+requests, prefills waiting ones (the plain path's `forward_cached`, batched: the rows that arrived, padded to a
+power of two, prompt length bucketed) and inserts their caches into the free slots, and resumes.
 
-KV caches (recursion-wise, as in `mor_jax.infer.cache`): the shared block's
-caches for all recursions live in one array [base_depth, slots, C, K, E]; the
-recursion regions (the plan's capacities, 'full' or 'routed') are laid side by
-side along C, and a row gathers the window of its own region for attention and
-writes its new key/value into it. With recursive KV sharing there is one region
-(recursion 0's), which deeper recursions read without writing. The unique first
-and last layers have one cache each.
+KV caches (recursion-wise, as in `mor_jax.infer.cache`): one array per layer; the shared block's caches for all
+recursions side by side along the entry axis (one region per recursion, the plan's capacities 'full' or 'routed';
+with recursive KV sharing one region, recursion 0's, which deeper recursions read without writing); a row attends
+to its own region through a mask. The unique first and last layers have one cache each. Caches are allocated for
+the live requests, not the model's context: their capacity is a power-of-two bucket that grows (and shrinks) with
+the longest live sequence, up to `max_len`. Every write is in place (rows that write nothing write a spare entry).
 
 Routing is the causal inference routing of `forward_cached` (threshold for
 expert-choice, the router's depth for token-choice; non-routed recursive and
@@ -60,11 +59,13 @@ Layout: `layout.py` (static shapes, the state pytree), `tick.py` (the jitted tic
 """
 
 from mor_jax.infer.engine.layout import (BLOCK, DONE, EMPTY, ENTER, EXIT, PHASES, STATS, EngineCache, EngineLayout,
-                                         EngineState, expected_recursions, init_state, kv_bytes, make_layout)
-from mor_jax.infer.engine.admit import admit_requests
-from mor_jax.infer.engine.scheduler import Engine, Progress, Request
+                                         EngineState, bucket, expected_recursions, init_state, kv_bytes, make_layout,
+                                         resize)
+from mor_jax.infer.engine.admit import insert, prefill
+from mor_jax.infer.engine.scheduler import Engine
+from mor_jax.infer.engine.session import Progress, Request
 from mor_jax.infer.engine.tick import SKIP_EMPTY_PHASES, run_ticks, tick
 
 __all__ = ["BLOCK", "DONE", "EMPTY", "ENTER", "EXIT", "PHASES", "SKIP_EMPTY_PHASES", "STATS", "Engine", "EngineCache",
-           "EngineLayout", "EngineState", "Progress", "Request", "admit_requests", "expected_recursions", "init_state", "kv_bytes",
-           "make_layout", "run_ticks", "tick"]
+           "EngineLayout", "EngineState", "Progress", "Request", "bucket", "expected_recursions",
+           "init_state", "insert", "kv_bytes", "make_layout", "prefill", "resize", "run_ticks", "tick"]

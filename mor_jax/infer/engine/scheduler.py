@@ -1,17 +1,20 @@
 """The engine's host side: the request queue, the step-wise loop and the `Engine` class.
 
-Ticks run in a `lax.while_loop` until enough slots are free to be worth refilling (`refill_min`), a tick budget
-is spent (`step(max_ticks)`, for streaming) or everything is done; the scheduler then collects finished
-requests, prefills waiting ones (admit.py: the plain path's `forward_cached`, batched, prompt length bucketed)
-into the free slots, and resumes. A server drives `start` / `submit` / `step` / `cancel` from one thread
-(`step` returns the tokens each request made since the last step); `run` / `generate` drive it to completion.
+A step admits waiting requests into free slots (admit.py: the plain path's `forward_cached`, batched: the rows
+that arrived padded to a power of two, the prompt length bucketed), then runs ticks in a `lax.while_loop` until
+enough slots are free to refill, the step's token budget is spent, a slot filled its read-back window, a token
+reached the allocated capacity, or nothing is live; it reads back only the tokens made in the step. The caches
+grow (and shrink) in capacity buckets with the longest live sequence (layout.resize), so their memory and the
+attention's work follow the requests, not the model's context. A server drives `start` / `submit` / `step` /
+`cancel` from one thread (`step` returns the tokens each request made since the last step); `run` / `generate`
+drive it to completion.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
+import logging
 import time
 from typing import Sequence
 
@@ -21,120 +24,97 @@ import numpy as np
 
 from mor_jax.config import ModelConfig
 from mor_jax.infer import prompts as prompts_lib
+from mor_jax.infer import weights as weights_lib
 from mor_jax.infer.decode import check_supported
-from mor_jax.infer.engine.admit import admit_requests
-from mor_jax.infer.engine.layout import (DONE, EngineLayout, EngineState, expected_recursions, init_state, kv_bytes,
-                                         live, make_layout)
-from mor_jax.infer.engine.tick import run_ticks
+from mor_jax.infer.engine import layout as layout_lib
+from mor_jax.infer.engine.programs import Programs
+from mor_jax.infer.engine.session import Progress, Request, Session, Slot, auto_rows, mib, request_keys
+from mor_jax.infer.engine.layout import DONE, EngineLayout, EngineState, expected_recursions, init_state, live
 from mor_jax.infer.errors import InferenceError
 from mor_jax.infer.generate import Generation
-from mor_jax.infer.sampling import FINISH_REASONS, STOP, SamplingParams
-
-
-@functools.lru_cache(maxsize=32)
-def _run_program(cfg: ModelConfig, lay: EngineLayout):
-  return jax.jit(functools.partial(run_ticks, cfg, lay), donate_argnums=(1,))
-
-
-@functools.lru_cache(maxsize=32)
-def _admit_program(cfg: ModelConfig, lay: EngineLayout):
-  return jax.jit(functools.partial(admit_requests, cfg, lay), donate_argnums=(1,))
-
-
-def _programs(cfg: ModelConfig, lay: EngineLayout):
-  """Jitted (run_ticks, admit_requests) for one layout (admission does not depend on the entry/exit rows)."""
-  return _run_program(cfg, lay), _admit_program(cfg, dataclasses.replace(lay, entry_rows=0, exit_rows=0))
-
-
-@jax.jit
-def _request_keys(seeds_B, rows_B):
-  """Sampling key of each request: fold_in(PRNGKey(seed), row id), as the plain path's."""
-  return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seeds_B, rows_B)
-
-
-@dataclasses.dataclass
-class Request:
-  id: int
-  prompt_tokens: list[int]
-  max_new_tokens: int
-  row_id: int
-  prompt: str | None = None
-  submitted: float = 0.0
-  sampling: SamplingParams | None = None   # None: the session's
-  seed: int | None = None                  # None: the session's
-
-
-@dataclasses.dataclass
-class Progress:
-  """What `Engine.step` reports for one request: the tokens it made since the last step (with the recursions
-  behind each), and its Generation once it is finished (or cancelled: finish_reason 'stop')."""
-  id: int
-  tokens: list[int]
-  recursions: list[int]
-  result: Generation | None = None
-
-
-@dataclasses.dataclass
-class _Run:
-  """Host-side bookkeeping of one serving session (`start` ... `finish`)."""
-  owner: list                      # per slot: the Request in it, or None
-  sent: list                       # per slot: tokens of its request already reported
-  sampling: SamplingParams
-  seed: int
-  args: tuple                      # (threshold, eos id): traced arguments of both programs
-  stream: bool
-  stats0: dict
-  t0: float
-  prompt_rec: dict = dataclasses.field(default_factory=dict)
-  done: dict = dataclasses.field(default_factory=dict)
-  admit_s: float = 0.0
-  admit_calls: int = 0
+from mor_jax.infer.sampling import STOP, SamplingParams
 
 
 class Engine:
   """Continuous depth-wise batching decode engine (see the package docstring).
 
-  slots: sequences in flight; max_len: positions per sequence (default: the model's context); max_new_tokens:
-  the most tokens one request may generate; threshold / kv_capacity / add_bos: as in `Generator`;
-  entry_rows / exit_rows: sub-batch of the first layer / last layer + head per tick (default: all slots;
-  `auto`: about 1.25 x slots / expected recursions per token); refill_min: free slots that end the tick loop to
-  admit waiting requests (default max(1, slots // 8)); prefill_rows: prompts per admission call, a fixed
-  batch (one compilation per prompt-length bucket); default: the waiting requests that fit, padded to a power
-  of two.
+  slots: sequences in flight (a step runs on the live ones: 1, a quarter of the slots, or all); max_len: positions
+  one sequence may occupy (default: the model's context; the caches are allocated for what the live requests need,
+  in buckets, never more); max_new_tokens: the most tokens one request may generate (default: max_len);
+  threshold / kv_capacity / add_bos / dtype: as in `Generator`; entry_rows / exit_rows: sub-batch of the first
+  layer / last layer + head per tick (None: all slots; 'auto', the default: `auto_rows`); refill_min: free slots
+  that end a step to admit waiting requests (default max(1, slots // 8)); prefill_rows: prompts per prefill call
+  (default 4: one request is prefilled alone, more in batches of prefill_rows, so each prompt-length bucket has two
+  programs); window: tokens a slot may produce per step (the read-back buffer); step_tokens: tokens all slots
+  together produce per `step()` (scaled to the live slots; default: no limit besides the window); compile_ahead:
+  compile the next cache size's programs in a background thread while serving the current one (a server: no stall
+  when a sequence outgrows the caches; `compile_ahead()` queues prompt buckets too).
   """
 
   def __init__(self, cfg: ModelConfig, variables, tokenizer=None, *, slots: int = 8, max_len: int | None = None,
-               max_new_tokens: int = 128, threshold: float | None = None, kv_capacity="full",
-               entry_rows: int | str | None = None, exit_rows: int | str | None = None,
-               refill_min: int | None = None, prefill_rows: int | None = None, add_bos: bool = False):
+               max_new_tokens: int | None = None, threshold: float | None = None, kv_capacity="full",
+               entry_rows: int | str | None = "auto", exit_rows: int | str | None = "auto",
+               refill_min: int | None = None, prefill_rows: int | None = None, add_bos: bool = False,
+               dtype: str = "float32", window: int = 16, step_tokens: int | None = None, compile_ahead: bool = False):
     check_supported(cfg)
     if slots < 1:
       raise InferenceError(f"slots must be >= 1, got {slots}.")
-    if max_new_tokens < 1:
-      raise InferenceError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     ctx = cfg.max_seq_len
     max_len = ctx if max_len is None else int(max_len)
     if not 1 < max_len <= ctx:
       raise InferenceError(f"max_len must be in [2, {ctx}] (the model's context), got {max_len}.")
+    max_new = max_len if max_new_tokens is None else int(max_new_tokens)
+    if max_new < 1:
+      raise InferenceError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     prompts_lib.check_tokenizer(cfg.vocab_size, tokenizer, add_bos)
     expected = expected_recursions(cfg)
-    auto = lambda v: max(1, int(np.ceil(1.25 * slots / expected))) if v == "auto" else v
-    self.cfg, self.variables, self.tokenizer, self.add_bos = cfg, variables, tokenizer, add_bos
+    auto = lambda v: auto_rows(slots, expected) if v == "auto" else v
+    self.cfg, self.tokenizer, self.add_bos = cfg, tokenizer, add_bos
     self.threshold = float(cfg.threshold if threshold is None else threshold)
-    self.layout = make_layout(cfg, slots, max_len, min(max_new_tokens, max_len), kv_capacity,
-                              auto(entry_rows), auto(exit_rows))
+    self.max_new_tokens = min(max_new, max_len)
+    self.layout = layout_lib.make_layout(cfg, slots, max_len, kv_capacity, auto(entry_rows), auto(exit_rows),
+                                         window=window)
+    self.weights = weights_lib.prepare_weights(cfg, variables, dtype)
+    self.programs = Programs(cfg, self.weights)
+    self.ahead = bool(compile_ahead)
+    self._shapes_used: set = set()                # (rows, P) of the prefills so far
     self.refill_min = max(1, slots // 8) if refill_min is None else max(1, int(refill_min))
-    self.prefill_rows = None if prefill_rows is None else max(1, min(slots, int(prefill_rows)))
+    self.prefill_rows = max(1, min(slots, int(prefill_rows or 4)))
+    self.step_tokens = None if not step_tokens else max(1, int(step_tokens))
     self.queue: collections.deque[Request] = collections.deque()
     self.results: dict[int, Generation] = {}
     self._next_id = 0
     self._state: EngineState | None = None
-    self._run: _Run | None = None
+    self._run: Session | None = None
+    self._pos = np.zeros((slots,), np.int64)      # position of each slot's token in flight (host copy)
     self.stats: dict = {}
+
+  @property
+  def _prefill_layout(self) -> EngineLayout:
+    """The layout prefill programs are keyed by (they do not depend on the capacity)."""
+    return self.layout.at_capacity(self.max_len)
 
   @property
   def slots(self) -> int:
     return self.layout.slots
+
+  @property
+  def max_len(self) -> int:
+    return self.layout.max_len
+
+  @property
+  def context(self) -> int:
+    """Tokens (prompt + generated) one sequence may hold in this engine: the model's context, or max_len + 1."""
+    return min(self.cfg.max_seq_len, self.max_len + 1)
+
+  def default_new_tokens(self, prompt_len: int) -> int:
+    """New tokens a request of `prompt_len` tokens gets when it names no limit: what fits, at most max_new_tokens."""
+    return max(1, min(self.max_new_tokens, self.context - prompt_len))
+
+  @property
+  def capacity(self) -> int:
+    """Positions per sequence the caches hold now (a bucket that follows the live requests)."""
+    return self.layout.capacity
 
   @property
   def busy(self) -> int:
@@ -146,8 +126,10 @@ class Engine:
   def idle(self) -> bool:
     return not self.queue and self.busy == 0
 
-  def kv_bytes(self) -> int:
-    return kv_bytes(self.cfg, self.layout)
+  def kv_bytes(self, capacity: int | None = None) -> int:
+    """Bytes of the KV caches now (or at `capacity` positions per sequence)."""
+    lay = self.layout if capacity is None else self.layout.at_capacity(layout_lib.bucket(capacity, self.max_len))
+    return layout_lib.kv_bytes(self.cfg, lay, self.weights.dtype)
 
   # ------------------------------------------------------------------ requests
   def encode(self, prompt, i: int = 0) -> list[int]:
@@ -159,16 +141,17 @@ class Engine:
     ctx = self.cfg.max_seq_len
     if n < 1:
       raise InferenceError(f"{who}: max_new_tokens must be >= 1, got {n}.")
-    if n > self.layout.max_new:
-      raise InferenceError(f"{who} asks for {n} new tokens but the engine was built for at most "
-                           f"{self.layout.max_new} (Engine(max_new_tokens=...)).")
+    if n > self.max_new_tokens:
+      raise InferenceError(f"{who} asks for {n} new tokens but the engine allows at most {self.max_new_tokens} "
+                           "(Engine(max_new_tokens=...)).")
     if prompt_len + n > ctx:
       raise InferenceError(f"{who}: prompt of {prompt_len} tokens + {n} new tokens = {prompt_len + n} exceeds the "
                            f"model's context of {ctx} tokens (model.max_seq_len). Shorten the prompt or ask for at "
                            f"most {max(0, ctx - prompt_len)} new tokens.")
-    if prompt_len + n - 1 > self.layout.max_len:
+    if prompt_len + n - 1 > self.max_len:
       raise InferenceError(f"{who}: prompt of {prompt_len} tokens + {n} new tokens needs {prompt_len + n - 1} cache "
-                           f"positions but the engine holds {self.layout.max_len} (Engine(max_len=...)).")
+                           f"positions but the engine holds {self.max_len} (Engine(max_len=...), the server's "
+                           "--max_model_len).")
 
   def submit(self, prompt, max_new_tokens: int | None = None, *, row_id: int | None = None,
              sampling: SamplingParams | None = None, seed: int | None = None) -> int:
@@ -176,7 +159,7 @@ class Engine:
     its own (default: those of the session that serves it). May be called while a session runs."""
     rid = self._next_id
     t = self.encode(prompt, rid)
-    n = self.layout.max_new if max_new_tokens is None else int(max_new_tokens)
+    n = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     self.check_request(len(t), n, f"request {rid}")
     self._next_id += 1
     self.queue.append(Request(rid, t, n, rid if row_id is None else int(row_id),
@@ -192,81 +175,146 @@ class Engine:
         self.queue.remove(r)
         return True
     run = self._run
-    for b, r in enumerate(run.owner if run is not None else ()):
-      if r is not None and r.id == rid:
+    for b, s in enumerate(run.owner if run is not None else ()):
+      if s is not None and s.req.id == rid:
         st = self._state
         self._state = st.replace(phase=st.phase.at[b].set(DONE), finish=st.finish.at[b].set(STOP))
         return True
     return False
 
+  # ------------------------------------------------------------------ capacity
+  def _fit(self, run: Session, need: int) -> None:
+    """Moves the caches to the bucket of `need` positions when it is larger, or at most a quarter of them, or
+    smaller while no slot holds a request."""
+    lay = self.layout
+    new = layout_lib.bucket(need, lay.max_len)
+    idle = all(s is None for s in run.owner)
+    if new == lay.capacity or (lay.capacity // 4 < new < lay.capacity and not idle):
+      return
+    logging.info("engine: KV caches %s from %d to %d positions per sequence (%s)", "grow" if new > lay.capacity
+                 else "shrink", lay.capacity, new, mib(self.kv_bytes(new)))
+    new_lay = lay.at_capacity(new)
+    self._state = self.programs.get(("resize", lay, new_lay))(self._state)
+    self.layout = new_lay
+    run.resizes += 1
+    self._compile_next()
+
+  def _active(self, n: int) -> int:
+    """Slots a step runs on when slots 0..n-1 may be live: 1 (a lone request), a quarter of the slots, or all (three
+    decode programs per cache size)."""
+    return next(a for a in (1, max(1, self.slots // 4), self.slots) if a >= n)
+
+  def _compile_next(self) -> None:
+    """Queues the programs of the next capacity bucket (and of the way back to the smallest) for the background
+    compiler, so that a sequence that outgrows the caches does not wait for a compilation."""
+    lay = self.layout
+    if not self.ahead:
+      return
+    nxt = lay.at_capacity(layout_lib.bucket(lay.capacity + 1, lay.max_len))
+    if nxt.capacity > lay.capacity:
+      ticks = [("ticks", nxt, a) for a in sorted({self._active(1), self._active(lay.slots // 4), lay.slots})]
+      for key in ticks + [("resize", lay, nxt)] + [("insert", nxt, n, P) for n, P in sorted(self._shapes_used)]:
+        self.programs.ahead(key)
+    smallest = lay.at_capacity(layout_lib.bucket(1, lay.max_len))
+    if smallest.capacity < lay.capacity:
+      self.programs.ahead(("resize", lay, smallest))
+
+  def compile_ahead(self, prompt_lengths: Sequence[int] = (), wait: bool = False) -> None:
+    """Queues the programs for prompts of these lengths (one and `prefill_rows` at a time) and the decode step at
+    the current capacity for the background compiler; `wait` blocks until they are ready."""
+    keys = [("ticks", self.layout, a) for a in sorted({self._active(1), self._active(self.slots // 4), self.slots})]
+    for P in sorted({prompts_lib.bucket_length(int(n), self.max_len) for n in prompt_lengths}):
+      for n in sorted({1, self.prefill_rows}):
+        keys += [("prefill", n, P, self._prefill_layout), ("insert", self.layout.at_capacity(
+            layout_lib.bucket(P + 1, self.max_len)), n, P)]
+    for key in keys:
+      self.programs.ahead(key)
+    if wait:
+      self.programs.wait()
+
+  def _live_need(self, run: Session) -> int:
+    """Positions the live slots need now (their token in flight included)."""
+    owned = [b for b, s in enumerate(run.owner) if s is not None]
+    return max((int(self._pos[b]) + 1 for b in owned), default=1)
+
   # ------------------------------------------------------------------ running
-  def _admit(self, run: _Run, admit, st: EngineState, free: list[int]):
-    """Prefills waiting requests into the free slots; returns (state, phase of every slot)."""
-    B, P_cap = self.layout.slots, self.cfg.max_seq_len
-    cap = len(free) if self.prefill_rows is None else min(len(free), self.prefill_rows)
-    take = [self.queue.popleft() for _ in range(min(cap, len(self.queue)))]
-    Bp = prompts_lib.batch_rows(len(take), B) if self.prefill_rows is None else self.prefill_rows
-    P = prompts_lib.bucket_length(max(len(r.prompt_tokens) for r in take), P_cap)
+  def _admit(self, run: Session, free: list[int]) -> list[Progress]:
+    """Prefills waiting requests into the free slots, up to `prefill_rows` per call; reports their first tokens."""
+    events = []
+    while self.queue and free:
+      k = min(len(free), len(self.queue), self.prefill_rows)
+      take = [self.queue.popleft() for _ in range(k)]
+      events += self._prefill_into(run, take, free[:k])
+      free = free[k:]
+    return events
+
+  def _prefill_into(self, run: Session, take: list[Request], slots: list[int]) -> list[Progress]:
+    """One prefill call (one row, or a batch of `prefill_rows`: two programs per prompt-length bucket) and the
+    insertion of its requests into `slots`."""
+    B = self.layout.slots
+    Bp = 1 if len(take) == 1 else self.prefill_rows
+    longest = max(len(r.prompt_tokens) for r in take)
+    P = prompts_lib.bucket_length(longest, self.max_len)
+    self._fit(run, max(P, longest + 1, self._live_need(run)))
     tokens = np.zeros((Bp, P), np.int32)
     lengths, limits = np.ones((Bp,), np.int32), np.ones((Bp,), np.int32)
     slots_arr, reqs, row_ids = np.full((Bp,), B, np.int32), np.full((Bp,), -1, np.int32), np.zeros((Bp,), np.int32)
     seeds, sp = np.zeros((Bp,), np.int32), {"temperature": np.zeros((Bp,), np.float32),
                                             "top_k": np.zeros((Bp,), np.int32), "top_p": np.ones((Bp,), np.float32)}
-    for i, (r, b) in enumerate(zip(take, free)):
+    for i, (r, b) in enumerate(zip(take, slots)):
       tokens[i, :len(r.prompt_tokens)] = r.prompt_tokens
       lengths[i], slots_arr[i], limits[i] = len(r.prompt_tokens), b, r.max_new_tokens
       reqs[i], row_ids[i], seeds[i] = r.id, r.row_id, run.seed if r.seed is None else r.seed
       rs = r.sampling or run.sampling
       sp["temperature"][i], sp["top_k"][i], sp["top_p"][i] = rs.temperature, rs.top_k, rs.top_p
-      run.owner[b], run.sent[b] = r, 0
     ta = time.perf_counter()
-    st, prec = admit(self.variables, st, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slots_arr),
-                     _request_keys(jnp.asarray(seeds), jnp.asarray(row_ids)), jnp.asarray(limits),
-                     jnp.asarray(reqs), jax.tree.map(jnp.asarray, sp), *run.args)
-    prec, phase = jax.device_get((prec, st.phase))
+    keys, lengths, sp = request_keys(jnp.asarray(seeds), jnp.asarray(row_ids)), jnp.asarray(lengths), \
+        jax.tree.map(jnp.asarray, sp)
+    self._shapes_used.add((Bp, P))
+    pc, prec, tok, rec = self.programs.get(("prefill", Bp, P, self._prefill_layout))(
+        self.weights, jnp.asarray(tokens), lengths, keys, sp, run.args[0])
+    self._state = self.programs.get(("insert", self.layout, Bp, P))(
+        self._state, pc, tok, lengths, jnp.asarray(slots_arr), keys, jnp.asarray(limits), jnp.asarray(reqs), sp,
+        run.args[1])
+    prec, tok, rec = jax.device_get((prec, tok, rec))
     run.admit_s += time.perf_counter() - ta
     run.admit_calls += 1
-    for i, r in enumerate(take):
-      run.prompt_rec[r.id] = [int(x) for x in prec[i, :len(r.prompt_tokens)]]
-    return st, phase
-
-  def _generation(self, run: _Run, r: Request, toks: list[int], recs: list[int], finish: int) -> Generation:
-    return Generation(prompt_tokens=r.prompt_tokens, tokens=toks, recursions=recs,
-                      prompt_recursions=run.prompt_rec.pop(r.id), finish_reason=FINISH_REASONS[finish],
-                      text=(self.tokenizer.decode([t for t in toks if t != self.tokenizer.eos_id])   # EOS: no text
-                            if self.tokenizer is not None else None), prompt=r.prompt)
-
-  def _collect(self, run: _Run, st: EngineState, phase) -> list[Progress]:
-    """New tokens of the requests in flight (streaming sessions) and the finished requests' results, whose
-    slots become free."""
-    owned = [b for b, r in enumerate(run.owner) if r is not None]
-    fin = [b for b in owned if phase[b] == DONE]
-    if not fin and not (run.stream and owned):
-      return []
-    out, out_rec, count, finish = jax.device_get((st.out, st.out_rec, st.count, st.finish))
     events = []
-    for b in owned if run.stream else fin:
-      r, n, k = run.owner[b], int(count[b]), run.sent[b]
-      ev = Progress(r.id, [int(x) for x in out[b, k:n]], [int(x) for x in out_rec[b, k:n]])
-      run.sent[b] = n
-      if phase[b] == DONE:
-        ev.result = run.done[r.id] = self._generation(run, r, [int(x) for x in out[b, :n]],
-                                                      [int(x) for x in out_rec[b, :n]], int(finish[b]))
-        run.owner[b] = None
-      if ev.tokens or ev.result is not None:
-        events.append(ev)
+    for i, (r, b) in enumerate(zip(take, slots)):
+      s = run.owner[b] = Slot(r, [int(tok[i])], [int(rec[i])],
+                               prompt_rec=[int(x) for x in prec[i, :len(r.prompt_tokens)]])
+      self._pos[b] = len(r.prompt_tokens)
+      if run.stream:
+        events.append(Progress(r.id, list(s.tokens), list(s.recursions)))
+        s.sent = 1
     return events
 
-  def _record_stats(self, run: _Run, st: EngineState, wall: float) -> None:
-    B = self.layout.slots
-    s = {k: int(v) - int(run.stats0[k]) for k, v in jax.device_get(st.stats).items()}   # this session's counts
-    ticks = max(1, s["ticks"])
-    gen_tokens = sum(len(g.tokens) for g in run.done.values())
-    self.stats = {**s, "wall_s": wall, "admit_s": run.admit_s, "admit_calls": run.admit_calls,
-                  "generated_tokens": gen_tokens, "slot_utilisation": s["applied_rows"] / (ticks * B),
-                  "block_row_occupancy": s["block_rows"] / (ticks * B),
-                  "mean_recursions": (sum(sum(g.recursions) for g in run.done.values()) / max(1, gen_tokens)),
-                  "tokens_per_tick": s["tokens"] / ticks}
+  def _collect(self, run: Session, phase, count, finish, recent, recent_rec, events: list[Progress]) -> list[Progress]:
+    """Adds the step's new tokens to each request, reports them (streaming sessions) and the finished requests'
+    results, whose slots become free."""
+    by_id = {e.id: e for e in events}
+    for b, s in enumerate(run.owner):
+      if s is None:
+        continue
+      n_new = int(count[b]) - len(s.tokens) if count is not None else 0
+      if n_new > 0:
+        s.tokens += [int(x) for x in recent[b, :n_new]]
+        s.recursions += [int(x) for x in recent_rec[b, :n_new]]
+      ev = by_id.get(s.req.id)
+      if run.stream and len(s.tokens) > s.sent:
+        if ev is None:
+          ev = by_id[s.req.id] = Progress(s.req.id, [], [])
+          events.append(ev)
+        ev.tokens += s.tokens[s.sent:]
+        ev.recursions += s.recursions[s.sent:]
+        s.sent = len(s.tokens)
+      if phase[b] == DONE:
+        if ev is None:
+          ev = by_id[s.req.id] = Progress(s.req.id, [], [])
+          events.append(ev)
+        ev.result = run.done[s.req.id] = s.generation(self.tokenizer, int(finish[b]))
+        run.owner[b] = None
+    return [e for e in events if e.tokens or e.result is not None]
 
   def start(self, *, sampling: SamplingParams = SamplingParams(), seed: int = 0, stop_at_eos: bool = True,
             stream: bool = False) -> None:
@@ -277,35 +325,47 @@ class Engine:
     cfg, lay = self.cfg, self.layout
     eos_id = self.tokenizer.eos_id if (stop_at_eos and self.tokenizer is not None) else None
     if self._state is None:
-      self._state = jax.jit(functools.partial(init_state, cfg, lay))()
-    self._run = _Run(owner=[None] * lay.slots, sent=[0] * lay.slots, sampling=sampling, seed=int(seed),
+      self._state = jax.jit(functools.partial(init_state, cfg, lay, self.weights.dtype))()
+      self._compile_next()
+    self._run = Session(owner=[None] * lay.slots, sampling=sampling, seed=int(seed),
                      args=(jnp.float32(self.threshold), jnp.int32(-1 if eos_id is None else eos_id)), stream=stream,
                      stats0=jax.device_get(self._state.stats), t0=time.perf_counter())
 
-  def step(self, max_ticks: int = 1 << 30) -> list[Progress]:
-    """Admits waiting requests into free slots, runs up to `max_ticks` ticks (fewer once enough slots are free to
-    admit the waiting ones, or nothing is live) and reports progress (see `Progress`)."""
-    run, st, B = self._run, self._state, self.layout.slots
+  def step(self, max_ticks: int = 1 << 30, max_tokens: int | None = None) -> list[Progress]:
+    """Admits waiting requests into free slots, runs ticks until `max_ticks` ran or `max_tokens` tokens were made
+    (default: the engine's step_tokens), fewer once enough slots are free to admit the waiting ones, a slot filled
+    its window, or nothing is live, and reports progress (see `Progress`)."""
+    run, B = self._run, self.layout.slots
     if run is None:
       raise InferenceError("no session: call start() before step().")
-    ticks, admit = _programs(self.cfg, self.layout)
+    events: list[Progress] = []
     free = [b for b in range(B) if run.owner[b] is None]
-    phase = None
     if self.queue and free:
-      st, phase = self._admit(run, admit, st, free)
-    if phase is None or np.any(live(phase)):
-      refill_at = max(1, min(len(self.queue), self.refill_min)) if self.queue else B + 1
-      st = ticks(self.variables, st, *run.args, jnp.int32(max(1, max_ticks)), jnp.int32(refill_at))
-      phase = np.asarray(st.phase)
-    self._state = st
-    return self._collect(run, st, phase)
+      events = self._admit(run, free)
+    self._fit(run, self._live_need(run))
+    st = self._state
+    phase, finish = jax.device_get((st.phase, st.finish))
+    if not np.any(live(phase)):
+      return self._collect(run, phase, None, finish, None, None, events)
+    if run.stream and any(e.tokens for e in events):
+      return self._collect(run, phase, None, finish, None, None, events)   # first tokens out before decoding on
+    active = self._active(max(b for b in range(B) if run.owner[b] is not None) + 1)
+    budget = max_tokens or (self.step_tokens * active // B if self.step_tokens else 0) or (1 << 30)
+    refill_at = max(1, min(len(self.queue), self.refill_min)) if self.queue else B + 1
+    st = self._state = self.programs.get(("ticks", self.layout, active))(
+        self.weights, st, *run.args, jnp.int32(max(1, max_ticks)), jnp.int32(refill_at), jnp.int32(max(1, budget)))
+    phase, count, finish, pos, recent, recent_rec = jax.device_get(
+        (st.phase, st.count, st.finish, st.pos, st.recent, st.recent_rec))
+    self._pos[:] = pos
+    return self._collect(run, phase, count, finish, recent, recent_rec, events)
 
   def finish(self) -> dict[int, Generation]:
     """Closes the session (the slots keep their buffers for the next); returns {id: Generation} of its requests."""
     run, self._run = self._run, None
     if run is None:
       return {}
-    self._record_stats(run, self._state, time.perf_counter() - run.t0)
+    self.stats = run.summary(jax.device_get(self._state.stats), self.layout.slots, self.layout.capacity,
+                             time.perf_counter() - run.t0)
     self.results.update(run.done)
     return run.done
 

@@ -1,0 +1,126 @@
+"""Renderers of the serving and decoding figures (README.md, docs/serving.md, docs/inference.md): the text between
+claim markers, from `serve_trained.json` (benchmarks/serve_load.py), `serve_real.json` (benchmarks/serve_real.py)
+and `depthwise_batching.json` (benchmarks/depthwise_batching.py). Registered in benchmarks/claims_registry.py."""
+
+from __future__ import annotations
+
+from claims_figures import Source, origin, table  # noqa: E402  (benchmarks/claims_figures.py)
+
+
+def _machine(s: Source) -> str:
+  m = s.data["provenance"]["machine"]
+  return f"{m['cores']}-core CPU" if m.get("backend") == "cpu" else f"{m.get('device_kind')}"
+
+
+def _mor(rows: list) -> list:
+  return [r for r in rows if r["model"] != "vanilla"]
+
+
+def _trained(s: Source) -> str:
+  """'trained 300 steps' (the benchmark writes 'trained, 300 steps') or 'random-weight'."""
+  w = s.data["provenance"]["conditions"]["weights"]
+  return "random-weight" if w == "random" else w.replace(", ", " ")
+
+
+def _xs(values, fmt="{:.2f}x") -> str:
+  return "/".join(fmt.format(v) for v in values)
+
+
+def _depthwise_engine(s: Source) -> list:
+  return [r for r in s.data["results"] if r["mode"] == "engine"]
+
+
+# ------------------------------------------------------------------ README features table
+
+def readme_serving(trained: Source, real: Source) -> str:
+  """Through the server first: trained MoR vs trained vanilla, and the real model against transformers."""
+  mor, a = _mor(trained.data["models"]), trained.data["args"]
+  srv, hf = real.data["server"], real.data["hf"]
+  return (f"through the server (default flags, {a['clients']} streaming clients, models {_trained(trained)} on the "
+          f"embedded corpus): MoR R={'/'.join(str(r['recursions']) for r in mor)} at "
+          f"{_xs(r['vs_vanilla'] for r in mor)} vanilla's tokens/s (routing ideal {_xs(r['ideal'] for r in mor)}); "
+          f"SmolLM2-135M: {srv['batch']['tok_s']:.0f} tokens/s for {srv['batch']['clients']} streams "
+          f"({srv['batch']['tok_s'] / hf['batch_tok_s']:.2f}x transformers at batch {len(real.data['prompts'])}), "
+          f"{srv['single']['tok_s']:.0f} for one ({srv['single']['tok_s'] / hf['single_tok_s']:.2f}x) "
+          f"({_machine(real)}, {origin(trained, True)})")
+
+
+def readme_engine(s: Source) -> str:
+  eng = _depthwise_engine(s)
+  mor = _mor(eng)
+  best = max(mor, key=lambda r: r["vs_vanilla_batched"])
+  return (f"engine alone (models {_trained(s)}, batch {mor[0]['batch']}, {_machine(s)}): MoR "
+          f"R={'/'.join(str(r['recursions']) for r in mor)} at {_xs(r['vs_vanilla_engine'] for r in mor)} vanilla on "
+          f"the same engine (routing ideal {_xs(r['ideal'] for r in mor)}); best {best['vs_vanilla_batched']:.2f}x "
+          f"vanilla batched decoding ({origin(s, True)})")
+
+
+# ------------------------------------------------------------------ docs/serving.md
+
+def serve_trained_table(s: Source) -> str:
+  a, rows = s.data["args"], []
+  for r in s.data["models"]:
+    rows.append([r["model"], f"{r['mean_recursions']:.2f} / {r['recursions']}", f"{r['ideal']:.2f}x",
+                 f"{r['tok_s']:,.0f}", f"{r['vs_vanilla']:.2f}x", f"{r['vs_vanilla'] / r['ideal']:.0%}",
+                 f"{r['engine_tok_s']:,.0f}", f"{r['tok_s'] / r['engine_tok_s']:.0%}",
+                 f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f}",
+                 f"{r['server_cores']:.2f}"])
+  return (f"`python benchmarks/serve_load.py --json=benchmarks/results/serve_trained.json`: {a['clients']} streaming "
+          f"clients, {a['requests']} requests of {a['prompt_len']}-token prompts x {a['max_tokens']} new tokens, "
+          f"greedy, EOS ignored, default server flags, models {_trained(s)} ({_machine(s)}, {origin(s)}):\n\n" +
+          table(["model", "mean recursions / R", "routing ideal", "tok/s", "vs vanilla", "of ideal",
+                 "engine alone tok/s", "server / engine", "TTFT p50 / p99 ms", "ITL p50 / p99 ms", "server cores"],
+                rows))
+
+
+def serve_real_table(s: Source) -> str:
+  d = s.data
+  cli, hf, srv, a = d["cli"], d["hf"], d["server"], d["args"]
+  rows = [["`--mode=generate`, one process per prompt", f"{cli['tok_s']:.1f}", "-", "-"],
+          ["`--mode=generate --interactive` (compiled once)", f"{cli['warm_tok_s']:.1f}", "-", "-"],
+          [f"transformers {hf['transformers']} `generate`, one stream", f"{hf['single_tok_s']:.1f}", "-", "-"],
+          [f"transformers `generate`, batch {len(d['prompts'])}", f"{hf['batch_tok_s']:.1f}", "-", "-"]]
+  for label, r in (("server, one stream", srv["single"]), (f"server, {srv['batch']['clients']} streams",
+                                                           srv["batch"])):
+    rows.append([label, f"{r['tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}",
+                 f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f}"])
+  targets = [[k.replace("_", " "), f"{t['value']:.2f}", t["target"], "met" if t["pass"] else "not met",
+              f"{t['with_cli_warm']:.2f}"] for k, t in d["ratios"].items()]
+  return (f"`python benchmarks/serve_real.py --bf16 --json=benchmarks/results/serve_real.json`: SmolLM2-135M-Instruct, "
+          f"{a['prompts']} prompts of {a['prompt_words']} words, greedy, {a['max_new_tokens']} new tokens, EOS ignored, "
+          f"{a['threads']} threads each; server ready in {srv['startup_s']:.0f} s ({_machine(s)}, {origin(s)}):\n\n" +
+          table(["run", "tokens/s", "TTFT p50 / p99 ms", "ITL p50 / p99 ms"], rows) + "\n\n" +
+          table(["target (issue 34)", "measured", "goal", "", "with the CLI's compiled-once rate"], targets))
+
+
+def serve_real_bf16(s: Source) -> str:
+  d = s.data
+  b, f, ag = d["cli_bf16"], d["cli"], d["bf16_agreement"]
+  return (f"{b['tok_s'] / f['tok_s']:.2f}x float32's tokens/s per `--mode=generate` process, "
+          f"{b['warm_tok_s'] / f['warm_tok_s']:.2f}x compiled once; greedy output identical to float32's for "
+          f"{ag['identical']:.0%} of the prompts and {ag['mean_prefix_agreement']:.0%} of each continuation before "
+          f"the first difference (`{s.path}`, {origin(s, True)})")
+
+
+# ------------------------------------------------------------------ docs/inference.md
+
+def engine_table(s: Source) -> str:
+  a, res, rows = s.data["args"], s.data["results"], []
+  for r in res:
+    label = "vanilla" if r["recursions"] == 1 else f"MoR R={r['recursions']}"
+    rows.append([label, r["mode"], f"{r['tok_s']:,.0f}", f"{r['vs_vanilla_batched']:.2f}x",
+                 f"{r['vs_vanilla_engine']:.2f}x", f"{r['ideal']:.2f}x",
+                 f"{r['mean_recursions']:.2f} / {r['recursions']}", f"{r['slot_utilisation']:.2f}"])
+  return (f"`python benchmarks/depthwise_batching.py --json=benchmarks/results/depthwise_batching.json`: models "
+          f"{_trained(s)}, batch {a['batch']}, {a['requests']} requests, prompts {a['prompt_min']}-{a['prompt_max']} "
+          f"tokens, {a['min_new']}-{a['max_new']} new tokens, greedy, best of {a['repeats']} ({_machine(s)}, "
+          f"{origin(s)}):\n\n" +
+          table(["model", "decoding", "tok/s", "vs vanilla batched", "vs vanilla engine", "routing ideal",
+                 "mean recursions / R", "slot utilisation"], rows))
+
+
+def serving_trained(s: Source) -> str:
+  mor = _mor(s.data["models"])
+  of_ideal = "/".join(f"{r['vs_vanilla'] / r['ideal']:.0%}" for r in mor)
+  return (f"MoR R={'/'.join(str(r['recursions']) for r in mor)} at {_xs(r['vs_vanilla'] for r in mor)} vanilla's "
+          f"tokens/s ({of_ideal} of the routing ideal; {origin(s, True)})")

@@ -1,0 +1,109 @@
+"""The decoders' view of a model's parameters, arranged once at load time for fast token-by-token steps.
+
+`prepare_weights(cfg, variables, dtype="float32") -> DecodeWeights` turns the training layout (the shared block's
+layers stacked on a leading axis, q/k/v and gate/up as separate kernels, a tied head read through the embedding)
+into what a decode step reads best:
+
+  - one entry per layer (a tuple), so a step indexes no stacked array: slicing a layer out of a stack inside a
+    jitted loop copies its weights every step (XLA:CPU cannot hand a dynamic slice to a matmul);
+  - q/k/v and gate/up concatenated into one kernel each (one matmul, no concatenation per step);
+  - the head as a [D, V] kernel (a tied embedding is transposed once here, not every step);
+  - `dtype` float32 (exact) or bfloat16 (half the bytes read per token; norms, routers, softmax and logits stay
+    float32).
+
+The numbers are the model's own: the same products as `MoRLM.apply` (tests/test_infer_decode.py). Routers keep
+their flax parameters and run through `routing.Router` (they are tiny).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from mor_jax.config import ModelConfig
+from mor_jax.infer.errors import InferenceError
+from mor_jax.model import routing
+
+DTYPES = ("float32", "bfloat16")
+
+
+@flax.struct.dataclass
+class DecodeWeights:
+  embed: jax.Array              # [V, D] the embedding table (float32: the lookup is exact)
+  head: jax.Array               # [D, V]
+  final_norm: jax.Array         # [D]
+  block: tuple                  # per layer of the shared block: a layer dict (see _layer)
+  first: dict | None            # the unique first / last layer (middle strategies)
+  last: dict | None
+  routers: dict                 # flax params of the routers ({'router_0': ..., } or {'router': ...}); {} if none
+  router_bias: jax.Array | None  # token-choice loss-free balancing bias [R]
+
+  @property
+  def dtype(self):
+    return self.head.dtype
+
+
+def _layer(p: dict, dtype) -> dict:
+  """One decoder layer's parameters as the decode step reads them."""
+  a, m = p["attn"], p["mlp"]
+  cat = lambda *ks: jnp.concatenate([k["kernel"] for k in ks], axis=1).astype(dtype)
+  return {"in_norm": p["input_norm"]["scale"], "qkv": cat(a["q_proj"], a["k_proj"], a["v_proj"]),
+          "o": a["o_proj"]["kernel"].astype(dtype), "post_norm": p["post_attn_norm"]["scale"],
+          "gate_up": cat(m["gate_proj"], m["up_proj"]), "down": m["down_proj"]["kernel"].astype(dtype)}
+
+
+def _block_layers(block: dict) -> list[dict]:
+  """The shared block's layers in order, from the scanned ({'layers': stacked}) or unrolled (layer_i) layout."""
+  if "layers" in block:
+    n = jax.tree.leaves(block["layers"])[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i], block["layers"]) for i in range(n)]
+  return [block[f"layer_{i}"] for i in range(len([k for k in block if k.startswith("layer_")]))]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def _prepare(cfg: ModelConfig, variables, dtype: str) -> DecodeWeights:
+  p = variables["params"]
+  dt = jnp.dtype(dtype)
+  emb = p["embed"]["embedding"]
+  head = emb.T if cfg.tie_embeddings else p["lm_head"]["kernel"]
+  routers = {k: v for k, v in p.items() if k.startswith("router")}
+  return DecodeWeights(embed=emb, head=head.astype(dt), final_norm=p["final_norm"]["scale"],
+                       block=tuple(_layer(lp, dt) for lp in _block_layers(p["block"])),
+                       first=_layer(p["first"], dt) if cfg.has_middle else None,
+                       last=_layer(p["last"], dt) if cfg.has_middle else None, routers=routers,
+                       router_bias=routing.router_bias(cfg, variables))
+
+
+def prepare_weights(cfg: ModelConfig, variables, dtype: str = "float32") -> DecodeWeights:
+  """The decode layout of `variables` (see the module docstring); a DecodeWeights is returned as it is."""
+  if isinstance(variables, DecodeWeights):
+    return variables
+  if dtype not in DTYPES:
+    raise InferenceError(f"--dtype={dtype} is not supported for inference: give one of {', '.join(DTYPES)}.")
+  return _prepare(cfg, variables, dtype)
+
+
+def nbytes(w: DecodeWeights) -> int:
+  return sum(int(a.nbytes) for a in jax.tree.leaves(w))
+
+
+def embed(w: DecodeWeights, tokens):
+  return jnp.take(w.embed, tokens, axis=0).astype(w.dtype)
+
+
+def logits(w: DecodeWeights, h):
+  """float32 logits of final-normed hidden states [..., D]."""
+  return jnp.matmul(h.astype(w.dtype), w.head, preferred_element_type=jnp.float32)
+
+
+def expert_router(cfg: ModelConfig, w: DecodeWeights, x, r):
+  """Expert-choice router logit of recursion r, [...] float32."""
+  return routing.Router(cfg, 1).apply({"params": w.routers[f"router_{r}"]}, x)[..., 0]
+
+
+def token_router(cfg: ModelConfig, w: DecodeWeights, x):
+  """Token-choice router logits [..., R] float32."""
+  return routing.Router(cfg, cfg.recursions).apply({"params": w.routers["router"]}, x)
