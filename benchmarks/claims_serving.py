@@ -59,17 +59,20 @@ def readme_engine(s: Source) -> str:
 
 def serve_trained_table(s: Source) -> str:
   a, rows = s.data["args"], []
+  cond = s.data["provenance"]["conditions"]
+  budget = cond["slots"] * cond["step_tokens"]           # tokens a step makes when every slot is busy
   for r in s.data["models"]:
     rows.append([r["model"], f"{r['mean_recursions']:.2f} / {r['recursions']}", f"{r['ideal']:.2f}x",
                  f"{r['tok_s']:,.0f}", f"{r['vs_vanilla']:.2f}x", f"{r['vs_vanilla'] / r['ideal']:.0%}",
                  f"{r['engine_tok_s']:,.0f}", f"{r['tok_s'] / r['engine_tok_s']:.0%}",
+                 f"{r['tokens_per_step'] / budget:.0%}",
                  f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f}",
                  f"{r['server_cores']:.2f}"])
   return (f"`python benchmarks/serve_load.py --json=benchmarks/results/serve_trained.json`: {a['clients']} streaming "
           f"clients, {a['requests']} requests of {a['prompt_len']}-token prompts x {a['max_tokens']} new tokens, "
           f"greedy, EOS ignored, default server flags, models {_trained(s)} ({_machine(s)}, {origin(s)}):\n\n" +
           table(["model", "mean recursions / R", "routing ideal", "tok/s", "vs vanilla", "of ideal",
-                 "engine alone tok/s", "server / engine", "TTFT p50 / p99 ms", "ITL p50 / p99 ms", "server cores"],
+                 "engine alone tok/s", "server / engine", "slots busy", "TTFT p50 / p99 ms", "ITL p50 / p99 ms", "server cores"],
                 rows))
 
 
