@@ -82,8 +82,8 @@ def main_generate(config, workdir: str, options: GenerateOptions | None = None, 
     raise InferenceError("give exactly one of --prompt, --prompt_ids, --prompts_file or --interactive.")
   if o.chat and o.prompt_ids is not None:
     raise InferenceError("--chat needs text prompts (the chat template is text); use --prompt instead of --prompt_ids.")
-  by_ids = isinstance(o.prompt_ids, (list, tuple))
-  ids = options_lib.parse_prompt_ids(",".join(map(str, o.prompt_ids)) if by_ids else o.prompt_ids)
+  listed = isinstance(o.prompt_ids, (list, tuple))     # ids from Python; the flag gives "1,2,3"
+  ids = options_lib.parse_prompt_ids(",".join(map(str, o.prompt_ids)) if listed else o.prompt_ids)
   stop = tuple(unescape(s) for s in (o.stop or ()))
   if ids is not None and stop:
     raise InferenceError("--stop needs a tokenizer (strings); leave it out with --prompt_ids.")
