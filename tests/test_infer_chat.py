@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from mor_jax import config as C
 from mor_jax.checkpoint import params as ckpt_params
 from mor_jax.infer import InferenceError, main_generate
-from mor_jax.infer import cli
+from mor_jax.infer import compilation
 from mor_jax.infer import prompts
 from mor_jax.interop import importer, layout
 from tiny import tiny_config
@@ -131,8 +131,8 @@ def test_a_broken_template_names_chat():
 
 
 def test_rate_note_mentions_compilation_only_when_there_was_some():
-  assert cli.rate_note(10, 2.0, 0.0) == "5.0 tokens/s"
-  assert cli.rate_note(10, 2.0, 1.5) == "5.0 tokens/s incl. 1.5s compilation; 20.0 tokens/s without it"
+  assert compilation.rate_note(10, 2.0, 0.0) == "5.0 tokens/s"
+  assert compilation.rate_note(10, 2.0, 1.5) == "5.0 tokens/s incl. 1.5s compilation; 20.0 tokens/s without it"
 
 
 def test_second_generation_in_a_process_reports_no_compilation(tiny_chat):

@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from mor_jax.infer import cli
+from mor_jax.infer import options
 from mor_jax.infer.errors import InferenceError
+from mor_jax.infer.options import GenerateOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,10 +65,10 @@ def test_prompts_and_output_files_are_checked_before_loading(tmp_path):
 
 
 def test_valid_values_pass():
-  assert cli.check_flags() == "full"
-  assert cli.check_flags(kv_capacity="1,0.5,0.25", threshold=0.0, temperature=0.0, top_p=1.0, top_k=5) == (1.0, 0.5,
-                                                                                                           0.25)
-  assert cli.parse_kv_capacity("routed") == "routed"
+  assert cli.check_flags(GenerateOptions()) == "full"
+  good = GenerateOptions(kv_capacity="1,0.5,0.25", threshold=0.0, temperature=0.0, top_p=1.0, top_k=5)
+  assert cli.check_flags(good) == (1.0, 0.5, 0.25)
+  assert options.parse_kv_capacity("routed") == "routed"
 
 
 @pytest.mark.parametrize("flag,match", [("--temperature=nan", "--temperature must be a finite number"),

@@ -291,16 +291,17 @@ def test_text_prompts_get_bos_token_ids_do_not_and_long_texts_are_refused_before
 
 
 def test_serve_flags_are_checked_in_one_line_naming_the_flag():
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
-  from mor_jax.serve.server import FLAG_DEFAULTS, _loopback, check_flags  # pylint: disable=g-import-not-at-top
-  ok = {k: FLAG_DEFAULTS[k] for k in ("port", "slots", "max_queue", "request_timeout", "drain_timeout",
-                                      "step_tokens", "serve_max_tokens", "prefill_rows", "max_request_bytes",
-                                      "api_key", "idle_timeout", "max_model_len")}
-  check_flags(**ok)
-  check_flags(**{**ok, "api_key": "sk-local-1"})
-  for flag, bad in (("max_request_bytes", 10), ("idle_timeout", 0.0), ("api_key", ""), ("api_key", "two words")):
+  from mor_jax.serve.command import loopback as _loopback  # pylint: disable=g-import-not-at-top
+  from mor_jax.serve.options import ServeOptions, check_flags  # pylint: disable=g-import-not-at-top
+  ok = ServeOptions()
+  check_flags(ok)
+  check_flags(dataclasses.replace(ok, api_key="sk-local-1"))
+  for flag, bad in (("max_request_bytes", 10), ("idle_timeout", 0.0), ("api_key", ""), ("api_key", "two words"),
+                    ("threshold", 1.5), ("step", -2), ("kv_capacity", "abc")):
     with pytest.raises(InferenceError, match=f"^--{flag}=") as e:
-      check_flags(**{**ok, flag: bad})
+      check_flags(dataclasses.replace(ok, **{flag: bad}))
     assert "\n" not in str(e.value) and (flag != "api_key" or "two words" not in str(e.value))   # keys not echoed
   assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
   assert not _loopback("0.0.0.0") and not _loopback("192.168.1.5") and not _loopback("example.org")

@@ -258,8 +258,8 @@ def test_idle_connections_are_closed(server):
 
   def long_stream():   # (the other slots busy with long requests too: it lasts well beyond IDLE_S)
     t0 = time.monotonic()
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                      json={"model": "w", "prompt": "w1", "max_tokens": CTX - 2, "temperature": 0, "stream": True}) as r:
+    body = {"model": "w", "prompt": "w1", "max_tokens": CTX - 2, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json=body) as r:
       return [line for line in r.iter_lines() if line.startswith("data: ")], time.monotonic() - t0
 
   def busy():

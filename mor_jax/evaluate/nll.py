@@ -192,7 +192,7 @@ def main_eval(config, workdir: str, *, step: int | None = None, threshold: float
   """
   from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from mor_jax.infer import restore  # pylint: disable=g-import-not-at-top
-  from mor_jax.infer.cli import check_threshold  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.options import check_threshold  # pylint: disable=g-import-not-at-top
   check_threshold(threshold)          # before the restore: --threshold=2.5 is refused at once
   devices = list(devices or jax.local_devices())
   mesh = Mesh(np.array(devices), ("data",))

@@ -15,11 +15,10 @@ import ml_collections
 
 from mor_jax import checkpoint as ckpt_lib
 from mor_jax import config as config_lib
-from mor_jax.checkpoint import ParamsRestore, default_sharding, read_meta  # noqa: F401 (re-exported)
+from mor_jax import data as data_lib
+from mor_jax.checkpoint import ParamsRestore
 from mor_jax.checkpoint import params as ckpt_params
-from mor_jax.infer.decode import InferenceError
-
-Restored = ParamsRestore   # the name inference code has used
+from mor_jax.infer.errors import InferenceError
 
 
 def _as_inference_error(fn):
@@ -50,7 +49,6 @@ def tokenizer_source(config: ml_collections.ConfigDict, *, directory: str | None
                      override: str | None = None) -> str | None:
   """Where the model's tokenizer is: `override` (--tokenizer), else the workdir's copy (WORKDIR/tokenizer/ of the
   step `directory`), else the stored config's data path; None when none of them holds a tokenizer.json."""
-  from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   if override:
     path = os.path.abspath(os.path.expanduser(override))
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
@@ -71,7 +69,6 @@ def tokenizer_source(config: ml_collections.ConfigDict, *, directory: str | None
 def load_tokenizer(config: ml_collections.ConfigDict, cfg: config_lib.ModelConfig | None = None, *,
                    directory: str | None = None, override: str | None = None):
   """The model's tokenizer (see `tokenizer_source`; never trains one), vocabulary-checked against the model."""
-  from mor_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = tokenizer_source(config, directory=directory, override=override)
   if path is None:
     raise InferenceError("this model has no tokenizer (none in its workdir's tokenizer/ folder, none at its "
@@ -79,7 +76,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, cfg: config_lib.ModelConfi
                          "--prompt_ids=1,2,3.")
   d = config.data
   try:
-    tok = tokenizer_lib.load_tokenizer(path, eos_token=d.get("eos_token", ""), bos_token=d.get("bos_token", ""))
+    tok = data_lib.load_tokenizer(path, eos_token=d.eos_token, bos_token=d.bos_token)
   except ValueError as e:
     raise InferenceError(str(e).splitlines()[0]) from None
   vocab = cfg.vocab_size if cfg is not None else int(config.model.vocab_size)
@@ -96,4 +93,4 @@ def describe(r: ParamsRestore) -> str:
       f"{c.strategy} R={c.recursions}" + (f" MoR {c.mor_type}-choice" if c.mor_enable else "") +
       (" + KV sharing" if c.kv_sharing else ""))
   n = sum(int(x.size) for x in jax.tree.leaves(r.variables["params"]))
-  return f"{r.config.get('name', '')} ({kind}, {n:,} parameters) step {r.step} from {r.directory}"
+  return f"{r.config.name} ({kind}, {n:,} parameters) step {r.step} from {r.directory}"

@@ -36,9 +36,9 @@ from mor_jax.infer import prompts as prompts_lib
 from mor_jax.infer import weights as weights_lib
 from mor_jax.infer.decode import check_supported, forward_cached, logits_fn
 from mor_jax.infer.errors import InferenceError
-# sampling lives in sampling.py (re-exported here: `from mor_jax.infer.generate import SamplingParams` keeps working)
-from mor_jax.infer.sampling import (FINISH_REASONS, RUNNING, STOP, SamplingParams, finish_code, sample_logits,  # pylint: disable=unused-import
+from mor_jax.infer.sampling import (FINISH_REASONS, RUNNING, STOP, SamplingParams, finish_code, sample_logits,
                                     sampling_arrays)
+
 
 @flax.struct.dataclass
 class DecodeState:
@@ -268,7 +268,7 @@ class _Stream:
       return False
     text = self._decode(out[:n])
     finished, newly = done, False
-    cut = _find_stop(text, self.stop, self.emitted_txt[b] - self.hold)
+    cut = find_stop(text, self.stop, self.emitted_txt[b] - self.hold)
     if cut is not None:
       text, finished, self.stopped[b], newly = text[:cut], True, True, not done
     self.texts[b] = text
@@ -291,14 +291,14 @@ class _Stream:
     if self.stopped[b] and self.texts[b] is not None:
       return self.texts[b], True
     text = self._decode(toks)
-    cut = _find_stop(text, self.stop, 0)
+    cut = find_stop(text, self.stop, 0)
     if cut is not None:
       return text[:cut], True
     return text, self.stopped[b]
 
 
-def _find_stop(text: str, stop: Sequence[str], start: int) -> int | None:
-  """Index of the earliest stop string in text[start:] (as an index into text), or None."""
+def find_stop(text: str, stop: Sequence[str], start: int) -> int | None:
+  """Index of the earliest stop string in text[start:] (as an index into text), or None (serve/text.py too)."""
   best = None
   for s in stop:
     i = text.find(s, max(0, start))
@@ -306,8 +306,3 @@ def _find_stop(text: str, stop: Sequence[str], start: int) -> int | None:
       best = i
   return best
 
-
-def main_generate(config, workdir, **flags):
-  """The --mode=generate command; see mor_jax.infer.cli.main_generate."""
-  from mor_jax.infer.cli import main_generate as run  # pylint: disable=g-import-not-at-top
-  return run(config, workdir, **flags)

@@ -1,33 +1,21 @@
 """Sampling: SamplingParams, `sample_logits` (greedy / temperature / top-k / top-p) and the finish reasons.
 
-One place for both decoding paths (the plain `Generator` and the depth-wise batching `Engine`) and the
-`--mode=generate` flags: the parameters are checked here, and turned into arrays so that one compiled program
-serves every setting.
+One place for both decoding paths (the plain `Generator` and the depth-wise batching `Engine`): the parameters
+are checked (`options.check_sampling`, which the generate command's flags share) and turned into arrays so that
+one compiled program serves every setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 
-from mor_jax.infer.errors import InferenceError
+from mor_jax.infer.options import check_sampling
 
 FINISH_REASONS = ("running", "eos", "length", "stop")
 RUNNING, EOS, LENGTH, STOP = range(4)   # indices into FINISH_REASONS
-
-
-def check_sampling(temperature, top_k, top_p, *, prefix: str = "") -> None:
-  """Raises InferenceError naming the first bad value (`prefix` + name, e.g. '--temperature') and the fix."""
-  if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature < 0:
-    raise InferenceError(f"{prefix}temperature must be a finite number >= 0 (0 = greedy), got {temperature}.")
-  if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-    raise InferenceError(f"{prefix}top_k must be an integer >= 0 (0 = off), got {top_k}.")
-  if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:   # (NaN fails the comparison too)
-    raise InferenceError(f"{prefix}top_p must be in (0, 1] (1 = off), got {top_p}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 
 from mor_jax.config import ModelConfig
 from mor_jax.infer.errors import InferenceError
+from mor_jax.infer.options import DTYPES
 from mor_jax.model import routing
 
-DTYPES = ("float32", "bfloat16")
 
 
 @flax.struct.dataclass

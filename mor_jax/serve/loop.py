@@ -2,10 +2,10 @@
 
 A handler makes a `Job` (prompt ids, limits, sampling) and `submit`s it: refused with `QueueFull` when
 `max_queue` jobs already wait for a slot. The loop thread moves submitted jobs into the engine, calls
-`Engine.step()` (one step: about --step_tokens tokens per slot) while anything is queued or in flight, and hands each job its progress (new
-tokens with their recursion depths, then the result) through the job's asyncio queue on the handler's event
-loop. `cancel` (a client that went away, a stop string, a timeout) frees the job's slot at the next step.
-Deadlines are checked by the loop: a job past its deadline is cancelled and told ("timeout").
+`Engine.step()` (one step: about --step_tokens tokens per slot) while anything is queued or in flight, and
+hands each job its progress (new tokens with their recursion depths, then the result) through the job's asyncio
+queue on the handler's event loop. `cancel` (a client that went away, a stop string, a timeout) frees the job's
+slot at the next step. Deadlines are checked by the loop: a job past its deadline is cancelled and told ("timeout").
 
 Failures: a request the engine refuses at submission is told ("error", "invalid_request", why) and the loop goes
 on. Anything else the engine raises ends the loop: every job queued or in flight is told ("error",

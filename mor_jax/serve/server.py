@@ -6,65 +6,41 @@ The model runs on the depth-wise batching engine (mor_jax.infer.engine) driven b
 (serve/loop.py); uvicorn serves the FastAPI app (serve/app.py). SIGTERM (or Ctrl-C): the server stops accepting,
 finishes the requests in flight within --drain_timeout seconds (those still running then get an error: a
 streamed one an error event and [DONE]), and exits 0. If the engine loop fails, every request queued or in flight
-is answered with the cause, the server shuts down and exits 1 (for a supervisor to restart it). The flags here
-are defined by `define_flags()`; --tokenizer, --step, --threshold and --kv_capacity are the generate mode's.
+is answered with the cause, the server shuts down and exits 1 (for a supervisor to restart it). The options,
+flags and checks are in serve/options.py, the entry point `main_serve` in serve/command.py; this module is what
+runs then.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
+import functools
+import json
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Callable
 
-FLAG_DEFAULTS = dict(host="127.0.0.1", port=8000, slots=16, max_queue=256, request_timeout=600.0, drain_timeout=30.0,
-                     step_tokens=4, served_model_name=None, serve_max_tokens=None,
-                     prefill_rows=0, max_request_bytes=4 * 2 ** 20, api_key=None, idle_timeout=5.0,
-                     max_model_len=None)
-API_KEY_ENV = "MOR_API_KEY"
+import uvicorn
+from sse_starlette.sse import AppStatus
+
+from mor_jax.infer import compilation
+from mor_jax.infer import options as options_lib
+from mor_jax.infer.checkpoint import describe, load_tokenizer, restore, tokenizer_source
+from mor_jax.infer.engine import Engine
+from mor_jax.infer.errors import InferenceError
+from mor_jax.infer.prompts import chat_settings, render_chat
+from mor_jax.serve.app import create_app
+from mor_jax.serve.options import FLAG_DEFAULTS, ServeOptions  # noqa: F401 (FLAG_DEFAULTS: benchmarks/serve_load.py)
+from mor_jax.serve.guard import IdleTimeoutH11Protocol
+from mor_jax.serve.loop import EngineLoop
+from mor_jax.serve.metrics import Metrics
+from mor_jax.serve.prepare import max_prompt_chars
+
 WARM_PROMPT_LENGTHS = (16, 32, 64, 128)   # prompt buckets compiled in the background after start-up
 DRAIN_GRACE_S = 5.0      # after --drain_timeout: for the error events to reach the clients, then uvicorn cancels
-
-
-def define_flags(flags=None) -> None:
-  """Defines the serve-mode flags on absl's FLAGS (call once, at import time of main.py)."""
-  if flags is None:
-    from absl import flags  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  d = FLAG_DEFAULTS
-  flags.DEFINE_string("host", d["host"], "serve: address to listen on (0.0.0.0: every interface).")
-  flags.DEFINE_integer("port", d["port"], "serve: TCP port (0: a free one, printed at start).")
-  flags.DEFINE_integer("slots", d["slots"], "serve: sequences decoded at once (engine slots).")
-  flags.DEFINE_integer("max_queue", d["max_queue"], "serve: requests that may wait for a slot; more get 429.")
-  flags.DEFINE_float("request_timeout", d["request_timeout"], "serve: seconds a request may take at most.")
-  flags.DEFINE_float("drain_timeout", d["drain_timeout"], "serve: seconds SIGTERM waits for requests in flight.")
-  flags.DEFINE_integer("step_tokens", d["step_tokens"], "serve: tokens per slot the engine makes between two "
-                       "host steps (streaming granularity vs host overhead; a MoR token takes several ticks).")
-  flags.DEFINE_integer("max_model_len", d["max_model_len"], "serve: most tokens (prompt + generated) of one request "
-                       "(default: the model's context); the KV caches grow with the live requests up to it.")
-  flags.DEFINE_string("served_model_name", d["served_model_name"], "serve: the model's name in the API (default: the "
-                      "workdir's folder name).")
-  flags.DEFINE_integer("serve_max_tokens", d["serve_max_tokens"], "serve: most tokens one request may generate "
-                       "(default: --max_model_len).")
-  flags.DEFINE_integer("prefill_rows", d["prefill_rows"], "serve: prompts prefilled per admission call, a fixed "
-                       "batch (at most --slots; 0: the requests that arrived, padded to a power of two).")
-  flags.DEFINE_integer("max_request_bytes", d["max_request_bytes"], "serve: largest request body; a larger one gets "
-                       "413 before it is read.")
-  flags.DEFINE_string("api_key", d["api_key"], f"serve: require 'Authorization: Bearer KEY' on /v1/* and /metrics "
-                      f"(default: ${API_KEY_ENV}, else no key; prefer the variable: a flag shows in ps).")
-  flags.DEFINE_float("idle_timeout", d["idle_timeout"], "serve: seconds a connection may stay without sending a "
-                     "complete request head (new or kept-alive), and a request body may stall.")
-
-
-def run_from_flags(config, workdir) -> int:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  F = flags.FLAGS
-  return main_serve(config, workdir, tokenizer=F.tokenizer, step=F.step, threshold=F.threshold,
-                    kv_capacity=F.kv_capacity, dtype=F.dtype, ignore_eos=F.ignore_eos,
-                    **{k: F[k].value for k in FLAG_DEFAULTS})
+_DEFAULT = ServeOptions()
 
 
 @dataclasses.dataclass
@@ -78,9 +54,9 @@ class Service:
   chat_template: Callable | None
   request_timeout: float
   description: str = ""
-  max_request_bytes: int = FLAG_DEFAULTS["max_request_bytes"]
+  max_request_bytes: int = _DEFAULT.max_request_bytes
   api_key: str | None = None
-  idle_timeout: float = FLAG_DEFAULTS["idle_timeout"]
+  idle_timeout: float = _DEFAULT.idle_timeout
   bos_id: int | None = None          # prepended to text prompts (the model was trained with data.add_bos)
   max_prompt_chars: int = 1 << 62    # a longer text cannot fit the context (serve/prepare.py)
   draining: bool = False
@@ -96,84 +72,56 @@ class Service:
                     "max_tokens": self.engine.max_new_tokens, "chat": self.chat_template is not None}}
 
 
-def check_flags(*, port, slots, max_queue, request_timeout, drain_timeout, step_tokens, serve_max_tokens,
-                prefill_rows=0, max_model_len=None, max_request_bytes=FLAG_DEFAULTS["max_request_bytes"], api_key=None,
-                idle_timeout=FLAG_DEFAULTS["idle_timeout"], **unused) -> None:
-  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
-  key_ok = api_key is None or (bool(api_key) and api_key.isprintable() and not any(c.isspace() for c in api_key))
-  checks = [("port", port, 0 <= port <= 65535, "a TCP port in [0, 65535]"),
-            ("slots", slots, slots >= 1, "an integer >= 1"),
-            ("max_queue", max_queue, max_queue >= 0, "an integer >= 0"),
-            ("request_timeout", request_timeout, request_timeout > 0, "seconds > 0"),
-            ("drain_timeout", drain_timeout, drain_timeout >= 0, "seconds >= 0"),
-            ("step_tokens", step_tokens, step_tokens >= 1, "an integer >= 1"),
-            ("max_model_len", max_model_len, max_model_len is None or max_model_len >= 2,
-             "an integer >= 2, at most the model's context (or leave it out)"),
-            ("prefill_rows", prefill_rows, prefill_rows >= 0, "an integer >= 0"),
-            ("serve_max_tokens", serve_max_tokens, serve_max_tokens is None or serve_max_tokens >= 1,
-             "an integer >= 1 (or leave it out)"),
-            ("max_request_bytes", max_request_bytes, max_request_bytes >= 1024, "bytes >= 1024"),
-            ("idle_timeout", idle_timeout, idle_timeout > 0, "seconds > 0"),
-            ("api_key", "...", key_ok, f"a non-empty key without spaces (or leave it out; also ${API_KEY_ENV})")]
-  for flag, value, ok, want in checks:
-    if not ok:
-      raise InferenceError(f"--{flag}={value} is not valid: give {want}.")
-
-
-def _chat_template(tokenizer_dir: str | None):
+def _chat_template(tokenizer_dir: str | None) -> Callable | None:
   """apply(messages) -> prompt text when the tokenizer folder has a chat template, else None."""
-  from mor_jax.interop import gguf  # pylint: disable=g-import-not-at-top
-  from mor_jax.interop import hf  # pylint: disable=g-import-not-at-top
-  if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
+  file = os.path.join(tokenizer_dir or "", "tokenizer_config.json")
+  if not tokenizer_dir or not os.path.isfile(file):
     return None
-  file = os.path.join(tokenizer_dir, "tokenizer_config.json")
-  if not os.path.isfile(file) or not hf.read_json(file).get("chat_template"):
+  try:
+    with open(file, encoding="utf-8") as f:
+      has_template = bool(json.load(f).get("chat_template"))
+  except (OSError, ValueError, AttributeError) as e:
+    raise InferenceError(f"{file} cannot be read as a JSON object ({e}): repair or remove it.") from None
+  if not has_template:
     return None
-  return lambda messages: gguf.apply_chat_template(tokenizer_dir, messages)
+  try:
+    return functools.partial(render_chat, chat_settings(tokenizer_dir))
+  except InferenceError:       # a list of templates without a 'default' one: no chat (the API says so)
+    return None
 
 
-def build_service(config, workdir: str, *, tokenizer=None, step=None, threshold=None, kv_capacity="full", slots=16,
-                  max_queue=256, request_timeout=600.0, step_tokens=4, served_model_name=None,
-                  serve_max_tokens=None, ignore_eos=False, prefill_rows=0, max_model_len=None, dtype="float32",
-                  max_request_bytes=FLAG_DEFAULTS[
-                      "max_request_bytes"], api_key=None, idle_timeout=FLAG_DEFAULTS["idle_timeout"],
-                  **unused) -> Service:
-  """Restores the model and its tokenizer, builds the engine, its loop (not started) and the metrics."""
-  from mor_jax.infer import cli as infer_cli  # pylint: disable=g-import-not-at-top
-  from mor_jax.infer.checkpoint import (describe, load_tokenizer, restore,  # pylint: disable=g-import-not-at-top
-                                        tokenizer_source)
-  from mor_jax.infer.engine import Engine  # pylint: disable=g-import-not-at-top
-  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
-  from mor_jax.serve.loop import EngineLoop  # pylint: disable=g-import-not-at-top
-  from mor_jax.serve.metrics import Metrics  # pylint: disable=g-import-not-at-top
-  from mor_jax.serve.prepare import max_prompt_chars  # pylint: disable=g-import-not-at-top
-  infer_cli.check_threshold(threshold)
-  kv = infer_cli.parse_kv_capacity(kv_capacity)
-  infer_cli._enable_compilation_cache()  # pylint: disable=protected-access
-  restored = restore(workdir, step=step, config=config)
-  tok = load_tokenizer(restored.config, restored.cfg, directory=restored.directory, override=tokenizer)
+def build_service(config, workdir: str, options: ServeOptions | None = None, **kw) -> Service:
+  """Restores the model and its tokenizer, builds the engine, its loop (not started) and the metrics.
+
+  The options are `options` (default: ServeOptions()) with the keywords `kw` replaced."""
+  o = options_lib.from_keywords(ServeOptions, kw, "build_service", base=options)
+  kv = options_lib.check_decode(o)
+  compilation.enable_compilation_cache()
+  restored = restore(workdir, step=o.step, config=config)
+  tok = load_tokenizer(restored.config, restored.cfg, directory=restored.directory, override=o.tokenizer)
   cfg = restored.cfg
-  add_bos = bool(restored.config.data.get("add_bos", False))
+  add_bos = bool(restored.config.data.add_bos)
   if add_bos and tok.bos_id is None:
     raise InferenceError("the model was trained with data.add_bos but its tokenizer has no BOS token: give one "
                          "with --tokenizer.")
   # BOS goes before text prompts only (as --mode=generate): the serve layer adds it, the engine takes ids as given
-  if max_model_len is not None and max_model_len > cfg.max_seq_len:
-    raise InferenceError(f"--max_model_len={max_model_len} is more than the model's context of {cfg.max_seq_len} "
+  if o.max_model_len is not None and o.max_model_len > cfg.max_seq_len:
+    raise InferenceError(f"--max_model_len={o.max_model_len} is more than the model's context of {cfg.max_seq_len} "
                          "tokens: give at most that (or leave it out).")
-  max_len = (max_model_len or cfg.max_seq_len) - 1    # cache positions: the last token generated is not fed back
-  eng = Engine(cfg, restored.variables, tok, slots=slots, max_len=max_len, max_new_tokens=serve_max_tokens,
-               threshold=threshold, kv_capacity=kv, add_bos=False, dtype=dtype,
-               prefill_rows=min(slots, prefill_rows) if prefill_rows else None, entry_rows="auto",
-               exit_rows="auto", window=max(16, 2 * step_tokens), step_tokens=slots * step_tokens, compile_ahead=True)
-  source = tokenizer_source(restored.config, directory=restored.directory, override=tokenizer)
+  max_len = (o.max_model_len or cfg.max_seq_len) - 1    # cache positions: the last token generated is not fed back
+  eng = Engine(cfg, restored.variables, tok, slots=o.slots, max_len=max_len, max_new_tokens=o.serve_max_tokens,
+               threshold=o.threshold, kv_capacity=kv, add_bos=False, dtype=o.dtype,
+               prefill_rows=min(o.slots, o.prefill_rows) if o.prefill_rows else None, entry_rows="auto",
+               exit_rows="auto", window=max(16, 2 * o.step_tokens), step_tokens=o.slots * o.step_tokens,
+               compile_ahead=True)
+  source = tokenizer_source(restored.config, directory=restored.directory, override=o.tokenizer)
   folder = source if source and os.path.isdir(source) else (os.path.dirname(source) if source else None)
   metrics = Metrics(eng.slots, cfg.recursions)
-  name = served_model_name or os.path.basename(os.path.normpath(os.path.abspath(workdir)))
-  return Service(engine=eng, loop=EngineLoop(eng, metrics, max_queue=max_queue, stop_at_eos=not ignore_eos),
+  name = o.served_model_name or os.path.basename(os.path.normpath(os.path.abspath(workdir)))
+  return Service(engine=eng, loop=EngineLoop(eng, metrics, max_queue=o.max_queue, stop_at_eos=not o.ignore_eos),
                  metrics=metrics, tokenizer=tok, model_name=name, chat_template=_chat_template(folder),
-                 request_timeout=float(request_timeout), description=describe(restored),
-                 max_request_bytes=int(max_request_bytes), api_key=api_key, idle_timeout=float(idle_timeout),
+                 request_timeout=float(o.request_timeout), description=describe(restored),
+                 max_request_bytes=int(o.max_request_bytes), api_key=o.api_key, idle_timeout=float(o.idle_timeout),
                  bos_id=tok.bos_id if add_bos else None, max_prompt_chars=max_prompt_chars(tok, eng.context))
 
 
@@ -191,19 +139,9 @@ def _warm_up(svc: Service, err) -> None:
         "cache size compile in the background, anything longer on first use]", file=err, flush=True)
 
 
-def _loopback(host: str) -> bool:
-  try:
-    return ipaddress.ip_address(host).is_loopback
-  except ValueError:
-    return host == "localhost"
-
-
 def _server(svc: Service, app, *, host: str, port: int, drain_timeout: float, err, t0: float):
   """The uvicorn server: drains on SIGTERM / Ctrl-C (the requests still running after --drain_timeout get an
   error), shuts down when the engine loop fails, closes idle connections after --idle_timeout."""
-  import uvicorn  # pylint: disable=g-import-not-at-top
-  from mor_jax.serve.guard import IdleTimeoutH11Protocol  # pylint: disable=g-import-not-at-top
-
   class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame):
       if not svc.draining:
@@ -233,31 +171,14 @@ def _server(svc: Service, app, *, host: str, port: int, drain_timeout: float, er
   return server
 
 
-def main_serve(config, workdir: str, *, host="127.0.0.1", port=8000, drain_timeout=30.0, err=None, **kw) -> int:
-  """The serve command; returns the exit code (0 after a SIGTERM / Ctrl-C shutdown, 1 when the engine failed)."""
-  from mor_jax.infer.errors import InferenceError  # pylint: disable=g-import-not-at-top
-  try:                                            # the HTTP libraries are an extra: say so in one line
-    import uvicorn  # pylint: disable=g-import-not-at-top,unused-import
-    from sse_starlette.sse import AppStatus  # pylint: disable=g-import-not-at-top
-    from mor_jax.serve.app import create_app  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise InferenceError(f"--mode=serve needs the serving extra ({e.name} is not installed): "
-                         "pip install -r requirements-serve.txt") from e
-  err = err or sys.stderr
-  if not workdir:
-    raise InferenceError("--workdir is required for --mode=serve (the training workdir or a checkpoint directory).")
-  if kw.get("api_key") is None:
-    kw["api_key"] = os.environ.get(API_KEY_ENV) or None
-  check_flags(port=port, drain_timeout=drain_timeout, **{k: kw.get(k, FLAG_DEFAULTS[k]) for k in (
-      "slots", "max_queue", "request_timeout", "step_tokens", "serve_max_tokens", "prefill_rows", "max_model_len",
-      "max_request_bytes", "api_key", "idle_timeout")})
-  if not _loopback(host) and not kw["api_key"]:
-    print(f"[warning: --host={host} without an API key: anyone who reaches the port can generate; set "
-          f"${API_KEY_ENV} and put a TLS reverse proxy in front (docs/serving.md)]", file=err, flush=True)
+def serve(config, workdir: str, options: ServeOptions, *, err) -> int:
+  """Builds the service, compiles the short requests' programs, serves until SIGTERM / Ctrl-C or an engine failure
+  (the options are checked: serve/command.py's main_serve); returns the exit code (0, or 1 when the engine failed)."""
   t0 = time.time()
-  svc = build_service(config, workdir, **kw)
+  svc = build_service(config, workdir, options)
   _warm_up(svc, err)
-  server = _server(svc, create_app(svc), host=host, port=port, drain_timeout=drain_timeout, err=err, t0=t0)
+  server = _server(svc, create_app(svc), host=options.host, port=options.port, drain_timeout=options.drain_timeout,
+                   err=err, t0=t0)
   svc.loop.start()
   AppStatus.disable_automatic_graceful_drain()      # SIGTERM lets streams finish (bounded by drain_timeout)
   for sig in (signal.SIGTERM, signal.SIGINT):       # uvicorn re-raises the signal it drained on: make that a no-op

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from mor_jax.infer.generate import _find_stop  # pylint: disable=protected-access (the plain path's stop search)
+from mor_jax.infer.generate import find_stop
 
 
 class TokenText:
@@ -35,7 +35,7 @@ class TokenText:
       elif not full.endswith("\ufffd"):       # a decoder that rewrote earlier text: send the difference at the end
         self.text = full
       self.pending.append([piece, int(d)])
-      cut = _find_stop(self.text, self.stop, self.emitted - self.hold) if self.stop else None
+      cut = find_stop(self.text, self.stop, self.emitted - self.hold) if self.stop else None
       if cut is not None:
         self._cut(cut)
     return self._flush(everything=self.stopped)

@@ -56,7 +56,8 @@ def _insert_caches(cfg: ModelConfig, lay: EngineLayout, c, pc: dict, slots_B, re
   def put_kv(dst: cache_lib.KVCache, src: cache_lib.KVCache):
     n = src.capacity
     rows, at = _targets(K, slots_B, real_B, n, 0, dst.capacity)
-    return dst.replace(k=(_put(dst.k[0], src.k[0], rows, at, n, True),), v=(_put(dst.v[0], src.v[0], rows, at, n, False),),
+    return dst.replace(k=(_put(dst.k[0], src.k[0], rows, at, n, True),),
+                       v=(_put(dst.v[0], src.v[0], rows, at, n, False),),
                        index=dst.index.at[rows[:, 0] // K, at[:, 0]].set(src.index[:, :n], mode="promise_in_bounds"),
                        length=dst.length.at[slots_B].set(src.length, mode="drop"))
   if cfg.has_middle:
@@ -78,7 +79,8 @@ def prefill(cfg: ModelConfig, lay: EngineLayout, w, tokens_BP, lengths_B, keys_B
   pc = cache_lib.init_cache(cfg, plan, Bp, w.dtype)
   h, pc, info = forward_cached(cfg, plan, w, pc, tokens_BP, pos, valid, threshold=threshold)
   last = jnp.take_along_axis(h, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-  tok = sample_rows(keys_B2, jnp.zeros((Bp,), jnp.int32), logits_fn(cfg, w, last), sp_B["temperature"], sp_B["top_k"], sp_B["top_p"])
+  tok = sample_rows(keys_B2, jnp.zeros((Bp,), jnp.int32), logits_fn(cfg, w, last), sp_B["temperature"],
+                    sp_B["top_k"], sp_B["top_p"])
   rec_last = jnp.take_along_axis(info["recursions"], (lengths_B - 1)[:, None], axis=1)[:, 0]
   return pc, jnp.where(valid, info["recursions"], 0), tok, rec_last
 

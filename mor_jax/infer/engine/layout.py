@@ -111,7 +111,8 @@ def make_layout(cfg: ModelConfig, slots: int, max_len: int, kv_capacity="full", 
                       region_of=tuple(c.reads if c.cache is None else c.cache for c in plan.calls),
                       writes=tuple(c.cache is not None for c in plan.calls), limits=tuple(plan.stage_capacity),
                       window=max(1, int(window)), entry_rows=entry_rows, exit_rows=exit_rows,
-                      gather=block_attention == "gather" or (block_attention == "auto" and len(plan.stage_capacity) >= 3))
+                      gather=block_attention == "gather" or (block_attention == "auto" and
+                                                             len(plan.stage_capacity) >= 3))
 
 
 # ------------------------------------------------------------------ state

@@ -78,7 +78,8 @@ class Session:
     ticks = max(1, s["ticks"])
     gen_tokens = sum(len(g.tokens) for g in self.done.values())
     return {**s, "wall_s": wall, "admit_s": self.admit_s, "admit_calls": self.admit_calls, "resizes": self.resizes,
-            "capacity": capacity, "generated_tokens": gen_tokens, "slot_utilisation": s["applied_rows"] / (ticks * slots),
+            "capacity": capacity, "generated_tokens": gen_tokens,
+            "slot_utilisation": s["applied_rows"] / (ticks * slots),
             "block_row_occupancy": s["block_rows"] / (ticks * slots),
             "mean_recursions": sum(sum(g.recursions) for g in self.done.values()) / max(1, gen_tokens),
             "tokens_per_tick": s["tokens"] / ticks}

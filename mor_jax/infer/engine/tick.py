@@ -219,7 +219,8 @@ def _exit(cfg: ModelConfig, lay: EngineLayout, w, eos_id, leave: _Rows, st: Engi
   count = count + 1
   finish = finish_code(tok, count, leave.take(st.limit), eos_id)
   st = st.replace(recent=recent, recent_rec=recent_rec, count=leave.put(st.count, count),
-                  finish=leave.put(st.finish, finish), phase=leave.put(st.phase, jnp.where(finish != RUNNING, DONE, ENTER)),
+                  finish=leave.put(st.finish, finish),
+                  phase=leave.put(st.phase, jnp.where(finish != RUNNING, DONE, ENTER)),
                   token=leave.put(st.token, tok), pos=leave.put(st.pos, pos + 1))
   return st, cache.replace(last=last)
 
