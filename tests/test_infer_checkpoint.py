@@ -178,3 +178,21 @@ def test_generate_command(workdir, tmp_path, monkeypatch):
     main_generate(None, workdir["dir"], **common)
   with pytest.raises(InferenceError, match="context is 64"):
     main_generate(None, workdir["dir"], prompt="romeo " * 80, stdout=io.StringIO(), stderr=io.StringIO(), **common)
+
+
+def test_ignore_eos_reaches_every_kind_of_prompt(workdir, tmp_path, monkeypatch):
+  """--ignore_eos applies to --prompt, --prompts_file and --prompt_ids alike (each generates max_new_tokens)."""
+  from mor_jax.infer.generate import Generator as G
+  seen, original = [], G.generate
+
+  def spy(self, prompts, **kw):
+    seen.append(kw.get("stop_at_eos", True))
+    return original(self, prompts, **kw)
+  monkeypatch.setattr(G, "generate", spy)
+  monkeypatch.setenv("MOR_JAX_COMPILE_CACHE", "")
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("romeo and\n")
+  common = dict(max_new_tokens=3, temperature=0.0, ignore_eos=True, stdout=io.StringIO(), stderr=io.StringIO())
+  for given in (dict(prompt="romeo and"), dict(prompts_file=str(prompts)), dict(prompt_ids="1,2,3")):
+    main_generate(None, workdir["dir"], **given, **common)
+  assert seen == [False, False, False]

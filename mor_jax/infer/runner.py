@@ -25,7 +25,8 @@ def run(config, workdir: str, o: GenerateOptions, *, kv_capacity, ids, prompts, 
   gen, tok_path = _load_generator(config, workdir, o, kv_capacity=kv_capacity, by_ids=ids is not None, err=err)
   wrap = _chat_wrapper(tok_path) if o.chat else None
   if ids is not None:
-    return [_one_ids(gen, out, err, ids, seed=o.seed, max_new_tokens=o.max_new_tokens, sampling=sampling)]
+    return [_one_ids(gen, out, err, ids, seed=o.seed, max_new_tokens=o.max_new_tokens, sampling=sampling,
+                     stop_at_eos=not o.ignore_eos)]
   one = functools.partial(_one, gen, out, err, dict(max_new_tokens=o.max_new_tokens, sampling=sampling, stop=stop,
                                                     stop_at_eos=not o.ignore_eos),
                           echo=not o.chat)
@@ -34,7 +35,7 @@ def run(config, workdir: str, o: GenerateOptions, *, kv_capacity, ids, prompts, 
   if o.prompts_file:
     return _run_file(gen, [wrap([_user(p)]) for p in prompts] if o.chat else prompts, o.output_file, out, err,
                      batch_size=o.batch_size, max_new_tokens=o.max_new_tokens, sampling=sampling, seed=o.seed,
-                     stop=stop)
+                     stop=stop, stop_at_eos=not o.ignore_eos)
   return _interactive(_Conversation(one, wrap) if o.chat else one, o.seed, err, stdin)
 
 
