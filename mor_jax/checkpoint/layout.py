@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import os
 
+from mor_jax.errors import CheckpointError
+
 CHECKPOINTS_SUBDIR = "checkpoints"
 CORRUPT_SUFFIX = "_corrupt"
 ITEMS = ("state", "data", "meta")
 STATE_ITEM, DATA_ITEM, META_ITEM = ITEMS
 MANIFEST = "checksums.json"
 LOCK_FILE = ".lock"
-
-
-class CheckpointError(ValueError):
-  """A checkpoint cannot be used as asked; the message says why and what to do."""
 
 
 class CheckpointMismatchError(CheckpointError):

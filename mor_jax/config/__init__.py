@@ -13,7 +13,8 @@ from mor_jax.config.naming import describe_model, run_name
 from mor_jax.config.schema import (ATTENTION_IMPLS, FIELDS, INIT_STRATEGIES, REMAT_POLICIES, STRATEGIES, Field,
                                    defaults)
 from mor_jax.config.upgrade import upgrade, upgrade_architecture
-from mor_jax.config.validate import ConfigError, resolve_mesh_shape, validate
+from mor_jax.config.validate import resolve_mesh_shape, validate
+from mor_jax.errors import ConfigError
 
 get_config = defaults   # the name config files use
 

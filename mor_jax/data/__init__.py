@@ -17,7 +17,7 @@ Public API:
   make_iterator(config, split, *, global_batch_size, ...) -> grain iterator
 """
 
-from mor_jax.data.common import DataError
+from mor_jax.errors import DataError
 from mor_jax.data.corpus import CorpusInfo, build_corpus, iter_texts
 from mor_jax.data.pipeline import count_batches, make_dataset, make_iterator
 from mor_jax.data.preparation import (PreparedData, get_tokenizer, prepare,

@@ -35,7 +35,8 @@ import grain
 import numpy as np
 
 from mor_jax.data import chat_records
-from mor_jax.data.common import DataError, atomic_dir, data_root, read_json, short_hash
+from mor_jax.data.common import atomic_dir, data_root, read_json, short_hash
+from mor_jax.errors import DataError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")

@@ -13,10 +13,6 @@ from typing import Any, Iterator
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "mor_jax", "datasets")
 
 
-class DataError(ValueError):
-  """A problem with the user's data or data config; the message names the fix."""
-
-
 def data_root(config) -> str:
   """Absolute directory holding prepared datasets ('' -> ~/.cache/...)."""
   d = config.data.data_dir or DEFAULT_DATA_DIR

@@ -26,7 +26,8 @@ from typing import Any, Iterator
 from absl import logging
 import tensorflow_datasets as tfds
 
-from mor_jax.data.common import DataError, data_root, short_hash
+from mor_jax.data.common import data_root, short_hash
+from mor_jax.errors import DataError
 from mor_jax.data.sources import files as files_lib
 from mor_jax.data.sources import shakespeare as shakespeare_lib
 

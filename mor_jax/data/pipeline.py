@@ -34,7 +34,8 @@ import grain
 import numpy as np
 
 from mor_jax.data import workers
-from mor_jax.data.common import DataError, ensure_absl_flags_parsed
+from mor_jax.data.common import ensure_absl_flags_parsed
+from mor_jax.errors import DataError
 from mor_jax.data.preparation import PreparedData, prepare
 from mor_jax.data.records import TextSource, TokenSource
 

@@ -31,7 +31,8 @@ import numpy as np
 from mor_jax.data import corpus as corpus_lib
 from mor_jax.data import tokenizer as tokenizer_lib
 from mor_jax.data.workers import ExitWithParent
-from mor_jax.data.common import DataError, atomic_dir, read_json
+from mor_jax.data.common import atomic_dir, read_json
+from mor_jax.errors import DataError
 
 TOKENS_FORMAT_VERSION = 1
 _DOCS_PER_SHARD = 50_000

@@ -14,7 +14,8 @@ import os
 import numpy as np
 
 from mor_jax.data import corpus as corpus_lib
-from mor_jax.data.common import DataError, read_json
+from mor_jax.data.common import read_json
+from mor_jax.errors import DataError
 
 
 class _LazySource:

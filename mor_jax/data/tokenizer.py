@@ -22,8 +22,8 @@ from typing import Iterable, Sequence
 
 from absl import logging
 
-from mor_jax.data.common import (DataError, atomic_dir, read_json,
-                                 short_hash)
+from mor_jax.data.common import atomic_dir, read_json, short_hash
+from mor_jax.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>",

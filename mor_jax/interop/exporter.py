@@ -23,7 +23,7 @@ import os
 from mor_jax.interop import hf
 from mor_jax.interop import layout
 from mor_jax.interop import reference as ref
-from mor_jax.interop.hf import InteropError
+from mor_jax.errors import InteropError
 
 MOR_NOTE = ("This is a Mixture-of-Recursions model exported by mor-jax: its token routing has no Llama equivalent, "
             "so plain Llama loaders (transformers' LlamaForCausalLM, vLLM) cannot run it. The weights use the "

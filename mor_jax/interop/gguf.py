@@ -29,7 +29,7 @@ import os
 import numpy as np
 
 from mor_jax.interop import hf
-from mor_jax.interop.hf import InteropError
+from mor_jax.errors import InteropError
 
 TOKENIZER_SUBDIR = "tokenizer"
 PROBE_TEXT = "The capital of France is"

@@ -36,7 +36,7 @@ from mor_jax.interop import gguf as gguf_lib
 from mor_jax.interop import hf
 from mor_jax.interop import layout
 from mor_jax.interop import reference as ref
-from mor_jax.interop.hf import InteropError
+from mor_jax.errors import InteropError
 # the state-dict mapping with its checks (re-exported: importer.params_from_weights is what callers use)
 from mor_jax.interop.weights import UNTIED_HINT, abstract_params, params_from_weights, variables_from_weights  # noqa: F401
 

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from mor_jax import config as config_lib
-from mor_jax.config import ConfigError
+from mor_jax.errors import ConfigError
 from mor_jax.interop import hf
 from mor_jax.interop import layout
 from mor_jax.interop import reference as ref

@@ -13,8 +13,8 @@ Public API:
 """
 
 from mor_jax.checkpoint import Checkpointer, CheckpointMismatchError
-from mor_jax.train.fit import DeviceMemoryError
-from mor_jax.train.loop import NonFiniteLossError, train_and_evaluate
+from mor_jax.errors import DeviceMemoryError, NonFiniteLossError
+from mor_jax.train.loop import train_and_evaluate
 from mor_jax.train.trainer import Hook, Trainer
 from mor_jax.train.metrics import read_metrics
 from mor_jax.train.optimizer import decay_mask, make_optimizer, make_schedule

@@ -36,6 +36,7 @@ import jax
 
 from mor_jax import config as config_lib
 from mor_jax import distributed
+from mor_jax.errors import DeviceMemoryError
 from mor_jax.train.aot import AOTStep, batch_signature, memory_analysis
 from mor_jax.train.step import make_train_step, routing_mode_for_step
 
@@ -56,12 +57,6 @@ def size(n: float | None) -> str:
   if n is None:
     return "n/a"
   return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
-
-
-class DeviceMemoryError(RuntimeError):
-  """The train step does not fit the devices' memory. One line naming the bytes needed and available and settings
-  that fit; raised before anything is written (nothing fits the budget) or at run time (XLA's RESOURCE_EXHAUSTED,
-  after the report is written). No checkpoint is touched either way."""
 
 
 @dataclasses.dataclass(frozen=True)

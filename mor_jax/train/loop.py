@@ -13,7 +13,6 @@ from typing import Callable, Iterable, Iterator
 
 import ml_collections
 
-from mor_jax.train.tracker import FIRST_KEYS, NonFiniteLossError  # noqa: F401 (re-exported)
 from mor_jax.train.trainer import Hook, Trainer
 
 

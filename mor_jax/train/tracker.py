@@ -9,16 +9,10 @@ import time
 
 from absl import logging
 
+from mor_jax.errors import NonFiniteLossError
+
 FIRST_KEYS = ("loss", "total_loss", "learning_rate", "grad_norm")
 SEEN_KEYS = ("examples", "tokens", "target_tokens")   # chat data: running totals logged as <key>_seen
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss or the gradient norm became NaN or Inf; the message names what, the step and the checkpoint kept."""
-
-  def __init__(self, message: str, *, step: int | None = None):
-    super().__init__(message)
-    self.step = step
 
 
 class _ClearBar(pylogging.Filter):

@@ -52,7 +52,8 @@ from mor_jax.train.profile import StepProfiler
 from mor_jax.train.signals import SignalGuard
 from mor_jax.train.state import abstract_state, init_state, num_params
 from mor_jax.train.step import make_eval_step, routing_mode_for_step
-from mor_jax.train.tracker import NonFiniteLossError, Tracker
+from mor_jax.errors import NonFiniteLossError
+from mor_jax.train.tracker import Tracker
 
 
 class Hook:

@@ -16,7 +16,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from mor_jax.config import ConfigError
+from mor_jax.errors import ConfigError
 from mor_jax.train import report as report_lib
 
 RUN_ID_FILE = "wandb_run_id"
