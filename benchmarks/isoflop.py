@@ -150,8 +150,13 @@ def train_run(name: str, args, steps: int, vbatches: list[dict], fpt: float, log
   class Curve(Hook):
     """Validation NLL (top-k) at step 0 and the eval points, with the train loss of that step."""
 
-    def on_eval(self, trainer, step, val_loss):
-      loss = trainer.meta["history"]["loss"][-1] if step else None
+    last_loss = None
+
+    def on_metrics(self, ctx, step, metrics):
+      self.last_loss = float(metrics["loss"])
+
+    def on_eval(self, ctx, step, val_loss):
+      loss = self.last_loss if step else None
       curve.append({"step": step, "flops": step * tokens_per_step * fpt, "tokens": step * tokens_per_step,
                     "val_nll_topk": val_loss, **({"train_loss": loss} if step else {})})
       if step:

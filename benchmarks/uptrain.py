@@ -160,6 +160,7 @@ def _nll(cfg, variables, vbatches, step: int) -> dict:
 def train_run(name: str, args, imported: str, steps: int, vbatches: list[dict], fpt: float, log) -> dict:
   import shutil  # pylint: disable=g-import-not-at-top
   from mor_jax.model import accounting  # pylint: disable=g-import-not-at-top
+  from mor_jax.interop import pretrained_init  # pylint: disable=g-import-not-at-top
   from mor_jax.train import Hook, Trainer, read_metrics  # pylint: disable=g-import-not-at-top
 
   config, cfg = isoflop.validated(build_config(name, args, imported, steps))
@@ -168,7 +169,7 @@ def train_run(name: str, args, imported: str, steps: int, vbatches: list[dict], 
   class Stamps(Hook):
     """When each step's metrics arrived (the first step includes the compilation)."""
 
-    def on_metrics(self, trainer, step, metrics):
+    def on_metrics(self, ctx, step, metrics):
       stamps.append((step, time.time()))
 
   class UptrainTrainer(Trainer):
@@ -188,8 +189,9 @@ def train_run(name: str, args, imported: str, steps: int, vbatches: list[dict], 
   workdir = tempfile.mkdtemp(prefix=f"uptrain-{name}-")   # a fresh workdir (an existing one would be resumed)
   t0 = time.time()
   try:
+    config, init_params_fn = pretrained_init.resolve(config, workdir)    # config.init: the entry point's
     trainer = UptrainTrainer(config, workdir, eval_iterator_fn=isoflop.eval_iterator_fn(vbatches),
-                             hooks=[Stamps()])
+                             hooks=[Stamps()], init_params_fn=init_params_fn)
     trainer.run()
     losses = [[r["step"], r["loss"]] for r in read_metrics(workdir) if "loss" in r]
   finally:

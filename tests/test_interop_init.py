@@ -12,7 +12,7 @@ import pytest
 from configs.base import get_config
 from mor_jax import config as C
 from mor_jax.config import ConfigError
-from mor_jax.interop import hf, importer, layout, pretrained_init
+from mor_jax.interop import hf, importer, layout, pretrained_init, weights
 from mor_jax.interop.reference import LAYER_KEYS
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
@@ -55,7 +55,7 @@ def config(strategy, R, init="stepwise", src="", mor=False, **model):
 
 
 def fresh(cfg, seed=0):
-  abstract = importer.abstract_params(cfg)
+  abstract = weights.abstract_params(cfg)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), abstract)
 

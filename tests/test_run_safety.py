@@ -20,7 +20,7 @@ import pytest
 
 from mor_jax import checkpoint as ckpt_lib
 from mor_jax import config as C
-from mor_jax.train import DataParallel, DeviceMemoryError, Hook, abstract_state, init_state, make_eval_step
+from mor_jax.train import DataParallel, DeviceMemoryError, Trainer, abstract_state, init_state, make_eval_step
 from mor_jax.train import make_optimizer
 from mor_jax.train import read_metrics, train_and_evaluate
 from mor_jax.train import evaluation
@@ -259,14 +259,15 @@ def test_eval_counts_the_same_sequences_on_1_and_4_devices():
   np.testing.assert_allclose(got[4], float(whole["nll_sum"]) / float(whole["count"]), rtol=1e-6)
 
 
-class _FillDisk(Hook):
+class _FillDisk(Trainer):
   """After the first checkpoint completed, fills the filesystem to ~1 MB free: the next save fails."""
 
-  def on_save(self, trainer, step):
+  def save(self, step):
+    super().save(step)
     if step == 2:
-      trainer.ckpt.wait()
-      st = os.statvfs(trainer.workdir)
-      with open(os.path.join(os.path.dirname(trainer.workdir), "filler"), "wb") as f:
+      self.ckpt.wait()
+      st = os.statvfs(self.workdir)
+      with open(os.path.join(os.path.dirname(self.workdir), "filler"), "wb") as f:
         f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - (1 << 20)))
 
 
@@ -282,8 +283,8 @@ def test_disk_full_one_clear_line_report_and_restorable_checkpoint(tmp_path):
     c = tiny(num_steps=8)
     c.model.update(vocab_size=4096)                          # ~3 MB per checkpoint: more than the space left
     with pytest.raises(ckpt_lib.CheckpointSaveError) as e:
-      train_and_evaluate(c, wd, eval_iterator_fn=evals, hooks=[_FillDisk()],
-                         train_iterator=SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ, rows=ROWS, seed=5))
+      _FillDisk(c, wd, eval_iterator_fn=evals,
+                train_iterator=SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ, rows=ROWS, seed=5)).run()
     assert str(e.value) == (f"no space left on device while writing checkpoint 4 to {wd}/checkpoints; the last "
                             "complete checkpoint is step 2")
     rep = json.load(open(os.path.join(wd, "report.json")))
@@ -297,19 +298,22 @@ def test_disk_full_one_clear_line_report_and_restorable_checkpoint(tmp_path):
     subprocess.run(["umount", "-l", mnt], check=False)
 
 
-class _OutOfMemoryAfterSave(Hook):
+class _OutOfMemoryAfterSave(Trainer):
   """From the first save on, the train step fails the way XLA does when the device runs out of memory."""
 
-  def on_save(self, trainer, step):
+  def save(self, step):
+    super().save(step)
+
     def out_of_memory(*args):
       raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.21GiB.")
-    trainer.train_fn = out_of_memory
+    self.train_fn = out_of_memory
 
 
 def test_out_of_memory_while_running_is_one_line_and_keeps_the_checkpoints(tmp_path):
   wd = str(tmp_path / "oom")
   with pytest.raises(DeviceMemoryError) as e:
-    train(wd, hooks=[_OutOfMemoryAfterSave()])
+    _OutOfMemoryAfterSave(tiny(), wd, eval_iterator_fn=evals,
+                          train_iterator=SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ, rows=ROWS, seed=5)).run()
   msg = str(e.value)
   assert "\n" not in msg and msg.startswith("out of device memory at step 3: the train step needs ") and " MiB" in msg
   assert "(compiled peak at micro-batch 1 x accumulation 2, remat none, seq_len 16)" in msg

@@ -46,7 +46,7 @@ def compilation_cache(tmp_path_factory):
 def peaks():
   """Compiled (not run) peak bytes per device of micro-batch 1 and 2, and the state's bytes."""
   c = C.validate(tiny(per_device_batch_size=1), 4)
-  steps = fit.StepCompiler.for_config(c, setup.select_devices(c))
+  steps = fit.StepCompiler.for_config(c, setup.data_parallel_for(c))
   return (steps.peak(1, "none"), steps.peak(2, "none")), steps.state_bytes
 
 
@@ -125,7 +125,7 @@ def test_auto_remat_escalates_to_the_first_policy_that_fits():
   c = tiny(per_device_batch_size=2)
   c.model.num_layers = 4
   c = C.validate(c, 4)
-  steps = fit.StepCompiler.for_config(c, setup.select_devices(c))
+  steps = fit.StepCompiler.for_config(c, setup.data_parallel_for(c))
   peak = {r: steps.peak(2, r) for r in fit.REMAT_ESCALATION}
   assert peak["full"] < peak["none"] < peak["dots"]
   c.execution.update(remat_policy="auto", memory_budget_gib=(peak["full"] + 1024) / 2**30)

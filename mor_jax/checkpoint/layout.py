@@ -51,6 +51,18 @@ def corrupt_dir(directory: str) -> str:
   return os.path.abspath(directory).rstrip("/") + CORRUPT_SUFFIX
 
 
+def has_checkpoints(workdir: str | None) -> bool:
+  """Whether WORKDIR/checkpoints holds any step folder (finished or not): a run resumes there, an import refuses it."""
+  directory = checkpoints_dir(workdir) if workdir else ""
+  return bool(directory) and os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def require_new_workdir(workdir: str) -> None:
+  """Raises CheckpointError when `workdir` already holds checkpoints (imports write step 0 of a new workdir)."""
+  if has_checkpoints(workdir):
+    raise CheckpointError(f"{workdir} already holds checkpoints; import into a new --workdir (nothing was written).")
+
+
 def step_dir(directory: str, step: int) -> str:
   return os.path.join(directory, str(int(step)))
 

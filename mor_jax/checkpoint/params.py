@@ -111,6 +111,35 @@ def restore_params(path: str, *, step: int | None = None, config: ml_collections
                        directory=step_dir, meta=meta)
 
 
+# ------------------------------------------------------------------ the stored config
+def workdir_config(workdir: str, step: int | None = None, *, with_run: bool = True):
+  """The config stored with W's newest (or `step`'s) checkpoint, as (step directory, ConfigDict); without
+  `with_run`, only the model (the run's train / parallel sections dropped), else the run's batch settings with
+  accumulation derived again for this machine's devices. Raises CheckpointError naming what is missing."""
+  ckpt_dir, steps = find_checkpoints(workdir)
+  if step is not None and step not in steps:
+    raise CheckpointError(f"--step={step}: no checkpoint of that step in {ckpt_dir}; available steps: {steps}.")
+  step_dir = os.path.join(ckpt_dir, str(steps[-1] if step is None else step))
+  meta = read_meta(step_dir)
+  if "config" not in meta:
+    raise CheckpointError(f"the checkpoint {step_dir} stores no config; pass the model's config with --config.")
+  config = ml_collections.ConfigDict(meta["config"])
+  for section in ("train", "parallel"):    # batch sizes of the run that wrote it: not part of the model
+    if section in config and not with_run:
+      del config[section]
+  if with_run and "train" in config:
+    config.train.grad_accum_steps = -1
+  return step_dir, config
+
+
+def workdir_summary(workdir: str, step: int | None = None) -> str:
+  """`--mode=info --workdir=W` without --config: the summary of the config stored with W's newest (or `step`'s)
+  checkpoint, e.g. an imported model's. Raises CheckpointError (a ValueError) naming what is missing."""
+  from mor_jax.model import accounting  # pylint: disable=g-import-not-at-top (jax, flax)
+  step_dir, config = workdir_config(workdir, step, with_run=False)
+  return f"checkpoint: step {os.path.basename(step_dir)} of {os.path.dirname(step_dir)}\n" + accounting.summary(config)
+
+
 # ------------------------------------------------------------------ the workdir's tokenizer
 TOKENIZER_SUBDIR = "tokenizer"       # WORKDIR/tokenizer/: the model's tokenizer (the GGUF import's layout too)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "mor_tokenizer.json")
@@ -197,8 +226,12 @@ def _may_write(file: str, dst: str) -> bool:
   return False
 
 
+def tokenizer_folder(workdir: str) -> str | None:
+  """WORKDIR/tokenizer/, if it holds a tokenizer.json."""
+  folder = os.path.join(os.path.abspath(os.path.expanduser(workdir)), TOKENIZER_SUBDIR)
+  return folder if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
+
+
 def workdir_tokenizer(step_dir: str) -> str | None:
   """WORKDIR/tokenizer/ of the workdir that holds `step_dir` (WORKDIR/checkpoints/<step>), if it has one."""
-  workdir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
-  folder = os.path.join(workdir, TOKENIZER_SUBDIR)
-  return folder if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
+  return tokenizer_folder(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))))

@@ -263,3 +263,12 @@ def _node(c, key: str):
       c[s] = ml_collections.ConfigDict()
     c = c[s]
   return c
+
+
+def get_field(c, key: str):
+  """The value of the dotted field `key` ('train.num_steps') in `c`, or None when it or its section is missing."""
+  for part in key.split("."):
+    c = c.get(part) if hasattr(c, "get") else None
+    if c is None:
+      return None
+  return c

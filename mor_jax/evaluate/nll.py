@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mor_jax.config import ModelConfig
-from mor_jax.evaluate import depths
+from mor_jax.model import depths
 from mor_jax.model.transformer import MoRLM
 from mor_jax.train.step import target_mask
 

@@ -17,7 +17,8 @@ It maps the weights with `reference.py` (a shared tensor stored once per use mus
 untied across recursions by the fork's bug is rejected), writes `OUT/checkpoints/0/` in the trainer's Orbax format (so
 generate, eval and training-to-continue all accept OUT), restores that checkpoint and prints the logits of a probe
 sequence (also saved to `OUT/import_probe.npz`). When DIR holds `inputs.npz` / `outputs.npz` (the fixture format) the
-probe is those inputs and the max difference to `logits_eval` is reported. A `.gguf` file goes to `gguf.py`.
+probe is those inputs and the max difference to `logits_eval` is reported. A `.gguf` file is `gguf.py`'s (which
+uses this module's writing and probing); main.py picks by the file's suffix.
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ import os
 import ml_collections
 import numpy as np
 
+from mor_jax import checkpoint as ckpt_lib
 from mor_jax import config as config_lib
-from mor_jax.interop import gguf as gguf_lib
+from mor_jax.checkpoint import params as ckpt_params
+from mor_jax.errors import InteropError
 from mor_jax.interop import hf
 from mor_jax.interop import layout
 from mor_jax.interop import reference as ref
-from mor_jax.errors import InteropError
-# the state-dict mapping with its checks (re-exported: importer.params_from_weights is what callers use)
-from mor_jax.interop.weights import UNTIED_HINT, abstract_params, params_from_weights, variables_from_weights  # noqa: F401
+from mor_jax.interop.weights import variables_from_weights
+# issue 34 (the lead): tests/test_infer_chat.py still reads `importer.abstract_params`; it moves to
+# `weights.abstract_params` there, then this line goes.
+from mor_jax.interop.weights import abstract_params  # noqa: F401
 
 PROBE_FILE = "import_probe.npz"
 
@@ -246,13 +250,10 @@ def write_checkpoint(config: ml_collections.ConfigDict, params: dict, workdir: s
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mor_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mor_jax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
   from mor_jax.train.state import TrainState  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
-    raise InteropError(f"{workdir} already holds checkpoints; import into a new --workdir.")
+  ckpt_lib.require_new_workdir(workdir)
   config = ml_collections.ConfigDict(config.to_dict())
   if "train" in config:
     config.train.grad_accum_steps = -1          # derived again for the devices of whatever run reads it
@@ -323,13 +324,14 @@ def probe_tokens(directory: str, vocab: int, length: int = 16) -> tuple[np.ndarr
 
 def import_reference(directory: str, workdir: str, *, config: ml_collections.ConfigDict | None = None,
                      run_config: str | None = None, log=print) -> ImportResult:
-  """The whole import (see the module docstring); `log` gets the human-readable lines."""
-  if str(directory).lower().endswith(".gguf"):         # a llama.cpp file: interop/gguf.py
-    return gguf_lib.import_gguf(directory, workdir, config=config, log=log)
+  """The whole import (see the module docstring); `log` gets the human-readable lines. Nothing is written when the
+  import is refused (the workdir holds checkpoints, the settings make no valid model)."""
+  if str(directory).lower().endswith(".gguf"):
+    raise InteropError(f"{directory} is a GGUF file: import it with interop.gguf.import_gguf (--mode=import does).")
   import jax  # pylint: disable=g-import-not-at-top
-  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
   from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.path.expanduser(directory))
+  ckpt_lib.require_new_workdir(workdir)
   src = load_source(directory, config=config, run_config=run_config)
   c = src.config
   try:

@@ -39,9 +39,12 @@ import os
 import ml_collections
 import numpy as np
 
+from mor_jax import checkpoint as ckpt_lib
 from mor_jax import config as config_lib
+from mor_jax.checkpoint import params as ckpt_params
 from mor_jax.errors import ConfigError
 from mor_jax.interop import hf
+from mor_jax.interop import importer
 from mor_jax.interop import layout
 from mor_jax.interop import reference as ref
 
@@ -101,10 +104,8 @@ def check_source(config, cfg: config_lib.ModelConfig, workdir: str | None = None
   path = _path(config)
   if not path:
     return
-  if workdir:
-    ck = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ck) and any(n.isdigit() for n in os.listdir(ck)):
-      return                                        # resuming: the checkpoint wins, the source is not read
+  if ckpt_lib.has_checkpoints(workdir):
+    return                                          # resuming: the checkpoint wins, the source is not read
   if not os.path.exists(path):
     _fail("init.from_path", f"{path} does not exist; give a Hugging Face Llama directory (config.json + weights) or "
           "a mor-jax workdir, or '' to train from scratch.")
@@ -223,8 +224,7 @@ def merge(fresh: dict, pretrained: dict, put=None, path=()) -> dict:
 def same_architecture(a: config_lib.ModelConfig, b: config_lib.ModelConfig) -> bool:
   """Whether two models have the same parameters and computation (execution, training-only and layout settings
   aside)."""
-  from mor_jax.checkpoint import schema  # pylint: disable=g-import-not-at-top
-  skip = schema.EXECUTION_FIELDS | schema.TRAINING_ONLY_FIELDS | {"scan_layers"}
+  skip = ckpt_lib.schema.EXECUTION_FIELDS | ckpt_lib.schema.TRAINING_ONLY_FIELDS | {"scan_layers"}
   da, db = dataclasses.asdict(a), dataclasses.asdict(b)
   return {k: v for k, v in da.items() if k not in skip} == {k: v for k, v in db.items() if k not in skip}
 
@@ -288,7 +288,6 @@ def apply_to_state(config, cfg: config_lib.ModelConfig, state, dp):
 def _stored_config(path: str) -> ml_collections.ConfigDict:
   """The config of a mor-jax workdir / checkpoint (its newest step's meta), or of a Hugging Face Llama directory
   (vanilla, from config.json)."""
-  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
   if _is_orbax(path):
     ckpt_dir, steps = ckpt_params.find_checkpoints(path)
     step_dir = path if os.path.basename(os.path.normpath(path)).isdigit() else os.path.join(ckpt_dir, str(steps[-1]))
@@ -297,7 +296,6 @@ def _stored_config(path: str) -> ml_collections.ConfigDict:
       _fail("init.from_path", f"{step_dir} stores no config, so the architecture cannot be taken from it; set the "
             "model fields in the config.")
     return ckpt_params.inference_config(ml_collections.ConfigDict(meta["config"]))   # train settings aside
-  from mor_jax.interop import importer  # pylint: disable=g-import-not-at-top
   cfg_json = os.path.join(path, "config.json")
   return importer.config_from_meta(importer.reference_meta(hf.llama_dims(hf.read_json(cfg_json), cfg_json), None))
 
@@ -311,20 +309,14 @@ def _tokenizer_of(path: str, stored) -> str:
   return str(stored.data.get("tokenizer_path", "") or "")
 
 
-def _has_checkpoints(workdir: str | None) -> bool:
-  ck = os.path.join(workdir, "checkpoints") if workdir else ""
-  return bool(ck) and os.path.isdir(ck) and any(n.isdigit() for n in os.listdir(ck))
-
-
 def resolve_from_path(config, workdir: str | None = None):
   """`config` with its unset (None) fields taken from the model it starts from, and an empty data.tokenizer_path
   (when fields were unset, or for chat data) set to that model's tokenizer; `config` itself when nothing is
   taken. The source is WORKDIR's own newest checkpoint when the run resumes (the source may be gone by then),
   else init.from_path (checked: it must exist)."""
-  from mor_jax.config import schema  # pylint: disable=g-import-not-at-top
-  unset = [f.key for f in schema.FIELDS if get_field(config, f.key) is None]
+  unset = [f.key for f in config_lib.FIELDS if config_lib.get_field(config, f.key) is None]
   wants_tokenizer = not config.data.get("tokenizer_path") and (unset or config.data.get("corpus") == "chat")
-  resume = _has_checkpoints(workdir)
+  resume = ckpt_lib.has_checkpoints(workdir)
   source = os.path.abspath(workdir) if resume else _path(config)
   if not (unset or wants_tokenizer) or not source:
     return config                  # nothing to take, or no source: validation names what is missing
@@ -335,7 +327,7 @@ def resolve_from_path(config, workdir: str | None = None):
   c = ml_collections.ConfigDict(config.to_dict())
   for key in unset:
     section, name = key.split(".")
-    c[section][name] = get_field(stored, key)
+    c[section][name] = config_lib.get_field(stored, key)
   if wants_tokenizer:
     c.data.tokenizer_path = _tokenizer_of(source, stored)
     for k in ("eos_token", "bos_token"):
@@ -343,9 +335,16 @@ def resolve_from_path(config, workdir: str | None = None):
   return c
 
 
-def get_field(c, key: str):
-  for part in key.split("."):
-    c = c.get(part) if hasattr(c, "get") else None
-    if c is None:
-      return None
-  return c
+
+# ------------------------------------------------------------------ for an entry point
+def resolve(config, workdir: str):
+  """What an entry point (main.py, a notebook, a benchmark) hands the trainer for `config.init`:
+  (`config` with the fields it leaves unset taken from the model it starts from, `init_params_fn` for
+  `train.train_and_evaluate` or None). `init.from_path` is checked here, before any heavy work, unless `workdir`
+  will resume (its checkpoint wins then and the source is not read)."""
+  c = resolve_from_path(config, workdir)
+  if not _path(c):
+    return c, None
+  if not ckpt_lib.has_checkpoints(workdir):
+    check_source(c, config_lib.model_config(ckpt_params.inference_config(c)))
+  return c, apply_to_state

@@ -117,35 +117,3 @@ def summary(config) -> str:
   lines.append(f"  forward {fl['forward'] / 1e9:10.3f} GFLOP   training (3x) {fl['train'] / 1e9:10.3f} GFLOP")
   lines.append(f"  6N = {6 * counts['total'] / 1e9:.3f} GFLOP for comparison")
   return "\n".join(lines)
-
-
-def workdir_config(workdir: str, step: int | None = None, *, with_run: bool = True):
-  """The config stored with W's newest (or `step`'s) checkpoint, as (step directory, ConfigDict); without
-  `with_run`, only the model (the run's train / parallel sections dropped), else the run's batch settings with
-  accumulation derived again for this machine's devices. Raises CheckpointError naming what is missing."""
-  import os  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
-  from mor_jax.checkpoint.layout import CheckpointError, find_checkpoints  # pylint: disable=g-import-not-at-top
-  ckpt_dir, steps = find_checkpoints(workdir)
-  if step is not None and step not in steps:
-    raise CheckpointError(f"--step={step}: no checkpoint of that step in {ckpt_dir}; available steps: {steps}.")
-  step_dir = os.path.join(ckpt_dir, str(steps[-1] if step is None else step))
-  meta = ckpt_params.read_meta(step_dir)
-  if "config" not in meta:
-    raise CheckpointError(f"the checkpoint {step_dir} stores no config; pass the model's config with --config.")
-  config = ml_collections.ConfigDict(meta["config"])
-  for section in ("train", "parallel"):    # batch sizes of the run that wrote it: not part of the model
-    if section in config and not with_run:
-      del config[section]
-  if with_run and "train" in config:
-    config.train.grad_accum_steps = -1
-  return step_dir, config
-
-
-def workdir_summary(workdir: str, step: int | None = None) -> str:
-  """`--mode=info --workdir=W` without --config: the summary of the config stored with W's newest (or `step`'s)
-  checkpoint, e.g. an imported model's. Raises CheckpointError (a ValueError) naming what is missing."""
-  import os  # pylint: disable=g-import-not-at-top
-  step_dir, config = workdir_config(workdir, step, with_run=False)
-  return f"checkpoint: step {os.path.basename(step_dir)} of {os.path.dirname(step_dir)}\n" + summary(config)

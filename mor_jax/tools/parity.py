@@ -54,10 +54,10 @@ def _load(directory: str, run_config: str | None = None):
     variables = ref.variables_from_state_dict(cfg, weights)
     ref.check_shapes(cfg, variables["params"], abstract_variables(cfg)["params"])
     return cfg, variables
-  from mor_jax.interop import importer, layout
+  from mor_jax.interop import importer, layout, weights
   src = importer.load_source(directory, run_config=run_config)
   cfg = C.model_config(C.validate(src.config, num_devices=1))
-  variables = importer.variables_from_weights(cfg, src.state_dict)
+  variables = weights.variables_from_weights(cfg, src.state_dict)
   return cfg, {**variables, "params": layout.to_model_layout(cfg, variables["params"])}
 
 

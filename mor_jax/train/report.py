@@ -170,11 +170,13 @@ def write_report(workdir: str, report: dict, history: dict, val_history: Sequenc
     plot(os.path.join(workdir, "loss.png"), history["step"], history["loss"], history["learning_rate"], vs, vl)
 
 
-def build_report(config, meta, *, status, message, workdir, dp, start, step, elapsed, tracker, n_params,
-                  flops_per_token, peak, ckpt, rows_per_step, tokens_per_step, run_time, epoch_tokens,
-                  state_memory=None) -> dict:
-  """The report dict of a run (see the module docstring)."""
+def build_report(config, meta, acc, *, status, message, workdir, dp, tracker, ckpt, n_params, elapsed, run_time,
+                 state_memory=None) -> dict:
+  """The report dict of a run (see the module docstring); `acc`: the run's `setup.Accounting` (batch, FLOPs)."""
   t = config.train
+  start, step = tracker.start_step, tracker.last_step
+  rows_per_step, tokens_per_step, flops_per_token = acc.rows_per_step, acc.tokens_per_step, acc.flops_per_token
+  peak, epoch_tokens = acc.peak, acc.epoch_tokens
   h = meta["history"]
   steps_this_run = max(0, step - start)
   tokens_seen = step * tokens_per_step

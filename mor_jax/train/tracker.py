@@ -39,7 +39,7 @@ class Tracker:
     self.log_every = max(1, int(t.log_every_steps))
     self.tokens_per_step, self.rows_per_step = tokens_per_step, rows_per_step
     self.flops_per_token, self.peak, self.num_devices = flops_per_token, peak, num_devices
-    self.last_step = start_step
+    self.start_step = self.last_step = start_step
     self.interval_steps, self.interval_time = 0, 0.0
     self.mark = None                  # time of the previous fetch (None: excluded pause)
     self.steady_steps, self.steady_time = 0, 0.0
