@@ -1,14 +1,14 @@
 """mor-jax command line.
 
-  python main.py --config=configs/shakespeare_mor.py --workdir=/tmp/mor           # train (resumes if WORKDIR has checkpoints)
-  python main.py --config=configs/smollm360_rec2.py --mode=info                    # parameters, FLOPs, step memory
-  python main.py --mode=info --workdir=/tmp/imported                                # ... of a workdir's model
-  python main.py --config=configs/smollm360_rec2.py --mode=prepare                 # build corpus, tokenizer, shards
-  python main.py --mode=generate --workdir=/tmp/mor --prompt="ROMEO:"               # sample from the latest checkpoint
-  python main.py --mode=eval --workdir=/tmp/mor                                     # validation NLL, top-k and causal routing
-  python main.py --mode=import --import_from=REF_OUTPUT_DIR --workdir=/tmp/imported # PyTorch-reference / HF checkpoint -> Orbax
-  python main.py --mode=export_hf --workdir=/tmp/mor --export_to=/tmp/hf            # -> Hugging Face LlamaForCausalLM directory
-  python main.py --mode=serve --workdir=/tmp/mor --port=8000                       # OpenAI-compatible HTTP server + web page
+  python main.py --config=configs/shakespeare_mor.py --workdir=W           # train (resumes if W has checkpoints)
+  python main.py --config=configs/smollm360_rec2.py --mode=info             # parameters, FLOPs, step memory
+  python main.py --mode=info --workdir=W                                     # ... of a workdir's model
+  python main.py --config=configs/smollm360_rec2.py --mode=prepare          # build corpus, tokenizer, shards
+  python main.py --mode=generate --workdir=W --prompt="ROMEO:"               # sample from the latest checkpoint
+  python main.py --mode=eval --workdir=W                                     # validation NLL, top-k and causal routing
+  python main.py --mode=import --import_from=REF_OUTPUT_DIR --workdir=W      # PyTorch-reference / HF / GGUF -> Orbax
+  python main.py --mode=export_hf --workdir=W --export_to=HF_DIR             # -> Hugging Face LlamaForCausalLM
+  python main.py --mode=serve --workdir=W --port=8000                        # OpenAI-compatible HTTP server + page
 
 Config fields can be overridden on the command line: --config.train.num_steps=100.
 Everything below is importable: `mor_jax.train.train_and_evaluate(config, workdir)` does the same from a notebook.
@@ -54,7 +54,8 @@ EXIT_CODES = ((MorJaxError, EXIT_ERROR), (_InferInferenceError, EXIT_ERROR), (OS
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, TensorBoard events and the report.")
-flags.DEFINE_string("mode", "train", "What to do: train | eval | generate | info | prepare | import | export_hf | serve.")
+flags.DEFINE_string("mode", "train", "What to do: train | eval | generate | info | prepare | import | export_hf | "
+                    "serve.")
 flags.DEFINE_integer("eval_batches", None, "eval: validation batches to score (default: the whole split).")
 flags.DEFINE_string("import_from", None, "import: a PyTorch-reference training output or Hugging Face Llama directory, "
                     "or a llama.cpp .gguf file of a Llama-architecture model (weights, tokenizer, chat template).")
@@ -63,7 +64,7 @@ flags.DEFINE_string("import_run_config", None, "import: the run's YAML (recursiv
 flags.DEFINE_string("export_to", None, "export_hf: the Hugging Face directory to write.")
 flags.DEFINE_bool("info_memory", True, "info: also compile (not run) the train step on this backend and print its "
                   "per-device memory; --noinfo_memory prints parameters and FLOPs only.")
-infer_cli.define_flags()  # --prompt, --interactive, --prompts_file, --step, --threshold, ... (generate; eval uses --step/--threshold)
+infer_cli.define_flags()  # --prompt, --prompts_file, --step, --threshold, ... (generate; eval uses --step/--threshold)
 serve_lib.define_flags()  # --host, --port, --slots, --max_queue, ... (serve; it reuses --tokenizer/--step/--threshold)
 FLAGS = flags.FLAGS
 

@@ -13,7 +13,8 @@ in `--vanilla_steps` steps (isoflop.py's default budget is 1x).
 `--workers=N` runs N runs at once, each in its own process pinned to its own CPU core (longest runs first, the next
 run starting as soon as a core is free). These models are too small for XLA to keep two cores busy in one process:
 on 2 cores, 2 workers finish about 1.4x more runs per hour than 1 (one timing, output not kept: two pinned
-120-step runs in 85 s against 2 x 61 s one after the other), which brings the full sweep to about 2 h 20 min. The results are the same run for run
+120-step runs in 85 s against 2 x 61 s one after the other), which brings the full sweep to about 2 h 20 min.
+The results are the same run for run
 (the NLL of a run pinned to one core equals the unpinned one to 4 decimals). Each worker's log is in OUT_DIR/logs/.
 
 Output (OUT_DIR): isoflop_seeds.json (every run and the summary), isoflop_seeds.md (per budget and model: mean and
@@ -103,7 +104,8 @@ def markdown(summary: dict) -> str:
     lines += ["", "| paired difference (a - b) | mean | s.e. | t | same sign every seed | significant (95%) |",
               "| --- | ---: | ---: | ---: | :---: | :---: |"]
     for k, p in s["pairs"].items():
-      lines.append(f"| {k} | {p['mean']:+.4f} | {p['se']:.4f} | {p['t']:+.1f} | {'yes' if p['all_same_sign'] else 'no'} "
+      same = "yes" if p["all_same_sign"] else "no"
+      lines.append(f"| {k} | {p['mean']:+.4f} | {p['se']:.4f} | {p['t']:+.1f} | {same} "
                    f"| {'yes' if p['significant'] else 'no'} |")
     lines.append("")
   return "\n".join(lines)

@@ -257,7 +257,8 @@ def main(argv=None):
   for r in rows:
     rr = ref.get(VARIANTS[r["variant"]][4] or "", {})
     best = max(rr.values()) if rr else None
-    print(f"{r['variant']:30s} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:7.0f} {r['train_flops_per_token'] / 1e9:9.4f} "
+    print(f"{r['variant']:30s} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:7.0f} "
+          f"{r['train_flops_per_token'] / 1e9:9.4f} "
           f"{r['gflops']:8.1f} {100 * r['gflops'] / peak:5.1f}% {rr.get('eager', float('nan')):9.0f} "
           f"{rr.get('sdpa', float('nan')):8.0f} {(r['tokens_per_s'] / best) if best else float('nan'):6.2f}")
   for r in rows:

@@ -148,7 +148,8 @@ def run_variant(args, variant: str) -> dict:
       "device_kind": kind, "devices": len(devices), "processes": jax.process_count(),
       "mesh": {"data": dp.data_size, "fsdp": dp.fsdp_size}, "dtype": args.dtype,
       "attention_impl": args.attention, "attention": _attention_label(cfg, policy), "remat": args.remat,
-      "scan_layers": cfg.scan_layers, "scan_unroll": policy.scan_unroll, "per_device_batch": args.batch, "seq_len": args.seq, "step_s": step_s, "tokens_per_s": tokens_per_s,
+      "scan_layers": cfg.scan_layers, "scan_unroll": policy.scan_unroll, "per_device_batch": args.batch,
+      "seq_len": args.seq, "step_s": step_s, "tokens_per_s": tokens_per_s,
       "tokens_per_s_per_device": tokens_per_s / len(devices), "train_flops_per_token": fpt,
       "tflops_per_device": tflops_dev, "peak_tflops_per_device": peak / 1e12 if peak else None,
       "mfu": tflops_dev * 1e12 / peak if peak else None,
@@ -175,7 +176,9 @@ def _kernel_kind(name: str) -> str:
 
 def profile_steps(out_dir: str, run_step, state, variant: str, steps: int = 3) -> dict:
   """Traces `steps` steps with jax.profiler and summarises device time per kernel (where the step's time goes)."""
-  import glob, gzip, collections  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  import glob
+  import gzip
+  import collections  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   d = os.path.join(out_dir, variant)
   with jax.profiler.trace(d, create_perfetto_trace=True):
     for _ in range(steps):
@@ -186,7 +189,8 @@ def profile_steps(out_dir: str, run_step, state, variant: str, steps: int = 3) -
     return {"error": "no trace written"}
   trace = json.load(gzip.open(files[0]))
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  pname = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  pname = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
   dev = {pid for pid, n in pname.items() if "gpu" in n.lower() or "device" in n.lower() and "cpu" not in n.lower()}
   per = collections.Counter()
   count = collections.Counter()
@@ -245,7 +249,8 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--attention", default=None, choices=("auto", "custom", "dot_product"),
-                 help="execution.attention_impl (default: auto on accelerators; dot_product on CPU, to run the GPU path)")
+                 help="execution.attention_impl (default: auto on accelerators; dot_product on CPU, to run the GPU "
+                 "path)")
   p.add_argument("--remat", default="none", choices=C.REMAT_POLICIES)
   p.add_argument("--scan", default=None, choices=("on", "off"), help="nn.scan over the shared block (config default)")
   p.add_argument("--scan_unroll", type=int, default=None, help="execution.scan_unroll (config default 0: auto)")

@@ -52,7 +52,6 @@ if __name__ == "__main__":
   runtime.use_huge_pages()  # see mor_jax/runtime.py
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks import isoflop  # noqa: E402  (validated, val_batches, eval_iterator_fn: the same helpers)
 
@@ -228,7 +227,8 @@ def table(results: list[dict]) -> str:
                  f"| {r['unique_params'] / 1e6:.1f}M | {r['train_flops_per_token'] / 1e6:.0f}M | {r['steps']} "
                  f"| {r['tokens_seen']:,} | {_nll_cell(r, 'before', 'topk')} | {_nll_cell(r, 'before', 'causal')} "
                  f"| {_nll_cell(r, 'after', 'topk')} | {_nll_cell(r, 'after', 'causal')} "
-                 f"| {r['after']['recursions_causal']:.2f} | {r['train_wall_s']:.0f}s (+{r['eval_wall_s']:.0f}s eval) |")
+                 f"| {r['after']['recursions_causal']:.2f} "
+                 f"| {r['train_wall_s']:.0f}s (+{r['eval_wall_s']:.0f}s eval) |")
   return "\n".join(lines)
 
 

@@ -186,7 +186,8 @@ def test_info_on_the_imported_workdir(imported):
   """`python main.py --mode=info --workdir=W` (no --config) reads the stored config: SmolLM2-135M's parameters."""
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
-  out = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--mode=info", f"--workdir={imported[0].workdir}"],
+  cmd = [sys.executable, os.path.join(REPO, "main.py"), "--mode=info", f"--workdir={imported[0].workdir}"]
+  out = subprocess.run(cmd,
                        capture_output=True, text=True, timeout=300, cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
   assert f"{PARAMS:,}" in out.stdout, out.stdout

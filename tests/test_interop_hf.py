@@ -42,7 +42,8 @@ def llama_dir(tmp_path_factory):
   words = " ".join(["to be or not to be that is the question whether tis nobler in the mind"] * 20)
   tok = train_bpe([words], 300)
   tok.save(d)
-  cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+  cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=LAYERS,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                  rms_norm_eps=1e-6, rope_theta=5000.0, tie_word_embeddings=False,
                                  bos_token_id=0, eos_token_id=0)

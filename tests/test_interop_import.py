@@ -205,7 +205,8 @@ def test_weight_formats(tmp_path, monkeypatch):
   run = reference_dir(RECURSIVE, str(tmp_path / "trainer_out"), io=False)
   for step in (100, 200):
     os.makedirs(os.path.join(run, f"checkpoint-{step}"))
-    shutil.copyfile(os.path.join(run, "model.safetensors"), os.path.join(run, f"checkpoint-{step}", "model.safetensors"))
+    shutil.copyfile(os.path.join(run, "model.safetensors"),
+                    os.path.join(run, f"checkpoint-{step}", "model.safetensors"))
   os.remove(os.path.join(run, "model.safetensors"))
   src = importer.load_source(run)
   assert src.weights_dir.endswith("checkpoint-200") and any("checkpoint-200" in n for n in src.notes)

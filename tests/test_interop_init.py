@@ -101,7 +101,8 @@ def test_each_strategy_maps_the_spec_layers(source, sharing, R):
     assert block_sources(cfg, params) == pytest.approx(expected), strategy
     p = layout.to_stacked_layout(cfg, params)
     if cfg.has_middle:                                   # unique first / last layers copy vanilla 0 / L-1
-      assert np.all(p["first"]["attn"]["q_proj"]["kernel"] == 0) and np.all(p["last"]["mlp"]["up_proj"]["kernel"] == L - 1)
+      assert np.all(p["first"]["attn"]["q_proj"]["kernel"] == 0)
+      assert np.all(p["last"]["mlp"]["up_proj"]["kernel"] == L - 1)
       assert np.all(p["last"]["input_norm"]["scale"] == 100 + L - 1)
     sd = hf.read_state_dict(source)
     np.testing.assert_array_equal(p["embed"]["embedding"], sd["model.embed_tokens.weight"])

@@ -243,9 +243,11 @@ def test_batch_groups_change_the_program_not_the_params_or_numbers():
     cfg = tiny(*args, **over)
     one, split = cpu(batch_groups=1), cpu(batch_groups=groups)
     p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
-    dots = lambda pol: jax.jit(lambda q: MoRLM(cfg, pol).apply({"params": q}, toks)[0]).lower(p).as_text().count("dot_general")
+    def forward(pol, cfg=cfg):
+      return lambda q, t: MoRLM(cfg, pol).apply({"params": q}, t)[0]
+    dots = lambda pol, p=p: jax.jit(forward(pol)).lower(p, toks).as_text().count("dot_general")
     assert dots(split) > dots(one)   # each layer's matmuls run once per group
-    logits = lambda pol, t: jax.jit(lambda q, t: MoRLM(cfg, pol).apply({"params": q}, t)[0])(p, t)
+    logits = lambda pol, t, p=p: jax.jit(forward(pol))(p, t)
     np.testing.assert_allclose(logits(split, toks), logits(one, toks), atol=1e-5)   # row by row, in order
     l0, g0 = _loss_and_grads(cfg, p, toks, policy=one)
     l1, g1 = _loss_and_grads(cfg, p, toks, policy=split)
@@ -313,7 +315,8 @@ def test_layer_scan_keeps_weights_out_of_its_stacked_residuals():
   jaxpr = jax.make_jaxpr(lambda q: jax.vjp(f, q))(p).jaxpr
   shapes = {tuple(v.aval.shape) for eqn in _all_eqns(jaxpr) if eqn.primitive.name == "scan" for v in eqn.outvars}
   depth, D = 2, cfg.hidden_size
-  assert (depth, D, 2 * cfg.intermediate_size) not in shapes and (depth, D, D + 2 * cfg.num_kv_heads * cfg.head_dim) not in shapes
+  assert (depth, D, 2 * cfg.intermediate_size) not in shapes
+  assert (depth, D, D + 2 * cfg.num_kv_heads * cfg.head_dim) not in shapes
   # the check does see the stacked residuals: the SwiGLU input [depth, rows, tokens, 2F] is one
   assert any(sh[0] == depth and sh[-1] == 2 * cfg.intermediate_size and len(sh) == 4 for sh in shapes)
 

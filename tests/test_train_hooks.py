@@ -18,16 +18,15 @@ VOCAB, SEQ, ROWS = 128, 16, 8
 def _config(tiny, **train):
   c = tiny("cycle", 2, "expert", vocab=VOCAB, seq_len=SEQ, mor__cap_warmup_steps=0)
   c.train.update(dict(dict(num_steps=4, total_batch_size=ROWS, per_device_batch_size=2, warmup_steps=1,
-                           log_every_steps=1, eval_every_steps=2, eval_sequences=4, save_every_steps=0, save_interval=0.0,
-                           progress_bar=False), **train))
+                           log_every_steps=1, eval_every_steps=2, eval_sequences=4, save_every_steps=0,
+                           save_interval=0.0, progress_bar=False), **train))
   return c
 
 
 def _run(c, workdir, **kw):
-  return train_and_evaluate(c, str(workdir), train_iterator=SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ,
-                                                                              rows=ROWS, seed=5),
-                            eval_iterator_fn=lambda rows: SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ, rows=rows,
-                                                                            seed=9, num_batches=1), **kw)
+  evals = lambda rows: SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ, rows=rows, seed=9, num_batches=1)
+  batches = SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ, rows=ROWS, seed=5)
+  return train_and_evaluate(c, str(workdir), train_iterator=batches, eval_iterator_fn=evals, **kw)
 
 
 class Recorder(Hook):

@@ -155,7 +155,8 @@ def test_store_tokenizer_never_replaces_a_different_one(tmp_path):
   other.mkdir()
   (other / "tokenizer.json").write_text('{"different": true}')
   assert ckpt_params.store_tokenizer(w, str(other)) == first
-  with open(os.path.join(SMOLLM, "tokenizer.json"), "rb") as a, open(os.path.join(w, "tokenizer", "tokenizer.json"), "rb") as b:
+  kept = os.path.join(w, "tokenizer", "tokenizer.json")
+  with open(os.path.join(SMOLLM, "tokenizer.json"), "rb") as a, open(kept, "rb") as b:
     assert a.read() == b.read()
 
 

@@ -30,7 +30,7 @@ ROUTER_BIAS_KEY = "router_bias"
 @dataclasses.dataclass
 class ParamsRestore:
   """The parameters of one step, with the config that describes them."""
-  config: ml_collections.ConfigDict   # the full config (data section: tokenizer)
+  config: ml_collections.ConfigDict   # the full config, validated (`carried_config`; data section: tokenizer)
   cfg: config_lib.ModelConfig
   variables: dict                     # {'params': ..., ['router_bias': ...]}
   step: int
@@ -55,6 +55,18 @@ def inference_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     if section in c:
       del c[section]
   return config_lib.validate(c)
+
+
+def carried_config(config: ml_collections.ConfigDict, checked=None) -> ml_collections.ConfigDict:
+  """The config inference carries: `inference_config(config)` with the train and parallel sections back as stored
+  over the schema's defaults (every field present; they describe the run that wrote the checkpoint, so they are
+  not checked against this machine's devices)."""
+  carried = (checked if checked is not None else inference_config(config)).to_dict()
+  defaults = config_lib.defaults().to_dict()
+  for section in ("train", "parallel"):
+    stored = config.get(section) or {}
+    carried[section] = {**defaults[section], **{k: v for k, v in dict(stored).items() if k in defaults[section]}}
+  return ml_collections.ConfigDict(carried)
 
 
 def default_sharding():
@@ -84,10 +96,11 @@ def restore_params(path: str, *, step: int | None = None, config: ml_collections
     if "config" not in meta:
       raise CheckpointError(f"the checkpoint {step_dir} stores no config; pass the training config (--config).")
     config = ml_collections.ConfigDict(meta["config"])
-  validated = inference_config(config)
-  cfg = config_lib.model_config(validated)
+  checked = inference_config(config)
+  validated = carried_config(config, checked)
+  cfg = config_lib.model_config(checked)
   abstract = abstract_variables(cfg)
-  schema.check_compatible(meta, validated, abstract["params"], where=step_dir, prefix=".params", command="infer")
+  schema.check_compatible(meta, checked, abstract["params"], where=step_dir, prefix=".params", command="infer")
   target = {k: abstract[k] for k in (PARAMS_KEY, ROUTER_BIAS_KEY) if k in abstract}
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding or default_sharding()),
                         target)
@@ -107,7 +120,7 @@ def restore_params(path: str, *, step: int | None = None, config: ml_collections
   if bad:
     raise CheckpointCorruptError(f"{os.path.join(step_dir, STATE_ITEM)} holds non-finite values in "
                                  f"{', '.join(bad[:4])}", os.path.join(step_dir, STATE_ITEM))
-  return ParamsRestore(config=config, cfg=cfg, variables=variables, step=int(os.path.basename(step_dir)),
+  return ParamsRestore(config=validated, cfg=cfg, variables=variables, step=int(os.path.basename(step_dir)),
                        directory=step_dir, meta=meta)
 
 
@@ -190,15 +203,15 @@ def _same_file(a: str, b: str) -> bool:
 def _store_chat_template(dst: str, config) -> None:
   """The named chat template of chat data (with the EOS/BOS it renders) into dst/tokenizer_config.json."""
   import json  # pylint: disable=g-import-not-at-top
-  d = config.get("data", {})
-  if d.get("corpus") != "chat" or not d.get("chat_template"):
+  d = config.data
+  if d.corpus != "chat" or not d.chat_template:
     return
   from mor_jax.data import chat_records  # pylint: disable=g-import-not-at-top
   from mor_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   template = chat_records.NAMED_TEMPLATES.get(d.chat_template)
   if template is None:
     return
-  tok = tokenizer_lib.load_tokenizer(dst, eos_token=d.get("eos_token", ""), bos_token=d.get("bos_token", ""))
+  tok = tokenizer_lib.load_tokenizer(dst, eos_token=d.eos_token, bos_token=d.bos_token)
   file = os.path.join(dst, "tokenizer_config.json")
   settings = {}
   if os.path.isfile(file):

@@ -203,7 +203,7 @@ def make_dataset(config, split: str, *, local_batch_size: int,
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map(to_ids)
   it = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=max(1, int(d.get("read_threads", 2))),
+      num_threads=max(1, int(d.read_threads)),
       prefetch_buffer_size=64))
   it = PackIterDataset(it, row_len=int(d.seq_len) + 1, eos_id=tok.eos_id,
                        bos_id=tok.bos_id if d.add_bos else None,

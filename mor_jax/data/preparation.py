@@ -135,7 +135,7 @@ def pretokenize_corpus(config, corpus: corpus_lib.CorpusInfo,
   final = tokens_dir_for(corpus, tok)
   if os.path.isfile(os.path.join(final, "metadata.json")):
     return final
-  workers = int(config.data.get("prepare_workers", 0)) or os.cpu_count() or 1
+  workers = int(config.data.prepare_workers) or os.cpu_count() or 1
   dtype = np.dtype(token_dtype(tok.vocab_size)).name
   with atomic_dir(final, "metadata.json") as tmp:
     tok.save(tmp)

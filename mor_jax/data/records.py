@@ -69,6 +69,7 @@ class TokenSource(_LazySource):
                       f"{sorted(meta['splits'])}).")
     self._files = [os.path.join(self.tokens_dir, f)
                    for f in meta["splits"][split]["files"]]
+    corpus_lib.check_files(self._files, self.tokens_dir, split)
     self._dtype = np.dtype(meta["dtype"])
     self._len = int(meta["splits"][split]["num_docs"])
     self._ds = None

@@ -260,8 +260,8 @@ def get_tokenizer(config,
   d = config.data
   if d.tokenizer_path:
     tok = load_tokenizer(
-        d.tokenizer_path, eos_token=d.get("eos_token", ""),
-        bos_token=d.get("bos_token", ""))
+        d.tokenizer_path, eos_token=d.eos_token,
+        bos_token=d.bos_token)
   else:
     path = tokenizer_path_for(config)
     marker = os.path.join(os.path.dirname(path), "mor_tokenizer.json")
@@ -271,8 +271,8 @@ def get_tokenizer(config,
           config, corpus.dataset_dir,
           corpus_lib.iter_texts(corpus.dataset_dir, "train"))
     tok = load_tokenizer(
-        path, eos_token=d.get("eos_token", ""),
-        bos_token=d.get("bos_token", ""))
+        path, eos_token=d.eos_token,
+        bos_token=d.bos_token)
   check_vocab(tok, config)
   if d.add_bos and tok.bos_id is None:
     raise DataError(

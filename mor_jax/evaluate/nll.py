@@ -198,7 +198,7 @@ def main_eval(config, workdir: str, *, step: int | None = None, threshold: float
   mesh = Mesh(np.array(devices), ("data",))
   r = restore(workdir, step=step, config=config, sharding=NamedSharding(mesh, PartitionSpec()))
   cfg, cfgd = r.cfg, _with_tokenizer(r, tokenizer)
-  per_device = int(cfgd.train.get("per_device_batch_size", 1)) if "train" in cfgd else 1
+  per_device = int(cfgd.train.per_device_batch_size)         # the run's (0: automatic -> 1 row per device)
   rows = max(1, per_device) * len(devices)
   rows += (-rows) % max(1, jax.process_count())
   max_batches = batches if batches is not None and batches >= 0 else None
@@ -211,13 +211,13 @@ def main_eval(config, workdir: str, *, step: int | None = None, threshold: float
   t0 = time.time()
   try:
     result = evaluate_nll(cfg, r.variables, it, threshold=threshold, step=r.step,
-                          document_mask=bool(cfgd.data.get("document_mask", False)), devices=devices,
+                          document_mask=bool(cfgd.data.document_mask), devices=devices,
                           max_batches=max_batches, progress=progress, expected_batches=expected, tally=tally)
   finally:
     close = getattr(it, "close", None)
     if callable(close):
       close()
-  result.update({"step": r.step, "checkpoint": r.directory, "name": cfgd.get("name", ""), "split": "validation",
+  result.update({"step": r.step, "checkpoint": r.directory, "name": cfgd.name, "split": "validation",
                  "batch_rows": rows, "seconds": round(time.time() - t0, 3)})
   if jax.process_index() == 0:
     path = os.path.join(workdir, RESULTS_FILE.format(step=r.step))

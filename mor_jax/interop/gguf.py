@@ -275,7 +275,7 @@ def import_gguf(path: str, workdir: str, *, config=None, log=print):
   tok_dir = os.path.join(workdir, TOKENIZER_SUBDIR)
   written, tok_notes = write_tokenizer(meta, tok_dir, os.path.basename(path))
   notes += tok_notes
-  if written and not c.data.get("tokenizer_path"):
+  if written and not c.data.tokenizer_path:
     c.data.tokenizer_path = tok_dir
     notes.append(f"tokenizer (and chat template) written to {tok_dir}")
   elif written:
@@ -284,7 +284,7 @@ def import_gguf(path: str, workdir: str, *, config=None, log=print):
       "imported_from": path, "import_settings": "GGUF metadata", **ckpt_params.store_tokenizer(workdir)})
   restored = infer_ckpt.restore(workdir)
   tok = (infer_ckpt.load_tokenizer(restored.config, restored.cfg, directory=restored.directory)
-         if c.data.get("tokenizer_path") else None)
+         if c.data.tokenizer_path else None)
   ids = tok.encode(PROBE_TEXT) if tok is not None else [1, 2, 3, 4]
   tokens = np.asarray([ids], np.int32)
   logits = np.asarray(jax.device_get(importer.forward(restored.cfg)(restored.variables, tokens)))

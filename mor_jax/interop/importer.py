@@ -210,7 +210,7 @@ def load_source(directory: str, *, config: ml_collections.ConfigDict | None = No
         notes.append(f"the run trained in {run['precision']}; the import computes in float32 "
                      "(set --config.model.dtype=bfloat16 when training on)")
     settings = f"run config {yaml_path}" if yaml_path else "config.json alone (vanilla Llama)"
-  if c.get("name", "base") == "base":
+  if c.name == config_lib.defaults().name:          # unnamed: the directory's name
     c.name = os.path.basename(os.path.normpath(directory))
   sd = hf.read_state_dict(wdir)
   if "model.embed_tokens.weight" not in sd:
@@ -342,7 +342,7 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
   notes = list(src.notes)
   tok_src = next((d for d in (src.weights_dir, directory) if hf.tokenizer_dir(d)), None)
   tok_meta = {}
-  if tok_src and not c.data.get("tokenizer_path"):
+  if tok_src and not c.data.tokenizer_path:
     dst = os.path.join(os.path.abspath(workdir), ckpt_params.TOKENIZER_SUBDIR)
     tok_meta = ckpt_params.store_tokenizer(workdir, tok_src)
     c.data.tokenizer_path = dst
@@ -351,7 +351,7 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
     if size is not None and size != cfg.vocab_size:
       notes.append(f"the tokenizer has {size} tokens but the model's vocabulary is {cfg.vocab_size}: generate and "
                    "eval need the tokenizer the model was trained with (pass --tokenizer=PATH)")
-  elif not c.data.get("tokenizer_path"):
+  elif not c.data.tokenizer_path:
     notes.append("no tokenizer.json found: generate and eval need --tokenizer=PATH (the model's tokenizer.json or "
                  "tokenizer folder), or generate from token ids with --prompt_ids=1,2,3")
   step_dir = write_checkpoint(c, variables["params"], workdir, router_bias=variables.get("router_bias"),
@@ -370,17 +370,19 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
   log(f"model: {infer_ckpt.describe(restored)}")
   for note in notes:
     log(f"note: {note}")
-  log(f"probe tokens {tokens.shape[0]}x{tokens.shape[1]}: {tokens[0, :12].tolist()}{' ...' if tokens.shape[1] > 12 else ''}")
+  more = " ..." if tokens.shape[1] > 12 else ""
+  log(f"probe tokens {tokens.shape[0]}x{tokens.shape[1]}: {tokens[0, :12].tolist()}{more}")
   with np.printoptions(precision=5, suppress=True, linewidth=120):
     for t in sorted({0, tokens.shape[1] // 2, tokens.shape[1] - 1}):
       log(f"  logits[0, {t}, :6] = {logits[0, t, :6]}  argmax {int(np.argmax(logits[0, t]))}")
-  log(f"  mean |logits| = {float(np.mean(np.abs(logits))):.6f}; all probe logits in {os.path.join(workdir, PROBE_FILE)}")
+  log(f"  mean |logits| = {float(np.mean(np.abs(logits))):.6f}; all probe logits in "
+      f"{os.path.join(workdir, PROBE_FILE)}")
   if max_diff is not None:
     log(f"max |logits - outputs.npz logits_eval| = {max_diff:.3e} ({'OK' if max_diff <= 1e-4 else 'ABOVE 1e-4'})")
   if depth_diff is not None:
     log(f"token depths vs outputs.npz token_depth_index_eval: {tokens.size - depth_diff}/{tokens.size} equal "
         f"({'OK' if depth_diff == 0 else 'MISMATCH'})")
-  use = "--prompt=..." if c.data.get("tokenizer_path") else "--prompt_ids=1,2,3 (or --tokenizer=PATH --prompt=...)"
+  use = "--prompt=..." if c.data.tokenizer_path else "--prompt_ids=1,2,3 (or --tokenizer=PATH --prompt=...)"
   log(f"{n:,} parameters. Use it: python main.py --mode=generate --workdir={workdir} {use}")
   return ImportResult(config=c, cfg=restored.cfg, workdir=workdir, step_dir=step_dir, tokens=tokens, logits=logits,
                       max_diff=max_diff, notes=notes, depth_mismatches=depth_diff)

@@ -128,8 +128,7 @@ def _check_dims(cfg, dims, where):
 
 
 def _path(config) -> str:
-  init = config.get("init") or {}
-  p = init.get("from_path", "") if hasattr(init, "get") else ""
+  p = config.init.from_path
   return os.path.abspath(os.path.expanduser(p)) if p else ""
 
 
@@ -181,7 +180,8 @@ def pretrained_params(cfg: config_lib.ModelConfig, state_dict: dict, num_source_
   if emb.shape != (cfg.vocab_size, cfg.hidden_size):
     _fail("model.vocab_size", f"the pretrained embedding is {list(emb.shape)} but the model needs "
           f"[{cfg.vocab_size}, {cfg.hidden_size}] (vocabulary mismatch: use the pretrained model's vocabulary).")
-  params = {"embed": {"embedding": emb}, "final_norm": {"scale": np.asarray(state_dict["model.norm.weight"], np.float32)}}
+  norm = np.asarray(state_dict["model.norm.weight"], np.float32)
+  params = {"embed": {"embedding": emb}, "final_norm": {"scale": norm}}
   head = state_dict.get("lm_head.weight")
   if cfg.tie_embeddings:
     if head is not None and not np.array_equal(np.asarray(head, np.float32), emb):
@@ -255,8 +255,7 @@ def _load(config, cfg: config_lib.ModelConfig):
   if whole is not None:
     logging.info("initialising from %s: the same architecture, every parameter copied", path)
     return whole
-  strategy = str(config.init.get("strategy", "stepwise"))
-  seed = int(config.train.seed) if "train" in config else 0
+  strategy, seed = str(config.init.strategy), int(config.train.seed)
   sd, n = load_vanilla(path, cfg)
   pre = pretrained_params(cfg, sd, n, strategy, seed)
   keep = repick(n, cfg)
@@ -306,7 +305,7 @@ def _tokenizer_of(path: str, stored) -> str:
   for folder in (os.path.join(path, "tokenizer"), path):
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
       return folder
-  return str(stored.data.get("tokenizer_path", "") or "")
+  return str(stored.data.tokenizer_path or "")
 
 
 def resolve_from_path(config, workdir: str | None = None):
@@ -315,7 +314,7 @@ def resolve_from_path(config, workdir: str | None = None):
   taken. The source is WORKDIR's own newest checkpoint when the run resumes (the source may be gone by then),
   else init.from_path (checked: it must exist)."""
   unset = [f.key for f in config_lib.FIELDS if config_lib.get_field(config, f.key) is None]
-  wants_tokenizer = not config.data.get("tokenizer_path") and (unset or config.data.get("corpus") == "chat")
+  wants_tokenizer = not config.data.tokenizer_path and (unset or config.data.corpus == "chat")
   resume = ckpt_lib.has_checkpoints(workdir)
   source = os.path.abspath(workdir) if resume else _path(config)
   if not (unset or wants_tokenizer) or not source:

@@ -98,7 +98,7 @@ def summary(config) -> str:
   seq = int(config.data.seq_len)
   counts = param_counts(cfg)
   fl = flops_per_token(cfg, seq)
-  lines = [f"model: {config.get('name', '?')}",
+  lines = [f"model: {config.name}",
            f"  shape: hidden {cfg.hidden_size}, layers {cfg.num_layers}, heads {cfg.num_heads}/{cfg.num_kv_heads} "
            f"(head_dim {cfg.head_dim}), ffn {cfg.intermediate_size}, vocab {cfg.vocab_size}, "
            f"{'tied' if cfg.tie_embeddings else 'untied'} head",
@@ -107,7 +107,8 @@ def summary(config) -> str:
   if cfg.mor_enable:
     extra = (f"capacity {tuple(round(c, 4) for c in cfg.selected_fractions)} -> k {cfg.selected_tokens(seq)} of T={seq}"
              if cfg.mor_type == "expert" else f"balancing {cfg.balancing}")
-    lines.append(f"  MoR: {cfg.mor_type}-choice, {cfg.router_type} router ({cfg.router_func}, alpha {cfg.alpha}), {extra}"
+    lines.append(f"  MoR: {cfg.mor_type}-choice, {cfg.router_type} router ({cfg.router_func}, alpha {cfg.alpha}), "
+                 f"{extra}"
                  + (", KV sharing" if cfg.kv_sharing else ""))
   lines.append("parameters:")
   for k in ("embedding", "unique_layers", "shared_block", "routers", "final_norm", "head"):

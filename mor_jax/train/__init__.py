@@ -26,7 +26,8 @@ from mor_jax.train.step import (eval_step, make_eval_step, make_train_step, rout
 from mor_jax.train.synthetic import SyntheticIterator
 
 __all__ = [
-    "Checkpointer", "CheckpointMismatchError", "DataParallel", "DeviceMemoryError", "Hook", "HookContext", "NonFiniteLossError", "SyntheticIterator",
+    "Checkpointer", "CheckpointMismatchError", "DataParallel", "DeviceMemoryError", "Hook", "HookContext",
+    "NonFiniteLossError", "SyntheticIterator",
     "TrainState", "Trainer", "abstract_state", "decay_mask", "eval_step", "init_state", "make_eval_step",
     "make_optimizer", "make_schedule", "make_train_step", "read_metrics", "routing_mode_for_step",
     "train_and_evaluate", "train_step",

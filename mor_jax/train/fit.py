@@ -47,7 +47,7 @@ BATCH_KEYS = ("tokens", "segment_ids", "positions")  # the int32 [rows, seq_len 
 
 def batch_keys(config) -> tuple[str, ...]:
   """The arrays of the run's training batches: chat data (data.corpus 'chat', data/chat.py) adds `loss_mask`."""
-  return BATCH_KEYS + (("loss_mask",) if config.data.get("corpus") == "chat" else ())
+  return BATCH_KEYS + (("loss_mask",) if config.data.corpus == "chat" else ())
 SEQ_DIVISORS = (2, 4, 8)                             # shorter data.seq_len tried when micro-batch 1 does not fit
 FAR = 1.25                                           # largest_fitting: predicted this far over, not compiled
 
@@ -201,7 +201,7 @@ class StepCompiler:
   def _build(self, remat: str, sink: dict | None) -> Callable:
     policy = dataclasses.replace(self.policy, remat_policy=remat)
     step = make_train_step(self.cfg, self.tx, self.schedule, policy=policy,
-                           document_mask=bool(self.config.data.get("document_mask", False)))
+                           document_mask=bool(self.config.data.document_mask))
     shardings = self.dp.state_shardings(self.abstract) if self.dp.mode == "pjit" else None
     return self.dp.ahead_of_time(self.dp.compile_train_step(step, shardings), routes=self.cfg.mor_enable, sink=sink)
 

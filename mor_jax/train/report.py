@@ -82,7 +82,8 @@ def markdown(report: dict) -> str:
       row(f"loss at {pct}% (step {loss[f'at_{pct}pct_step']:,})", _fmt(loss[f"at_{pct}pct"]))
   if val:
     row("validation loss: initial", _fmt(val.get("initial")))
-    row("validation loss: final", _fmt(val.get("final")) + (f" (step {val['final_step']:,})" if "final_step" in val else ""))
+    at = f" (step {val['final_step']:,})" if "final_step" in val else ""
+    row("validation loss: final", _fmt(val.get("final")) + at)
   row("learning rate: start / end", f"{_fmt(lr.get('start'))} / {_fmt(lr.get('end'))}")
   row("trainable parameters", _fmt(r.get("trainable_parameters")))
   row("samples / s", _fmt(r.get("samples_per_second"), 2))
@@ -95,7 +96,8 @@ def markdown(report: dict) -> str:
   dev = r.get("devices", {})
   row("devices", f"{dev.get('count')} x {dev.get('kind')} ({dev.get('mode')}, {dev.get('processes', 1)} process(es))")
   row("batch", f"{_fmt(r.get('total_batch_size'))} sequences x {_fmt(r.get('seq_len'))} tokens "
-      f"(per device {r.get('per_device_batch_size')} x accumulation {r.get('grad_accum_steps')} x {dev.get('count')} devices)")
+      f"(per device {r.get('per_device_batch_size')} x accumulation {r.get('grad_accum_steps')} x "
+      f"{dev.get('count')} devices)")
   ck = r.get("checkpoints", {})
   row("checkpoints written", ", ".join(str(s) for s in ck.get("written", [])) or "none")
   row("checkpoints kept", ", ".join(str(s) for s in ck.get("kept", [])) or "none")

@@ -51,7 +51,7 @@ class Tracker:
     if show_bar:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self.bar = tqdm(total=self.num_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.05,
-                      desc=str(config.get("name", "train")))
+                      desc=str(config.name))
       self.clear_bar = _ClearBar(self.bar)
       logging.get_absl_handler().addFilter(self.clear_bar)
     self.show_bar = show_bar

@@ -163,7 +163,7 @@ class Trainer:
 
   def _prepare(self) -> None:
     """Accounting, metric sinks, compiled train and eval steps, the hooks' context."""
-    t, seq_len = self.config.train, int(self.config.data.seq_len)
+    t = self.config.train
     self.accounting = setup.accounting(self.config, self.cfg, self.dp, own_data=self._given[0] is None)
     self.state_memory = setup.log_model(self.meta["name"], self.config, self.dp, self.abstract,
                                         self.accounting.flops_per_token)

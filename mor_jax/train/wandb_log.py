@@ -25,7 +25,7 @@ INSTALL = "pip install -r requirements-logging.txt"
 
 def mode(config) -> str:
   """'off', 'offline' or 'online' (logging.wandb)."""
-  return str(config.get("logging", {}).get("wandb", "off"))
+  return str(config.logging.wandb)
 
 
 def check_installed(config) -> None:
@@ -33,7 +33,7 @@ def check_installed(config) -> None:
   if mode(config) == "off":
     return
   try:
-    import wandb  # pylint: disable=g-import-not-at-top,unused-import
+    import wandb  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise ConfigError(f"config.logging.wandb: '{mode(config)}' needs the wandb package ({e}); run `{INSTALL}` or "
                       "set --config.logging.wandb=off.") from None
@@ -130,7 +130,7 @@ def open_run(config, workdir: str, *, enabled: bool) -> WandbRun | None:
   try:
     rid = run_id(workdir, lambda: uuid.uuid4().hex[:16])
     run = wandb.init(project=str(lg.wandb_project) or None, entity=str(lg.wandb_entity) or None,
-                     name=str(lg.wandb_run_name or config.get("name", "")) or None, tags=tags or None,
+                     name=str(lg.wandb_run_name or config.name) or None, tags=tags or None,
                      id=rid, resume="allow", dir=workdir, mode=kind, config=report_lib.clean(config.to_dict()),
                      settings=wandb.Settings(silent=True, console="off"))
   except Exception as e:  # pylint: disable=broad-except
