@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import isoflop  # noqa: E402  (benchmarks/isoflop.py: configs, one run, the table)
+from mor_jax import files as files_lib  # noqa: E402
 from mor_jax.tools.provenance import write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,9 +131,9 @@ def plot(summary: dict, names: list[str], path: str, title: str) -> None:
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=120)
+  with files_lib.replacing(path, suffix=".png") as tmp:
+    fig.savefig(tmp, dpi=120)
   plt.close(fig)
-  os.replace(path + ".tmp.png", path)
 
 
 def run_here(todo, iso, names, out_dir: str) -> None:

@@ -34,10 +34,11 @@ from absl import logging
 import grain
 import numpy as np
 
+from mor_jax import files as files_lib
 from mor_jax.data import batching
 from mor_jax.data import chat_records
 from mor_jax.data import tokenizer as tokenizer_lib
-from mor_jax.data.common import atomic_dir, data_root, read_json, short_hash
+from mor_jax.data.common import data_root, read_json, short_hash
 from mor_jax.errors import DataError
 
 FORMAT_VERSION = 1
@@ -228,7 +229,7 @@ def prepare_chat(config) -> ChatData:
   final = os.path.join(data_root(config), "chat", f"chat-{short_hash(key, 12)}")
   if not os.path.isfile(os.path.join(final, "summary.json")):
     logging.info("preparing chat data from %d file(s) of %s", len(files), d.path)
-    with atomic_dir(final, "summary.json") as tmp:
+    with files_lib.atomic_dir(final, "summary.json") as tmp:
       summary = _build(config, files, tok, settings, tmp)
       if not summary["splits"]["train"]["examples"]:
         raise DataError(f"no usable training conversation in {d.path}: {skipped_line(summary)}. Fix: check the "

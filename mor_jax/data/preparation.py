@@ -28,11 +28,12 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from mor_jax import files as files_lib
 from mor_jax.data import chat
 from mor_jax.data import corpus as corpus_lib
 from mor_jax.data import tokenizer as tokenizer_lib
 from mor_jax.data.workers import ExitWithParent
-from mor_jax.data.common import atomic_dir, read_json
+from mor_jax.data.common import read_json
 from mor_jax.errors import DataError
 
 TOKENS_FORMAT_VERSION = 1
@@ -77,7 +78,7 @@ def prepare(config, *, pretokenize: bool | None = None) -> PreparedData:
     copy_dir = os.path.join(corpus.dataset_dir,
                             f"tokenizer-{tok.fingerprint()}")
     if not os.path.isfile(os.path.join(copy_dir, "mor_tokenizer.json")):
-      with atomic_dir(copy_dir, "mor_tokenizer.json") as tmp:
+      with files_lib.atomic_dir(copy_dir, "mor_tokenizer.json") as tmp:
         tok.save(tmp)
   tokens_dir = tokens = None
   if pretokenize:
@@ -137,7 +138,7 @@ def pretokenize_corpus(config, corpus: corpus_lib.CorpusInfo,
     return final
   workers = int(config.data.prepare_workers) or os.cpu_count() or 1
   dtype = np.dtype(token_dtype(tok.vocab_size)).name
-  with atomic_dir(final, "metadata.json") as tmp:
+  with files_lib.atomic_dir(final, "metadata.json") as tmp:
     tok.save(tmp)
     tok_json = tok.to_json()
     jobs = []

@@ -22,8 +22,9 @@ from typing import Iterable, Sequence
 
 from absl import logging
 
+from mor_jax import files as files_lib
 from mor_jax.data import corpus as corpus_lib
-from mor_jax.data.common import atomic_dir, read_json, short_hash
+from mor_jax.data.common import read_json, short_hash
 from mor_jax.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -227,7 +228,7 @@ def train_and_store(config, dataset_dir: str, texts: Iterable[str]) -> str:
         f"the corpus is too small to train a BPE of {config.model.vocab_size}"
         f" tokens (got {tok.vocab_size}). Fix: lower config.model.vocab_size "
         "to at most that, or use a larger corpus or config.data.tokenizer_path.")
-  with atomic_dir(final, "mor_tokenizer.json") as tmp:
+  with files_lib.atomic_dir(final, "mor_tokenizer.json") as tmp:
     tok.save(tmp)  # mor_tokenizer.json is written last: the completion mark
   return path
 

@@ -18,6 +18,7 @@ import os
 
 import ml_collections
 
+from mor_jax import files as files_lib
 from mor_jax import config as config_lib
 from mor_jax import data as data_lib
 from mor_jax.data import chat
@@ -88,6 +89,6 @@ class ChatDataReport(Hook):
     report["chat"] = s
     try:
       report_lib.add_section(ctx.workdir, "Chat data", summary_lines(s))
-      report_lib.write_atomic(os.path.join(ctx.workdir, "report.json"), json.dumps(report_lib.clean(report), indent=2))
+      files_lib.write_text(os.path.join(ctx.workdir, "report.json"), json.dumps(report_lib.clean(report), indent=2))
     except OSError:
       pass                                   # the trainer reported its own write failure already

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from mor_jax import files as files_lib
+
 
 def loss_summary(steps: Sequence[int], losses: Sequence[float]) -> dict:
   """initial / final / average loss and the loss at 10%, 50%, 90% of the steps run."""
@@ -136,16 +138,6 @@ def clean(v):
   return v
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to a temporary file next to `path` and renames it over `path` (never a half-written file)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def add_section(workdir: str, title: str, lines) -> None:
   """Appends (or replaces) the section `## title` of WORKDIR/report.md, atomically (hooks add figures this way)."""
   path = os.path.join(workdir, "report.md")
@@ -155,7 +147,7 @@ def add_section(workdir: str, title: str, lines) -> None:
     start = text.index(head)
     nxt = text.find("\n## ", start + len(head))
     text = text[:start] + (text[nxt + 1:] if nxt >= 0 else "")
-  write_atomic(path, text.rstrip("\n") + "\n\n" + head + "\n" + "\n".join(lines) + "\n")
+  files_lib.write_text(path, text.rstrip("\n") + "\n\n" + head + "\n" + "\n".join(lines) + "\n")
 
 
 def now() -> str:
@@ -164,8 +156,8 @@ def now() -> str:
 
 def write_report(workdir: str, report: dict, history: dict, val_history: Sequence[Sequence[float]] = ()) -> None:
   """Writes report.json and report.md (atomically) and loss.png into `workdir`."""
-  write_atomic(os.path.join(workdir, "report.json"), json.dumps(clean(report), indent=2))
-  write_atomic(os.path.join(workdir, "report.md"), markdown(report))
+  files_lib.write_text(os.path.join(workdir, "report.json"), json.dumps(clean(report), indent=2))
+  files_lib.write_text(os.path.join(workdir, "report.md"), markdown(report))
   if history.get("step"):
     vs = [int(s) for s, _ in val_history]
     vl = [float(v) for _, v in val_history]

@@ -20,6 +20,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from mor_jax import files as files_lib
 from mor_jax.data import tokenizer as tokenizer_lib
 from mor_jax.model import depths
 from mor_jax.train import report as report_lib
@@ -60,9 +61,9 @@ def plot_shares(history: dict[int, dict], R: int, path: str) -> str:
   ax.set_title("recursions per token (causal routing)")
   ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
   fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=110)
+  with files_lib.replacing(path, suffix=".png") as tmp:
+    fig.savefig(tmp, dpi=110)
   plt.close(fig)
-  os.replace(path + ".tmp.png", path)
   return path
 
 
@@ -127,7 +128,7 @@ class RoutingPictures(Hook):
     ids = self.sample["tokens"][0, :-1][mask]
     pieces = _pieces(ctx.tokenizer_dir, ids)
     title = f"{ctx.config.name} at step {max(history)}: recursions per token (causal routing)"
-    report_lib.write_atomic(os.path.join(w, "routing_sample.html"), depths.colored_html(pieces, self.rec[0][mask],
+    files_lib.write_text(os.path.join(w, "routing_sample.html"), depths.colored_html(pieces, self.rec[0][mask],
                                                                                           R, title))
     depths.colored_png(pieces, self.rec[0][mask], R, os.path.join(w, "routing_sample.png"),
                        title="recursions per token")

@@ -16,6 +16,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from mor_jax import files as files_lib
 from mor_jax.errors import ConfigError
 from mor_jax.train import report as report_lib
 
@@ -48,7 +49,7 @@ def run_id(workdir: str, new_id) -> str:
     if stored:
       return stored
   rid = str(new_id())
-  report_lib.write_atomic(path, rid + "\n")
+  files_lib.write_text(path, rid + "\n")
   return rid
 
 
