@@ -37,7 +37,6 @@ from mor_jax.interop import hf
 from mor_jax.interop import importer
 from mor_jax.interop import weights
 
-TOKENIZER_SUBDIR = ckpt_params.TOKENIZER_SUBDIR
 PROBE_TEXT = "The capital of France is"
 GGUF_PIN = "gguf==0.19.0"
 # llama.cpp names -> Hugging Face Llama names ("blk.{i}.<part>.weight" -> "model.layers.{i}.<name>.weight")
@@ -272,7 +271,7 @@ def import_gguf(path: str, workdir: str, *, config=None, log=print):
   c, cfg, sd, meta, notes = load_gguf(path, config)
   params = weights.params_from_weights(cfg, sd)
   del sd
-  tok_dir = os.path.join(workdir, TOKENIZER_SUBDIR)
+  tok_dir = os.path.join(workdir, ckpt_params.TOKENIZER_SUBDIR)
   written, tok_notes = write_tokenizer(meta, tok_dir, os.path.basename(path))
   notes += tok_notes
   if written and not c.data.tokenizer_path:

@@ -40,9 +40,6 @@ from mor_jax.interop import hf
 from mor_jax.interop import layout
 from mor_jax.interop import reference as ref
 from mor_jax.interop.weights import variables_from_weights
-# issue 34 (the lead): tests/test_infer_chat.py still reads `importer.abstract_params`; it moves to
-# `weights.abstract_params` there, then this line goes.
-from mor_jax.interop.weights import abstract_params  # noqa: F401
 
 PROBE_FILE = "import_probe.npz"
 

@@ -48,7 +48,6 @@ from mor_jax.interop import importer
 from mor_jax.interop import layout
 from mor_jax.interop import reference as ref
 
-STRATEGIES = config_lib.INIT_STRATEGIES
 
 
 def _fail(field: str, msg: str):
@@ -72,7 +71,7 @@ def source_layers(cfg: config_lib.ModelConfig, strategy: str, seed: int = 0) -> 
       return [list(range(off + i * R, off + (i + 1) * R)) for i in range(base)]
     return [[off + i + r * base for r in range(R)] for i in range(base)]
   else:
-    _fail("init.strategy", f"unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
+    _fail("init.strategy", f"unknown strategy {strategy!r}; choose one of {config_lib.INIT_STRATEGIES}.")
   return [[int(p)] for p in picks]
 
 

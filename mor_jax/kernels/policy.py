@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 
-ATTENTION = ("xla", "cudnn", "custom")   # resolved attention kernels (see model/attention.py)
-
 
 @dataclasses.dataclass(frozen=True)
 class ExecPolicy:

@@ -12,7 +12,8 @@ from mor_jax import config as config_lib
 from mor_jax import distributed
 from mor_jax.model.transformer import param_axes
 from mor_jax.train import metrics as metrics_lib
-from mor_jax.train.parallel import DataParallel, format_bytes
+from mor_jax.train.aot import format_bytes
+from mor_jax.train.parallel import DataParallel
 from mor_jax.train.state import num_params
 
 

@@ -51,7 +51,7 @@ from mor_jax.train import report as report_lib
 from mor_jax.train import setup
 from mor_jax.train import wandb_log
 from mor_jax.train.optimizer import make_optimizer
-from mor_jax.train.parallel import DevicePrefetcher
+from mor_jax.train.prefetch import DevicePrefetcher
 from mor_jax.train.profile import StepProfiler
 from mor_jax.train.signals import SignalGuard
 from mor_jax.train.state import abstract_state, init_state, num_params
@@ -89,7 +89,7 @@ class Trainer:
     logging.info("%s", self.policy.describe())
     self.tx, self.schedule = make_optimizer(self.config)
     self.num_steps = int(self.config.train.num_steps)
-    self.eval_sequences = evaluation.eval_sequences(self.config, self.dp.num_devices)
+    self.eval_sequences = int(self.config.train.eval_sequences)   # -1: the whole split, 0: none
     evaluation.check_multi_process(self.eval_sequences, eval_iterator_fn is not None)
     if self.config.init.from_path and init_params_fn is None and not ckpt_lib.has_checkpoints(self.workdir):
       raise ConfigError("config.init.from_path: set, but nothing initialises from it: pass init_params_fn="
