@@ -17,7 +17,7 @@ from mor_jax.checkpoint import schema
 from mor_jax.checkpoint.layout import (CHECKPOINTS_SUBDIR, CheckpointCorruptError, CheckpointError,
                                        CheckpointMismatchError, CheckpointSaveError, WorkdirLockedError,
                                        checkpoints_dir, find_checkpoints, has_checkpoints, require_new_workdir,
-                                       step_dir, steps_in)
+                                       require_writable, step_dir, steps_in)
 from mor_jax.checkpoint.lock import WorkdirLock
 from mor_jax.checkpoint.manager import Checkpointer, TrainRestore
 from mor_jax.checkpoint.params import ParamsRestore, default_sharding, read_meta, restore_params
@@ -43,6 +43,6 @@ __all__ = [
     "CHECKPOINTS_SUBDIR", "CheckpointCorruptError", "CheckpointError", "CheckpointMismatchError",
     "CheckpointSaveError", "Checkpointer", "ParamsRestore", "TrainRestore", "WorkdirLock", "WorkdirLockedError",
     "checkpoints_dir", "default_sharding", "find_checkpoints", "has_checkpoints", "read_meta",
-    "require_new_workdir", "restore_params", "schema",
+    "require_new_workdir", "require_writable", "restore_params", "schema",
     "step_dir", "steps_in", "write_imported_step",
 ]
