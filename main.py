@@ -152,17 +152,18 @@ class Mode:
   run: Callable[..., int]        # (config or None, workdir or None) -> exit code
   needs_config: bool             # --config is required
   needs_workdir: bool            # --workdir is required
+  model_config: bool = False     # a --config describes the workdir's model: checked (model fields) before the mode
 
 
 MODES = {
     "train": Mode(run_train, needs_config=True, needs_workdir=True),
-    "eval": Mode(run_eval, needs_config=False, needs_workdir=True),
-    "generate": Mode(run_generate, needs_config=False, needs_workdir=False),   # its own checks name --workdir
+    "eval": Mode(run_eval, needs_config=False, needs_workdir=True, model_config=True),
+    "generate": Mode(run_generate, needs_config=False, needs_workdir=False, model_config=True),   # (names --workdir)
     "info": Mode(run_info, needs_config=False, needs_workdir=False),           # --config or --workdir
     "prepare": Mode(run_prepare, needs_config=True, needs_workdir=False),
     "import": Mode(run_import, needs_config=False, needs_workdir=True),
-    "export_hf": Mode(run_export, needs_config=False, needs_workdir=True),
-    "serve": Mode(run_serve, needs_config=False, needs_workdir=False),         # its own checks name --workdir
+    "export_hf": Mode(run_export, needs_config=False, needs_workdir=True, model_config=True),
+    "serve": Mode(run_serve, needs_config=False, needs_workdir=False, model_config=True),   # (names --workdir)
 }
 
 
@@ -176,6 +177,9 @@ def run_mode(name: str, config, workdir: str | None) -> int:
       raise UsageProblem(f"--config is required for --mode={name}.")
     if mode.needs_workdir and not workdir:
       raise UsageProblem(f"--workdir is required for --mode={name}.")
+    if mode.model_config and config is not None:      # a bad override: one line before the mode loads anything
+      from mor_jax.checkpoint import params as ckpt_params
+      ckpt_params.inference_config(config)
     return mode.run(config, workdir)
   except BaseException as e:  # pylint: disable=broad-except
     code = next((c for kind, c in EXIT_CODES if isinstance(e, kind)), None)
@@ -228,10 +232,14 @@ def check_config_path(argv: list[str]) -> str | None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a mistyped config override (--config.train.num_stpes=5) in one line, absl's
-  "Did you mean" kept, instead of ml_collections' traceback."""
+  """absl's flag parsing, each error in one line: a bad flag value (--config.train.num_steps=abc), or a mistyped
+  config override (--config.train.num_stpes=5) with absl's "Did you mean" kept, instead of ml_collections'
+  traceback."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}".splitlines()[0], file=sys.stderr)
+    sys.exit(EXIT_ERROR)
   except (AttributeError, KeyError) as e:
     text = str(e).strip("'\"").replace("\\n", "\n").replace("\\'", "'")
     key = re.search(r"'(\w+)'", text)

@@ -17,6 +17,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from mor_jax import files as files_lib
 from mor_jax import config as config_lib
 from mor_jax.checkpoint import integrity
 from mor_jax.checkpoint import schema
@@ -168,7 +169,6 @@ def store_tokenizer(workdir: str, source: str | None = None, *, config: ml_colle
   named template (data.chat_template=chatml) also writes that template into WORKDIR/tokenizer/'s
   tokenizer_config.json, where --chat and serving read it.
   """
-  import shutil  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(os.path.expanduser(workdir))
   dst = os.path.join(workdir, TOKENIZER_SUBDIR)
   if source is None and config is not None and "data" in config:
@@ -186,8 +186,7 @@ def store_tokenizer(workdir: str, source: str | None = None, *, config: ml_colle
       for name in TOKENIZER_FILES:
         src = file if name == "tokenizer.json" else os.path.join(folder, name)
         if os.path.isfile(src):          # atomically: a reader never sees half a file
-          shutil.copyfile(src, os.path.join(dst, name + ".tmp"))
-          os.replace(os.path.join(dst, name + ".tmp"), os.path.join(dst, name))
+          files_lib.copy_file(src, os.path.join(dst, name))
     if write and config is not None and os.path.isfile(file) and _same_file(file, os.path.join(dst, "tokenizer.json")):
       _store_chat_template(dst, config)
   return schema.tokenizer_record(dst, workdir)
@@ -221,9 +220,7 @@ def _store_chat_template(dst: str, config) -> None:
   if tok.bos_token:
     new["bos_token"] = tok.bos_token
   if new != settings:                    # atomically: a reader never sees half a file
-    with open(file + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(new, f, indent=2)
-    os.replace(file + ".tmp", file)
+    files_lib.write_json(file, new)
 
 
 def _may_write(file: str, dst: str) -> bool:
@@ -234,9 +231,23 @@ def _may_write(file: str, dst: str) -> bool:
   with open(file, "rb") as a, open(old, "rb") as b:
     if a.read() == b.read():
       return False                       # the same tokenizer: nothing to copy
+  _check_readable(old, file)
   logging.warning("%s already holds a different tokenizer than %s; keeping the workdir's (pass --tokenizer=PATH "
                   "to generate or eval to use another one).", dst, file)
   return False
+
+
+def _check_readable(old: str, source: str) -> None:
+  """Refuses (one line, nothing changed) a workdir tokenizer that does not load: generate and serve would fail on
+  it later. The user's files are kept; the line says how to take the config's tokenizer instead."""
+  try:
+    from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+    Tokenizer.from_file(old)
+  except Exception as e:  # pylint: disable=broad-except (any reason it does not load)
+    reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    raise CheckpointError(f"{old} is not a readable tokenizer ({reason}); nothing was changed. Fix: restore it, or "
+                          f"move {os.path.dirname(old)} away to copy the config's tokenizer ({source}) "
+                          "into the workdir again.") from None
 
 
 def tokenizer_folder(workdir: str) -> str | None:
