@@ -199,9 +199,8 @@ def _torch_in_subprocess(variant, args):
       return json.load(f)["rows"][0]
 
 
-def main(argv=None):
+def _parse(argv, here: str):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  here = os.path.dirname(os.path.abspath(__file__))
   p.add_argument("--reference", default=os.path.join(here, "results", "reference_pytorch_cpu_speed.json"),
                  help="the stored PyTorch timings (default: the committed copy of the reference's cpu_speed.json)")
   p.add_argument("--steps", type=int, default=10)
@@ -224,6 +223,12 @@ def main(argv=None):
   unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
   if unknown:
     p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+  return args
+
+
+def main(argv=None):
+  here = os.path.dirname(os.path.abspath(__file__))
+  args = _parse(argv, here)
   ref = {}
   if os.path.exists(args.reference):
     for row in json.load(open(args.reference))["results"]:
