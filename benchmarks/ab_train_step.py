@@ -63,7 +63,8 @@ def main(argv=None):
     ratio = float(np.median(np.array(new) / np.array(base)))
     table.append({"variant": v, "base_tokens_per_s": float(np.median(base)),
                   "new_tokens_per_s": float(np.median(new)), "ratio_new_over_base": ratio,
-                  "ratio_range": [float(min(np.array(new) / np.array(base))), float(max(np.array(new) / np.array(base)))]})
+                  "ratio_range": [float(min(np.array(new) / np.array(base))),
+                                  float(max(np.array(new) / np.array(base)))]})
     print(f"{v:30s} {np.median(base):10,.0f} {np.median(new):10,.0f} {ratio:38.3f}")
   if args.json:   # the provenance's commit is this checkout's; the trees compared are named in the conditions
     write_result(args.json, {"rounds": args.rounds, "steps": args.steps, "runs": runs, "table": table},

@@ -26,13 +26,14 @@ import json
 import os
 import re
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))     # mor_jax.files (imports nothing heavy: no jax here)
 
 import claims_figures  # noqa: E402  (benchmarks/claims_figures.py: Source, renderers)
 import claims_registry  # noqa: E402  (benchmarks/claims_registry.py: ID -> sources and renderer)
+from mor_jax import files as files_lib  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
 MARKER = re.compile(r"<!-- claim:([A-Za-z0-9_.-]+) -->((?:(?!<!-- claim:).)*?)<!-- /claim -->", re.S)
@@ -122,21 +123,8 @@ def process(path: str, root: str, cache: dict, write: bool) -> tuple[list[str], 
   problems += [f"{name}: {e}" for e in dead_links(path, text)]
   if changed:
     pieces.append(text[last:])
-    _write_atomic(path, "".join(pieces))
+    files_lib.write_text(path, "".join(pieces))
   return problems, changed
-
-
-def _write_atomic(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".md", dir=os.path.dirname(os.path.abspath(path)))
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.chmod(tmp, os.stat(path).st_mode & 0o777)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def main(argv=None) -> int:

@@ -139,12 +139,12 @@ def answers(workdir: str, questions, max_new_tokens: int) -> tuple[list[str], fl
   """Greedy replies of the workdir's model to each question as one user turn of its chat template (--chat)."""
   from mor_jax.infer import Generator, SamplingParams  # pylint: disable=g-import-not-at-top
   from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
-  from mor_jax.infer.prompts import chat_settings, render_chat  # pylint: disable=g-import-not-at-top
+  from mor_jax.data import chat_template  # pylint: disable=g-import-not-at-top
   r = infer_ckpt.restore(workdir)
   tok = infer_ckpt.load_tokenizer(r.config, r.cfg, directory=r.directory)
-  settings = chat_settings(infer_ckpt.tokenizer_source(r.config, directory=r.directory))
+  settings = chat_template.settings(infer_ckpt.tokenizer_source(r.config, directory=r.directory))
   gen = Generator(r.cfg, r.variables, tok, add_bos=bool(r.config.data.get("add_bos", False)))
-  prompts = [render_chat(settings, [{"role": "user", "content": q}]) for q in questions]
+  prompts = [chat_template.render(settings, [{"role": "user", "content": q}]) for q in questions]
   t0 = time.time()
   out = gen.generate(prompts, max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=0.0))
   return [o.text or "" for o in out], time.time() - t0

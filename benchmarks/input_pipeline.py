@@ -4,8 +4,8 @@
       [--batch=8] [--seconds=10] [--tokenizer_path=...] [--data_dir=...] [--json=out.json]
 
 Reads the embedded Shakespeare corpus (built offline on first use) through
-`mor_jax.data.make_iterator`, with the SmolLM tokenizer (vocab 49,152) when
-it is available, else a trained BPE. For each path (raw text: tokenize in the
+`mor_jax.data.make_iterator`, with the SmolLM tokenizer (vocab 49,152, the repository's
+assets/tokenizers/smollm), or a trained BPE with --tokenizer_path=''. For each path (raw text: tokenize in the
 pipeline; pre-tokenized: read ArrayRecord token shards) and each worker count
 it reports packed tokens/s after a warm-up (worker start-up excluded).
 
@@ -22,9 +22,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
-SMOLLM = "/work/shared/tokenizers/smollm"
+SMOLLM = os.path.join(REPO, "assets", "tokenizers", "smollm")   # the repository's copy (tokenizer.json, config)
 NEEDS = {"cpu_model_x10": 40_000, "l40s_reference": 10_600,
          "h100_smollm360_45pct_mfu": 190_000}
 

@@ -26,7 +26,8 @@ floor 0.1 x peak), the same data order (`--seed` also seeds the initialisation) 
 Everything is the library's code, called in-process: the config is built from `configs/shakespeare_mor.py` and
 checked by `mor_jax.config.validate`; `mor_jax.train.Trainer` trains each run (one device, no gradient
 accumulation, in a temporary workdir) on `mor_jax.data.make_iterator`'s packed batches and gives the validation
-curve (top-k routing, as during training, through a hook) at `--eval_points` points of each run; at the end `mor_jax.evaluate.evaluate_nll` scores the same validation batches with top-k
+curve (top-k routing, as during training, through a hook) at `--eval_points` points of each run; at the end
+`mor_jax.evaluate.evaluate_nll` scores the same validation batches with top-k
 (training) routing and with causal threshold routing (what generation does). Vanilla and recursive models have no
 router: both numbers are the same by construction (only top-k is computed and reported in both columns).
 
@@ -80,7 +81,8 @@ def build_config(name: str, args, num_steps: int = 1):
   _, strategy, R, mor_type = RUNS[name]
   c = shakespeare_mor.get_config()
   c.name = f"isoflop-{name}"
-  c.model.update(hidden_size=args.hidden, intermediate_size=args.ffn or max(32, int(round(8 * args.hidden / 3 / 32)) * 32),
+  ffn = args.ffn or max(32, int(round(8 * args.hidden / 3 / 32)) * 32)
+  c.model.update(hidden_size=args.hidden, intermediate_size=ffn,
                  num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
                  max_seq_len=max(int(c.model.max_seq_len), args.seq_len))
   c.recursion.update(strategy=strategy, num_recursions=R)
@@ -150,8 +152,13 @@ def train_run(name: str, args, steps: int, vbatches: list[dict], fpt: float, log
   class Curve(Hook):
     """Validation NLL (top-k) at step 0 and the eval points, with the train loss of that step."""
 
-    def on_eval(self, trainer, step, val_loss):
-      loss = trainer.meta["history"]["loss"][-1] if step else None
+    last_loss = None
+
+    def on_metrics(self, ctx, step, metrics):
+      self.last_loss = float(metrics["loss"])
+
+    def on_eval(self, ctx, step, val_loss):
+      loss = self.last_loss if step else None
       curve.append({"step": step, "flops": step * tokens_per_step * fpt, "tokens": step * tokens_per_step,
                     "val_nll_topk": val_loss, **({"train_loss": loss} if step else {})})
       if step:

@@ -13,7 +13,8 @@ in `--vanilla_steps` steps (isoflop.py's default budget is 1x).
 `--workers=N` runs N runs at once, each in its own process pinned to its own CPU core (longest runs first, the next
 run starting as soon as a core is free). These models are too small for XLA to keep two cores busy in one process:
 on 2 cores, 2 workers finish about 1.4x more runs per hour than 1 (one timing, output not kept: two pinned
-120-step runs in 85 s against 2 x 61 s one after the other), which brings the full sweep to about 2 h 20 min. The results are the same run for run
+120-step runs in 85 s against 2 x 61 s one after the other), which brings the full sweep to about 2 h 20 min.
+The results are the same run for run
 (the NLL of a run pinned to one core equals the unpinned one to 4 decimals). Each worker's log is in OUT_DIR/logs/.
 
 Output (OUT_DIR): isoflop_seeds.json (every run and the summary), isoflop_seeds.md (per budget and model: mean and
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import isoflop  # noqa: E402  (benchmarks/isoflop.py: configs, one run, the table)
+from mor_jax import files as files_lib  # noqa: E402
 from mor_jax.tools.provenance import write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +105,8 @@ def markdown(summary: dict) -> str:
     lines += ["", "| paired difference (a - b) | mean | s.e. | t | same sign every seed | significant (95%) |",
               "| --- | ---: | ---: | ---: | :---: | :---: |"]
     for k, p in s["pairs"].items():
-      lines.append(f"| {k} | {p['mean']:+.4f} | {p['se']:.4f} | {p['t']:+.1f} | {'yes' if p['all_same_sign'] else 'no'} "
+      same = "yes" if p["all_same_sign"] else "no"
+      lines.append(f"| {k} | {p['mean']:+.4f} | {p['se']:.4f} | {p['t']:+.1f} | {same} "
                    f"| {'yes' if p['significant'] else 'no'} |")
     lines.append("")
   return "\n".join(lines)
@@ -128,9 +131,9 @@ def plot(summary: dict, names: list[str], path: str, title: str) -> None:
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=120)
+  with files_lib.replacing(path, suffix=".png") as tmp:
+    fig.savefig(tmp, dpi=120)
   plt.close(fig)
-  os.replace(path + ".tmp.png", path)
 
 
 def run_here(todo, iso, names, out_dir: str) -> None:

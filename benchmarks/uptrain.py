@@ -52,7 +52,6 @@ if __name__ == "__main__":
   runtime.use_huge_pages()  # see mor_jax/runtime.py
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks import isoflop  # noqa: E402  (validated, val_batches, eval_iterator_fn: the same helpers)
 
@@ -160,6 +159,7 @@ def _nll(cfg, variables, vbatches, step: int) -> dict:
 def train_run(name: str, args, imported: str, steps: int, vbatches: list[dict], fpt: float, log) -> dict:
   import shutil  # pylint: disable=g-import-not-at-top
   from mor_jax.model import accounting  # pylint: disable=g-import-not-at-top
+  from mor_jax.interop import pretrained_init  # pylint: disable=g-import-not-at-top
   from mor_jax.train import Hook, Trainer, read_metrics  # pylint: disable=g-import-not-at-top
 
   config, cfg = isoflop.validated(build_config(name, args, imported, steps))
@@ -168,7 +168,7 @@ def train_run(name: str, args, imported: str, steps: int, vbatches: list[dict], 
   class Stamps(Hook):
     """When each step's metrics arrived (the first step includes the compilation)."""
 
-    def on_metrics(self, trainer, step, metrics):
+    def on_metrics(self, ctx, step, metrics):
       stamps.append((step, time.time()))
 
   class UptrainTrainer(Trainer):
@@ -188,8 +188,9 @@ def train_run(name: str, args, imported: str, steps: int, vbatches: list[dict], 
   workdir = tempfile.mkdtemp(prefix=f"uptrain-{name}-")   # a fresh workdir (an existing one would be resumed)
   t0 = time.time()
   try:
+    config, init_params_fn = pretrained_init.resolve(config, workdir)    # config.init: the entry point's
     trainer = UptrainTrainer(config, workdir, eval_iterator_fn=isoflop.eval_iterator_fn(vbatches),
-                             hooks=[Stamps()])
+                             hooks=[Stamps()], init_params_fn=init_params_fn)
     trainer.run()
     losses = [[r["step"], r["loss"]] for r in read_metrics(workdir) if "loss" in r]
   finally:
@@ -226,7 +227,8 @@ def table(results: list[dict]) -> str:
                  f"| {r['unique_params'] / 1e6:.1f}M | {r['train_flops_per_token'] / 1e6:.0f}M | {r['steps']} "
                  f"| {r['tokens_seen']:,} | {_nll_cell(r, 'before', 'topk')} | {_nll_cell(r, 'before', 'causal')} "
                  f"| {_nll_cell(r, 'after', 'topk')} | {_nll_cell(r, 'after', 'causal')} "
-                 f"| {r['after']['recursions_causal']:.2f} | {r['train_wall_s']:.0f}s (+{r['eval_wall_s']:.0f}s eval) |")
+                 f"| {r['after']['recursions_causal']:.2f} "
+                 f"| {r['train_wall_s']:.0f}s (+{r['eval_wall_s']:.0f}s eval) |")
   return "\n".join(lines)
 
 

@@ -40,6 +40,8 @@ from typing import Any
 
 from absl import logging
 
+from mor_jax.errors import ConfigError
+
 MODES = ("auto", "on", "off")
 
 
@@ -77,7 +79,6 @@ def _section(config):
 
 
 def _fail(field: str, msg: str):
-  from mor_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   raise ConfigError(f"config.distributed.{field}: {msg}")
 
 

@@ -69,3 +69,11 @@ def fast_compilation():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture
+def tiny():
+  """The shared tiny-config factory (tests/tiny.py): `tiny(strategy, R, mor, **section__field overrides)` returns a
+  fresh ConfigDict of mor_jax's defaults with a few-thousand-parameter model."""
+  from tiny import tiny_config  # noqa: PLC0415
+  return tiny_config

@@ -75,7 +75,8 @@ def test_compatibility_check_lists_fields_and_honours_allow_changes(setup):
   with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
     schema.check_compatible(meta, other, abstract, where="W")
   msg = str(e.value)
-  assert "model.rope_theta: checkpoint 10000.0 vs config 500.0" in msg and "mor.alpha: checkpoint 0.1 vs config 0.5" in msg
+  assert "model.rope_theta: checkpoint 10000.0 vs config 500.0" in msg
+  assert "mor.alpha: checkpoint 0.1 vs config 0.5" in msg
   assert "--config.train.allow_changes=" in msg and "Nothing was changed" in msg
   assert schema.check_compatible(meta, other, abstract, where="W",
                                  allow=("model.rope_theta", "mor.alpha")) == ["alpha", "rope_theta"]
@@ -131,3 +132,56 @@ def test_a_read_error_during_restore_stops_and_moves_nothing(tmp_path, setup, mo
   ck.close()
   assert "checkpoint 4" in str(e.value) and "Input/output error" in str(e.value)
   assert ckpt_lib.steps_in(str(tmp_path)) == [2, 4] and not os.path.exists(str(tmp_path) + "_corrupt")
+
+
+def test_the_manifest_is_written_off_the_training_thread_and_only_for_a_complete_save(tmp_path, setup, monkeypatch):
+  """poll() (after each step) starts the SHA-256 on a background thread once Orbax reports the step complete, and
+  returns without waiting for it; the next save / close joins it. The manifest lists exactly the finished step's
+  files (no Orbax temporary directory exists while it is computed)."""
+  import threading  # noqa: PLC0415
+  import time  # noqa: PLC0415
+  from mor_jax.checkpoint import manager  # noqa: PLC0415
+  _, cfg, tx, _, _ = setup
+  state = init_state(cfg, tx, 0)
+  seen, release = [], threading.Event()
+  real = integrity.write_manifest
+
+  def slow_manifest(step_dir):
+    parent = os.path.dirname(step_dir)
+    seen.append((threading.current_thread() is threading.main_thread(), os.path.isdir(step_dir),
+                 [n for n in os.listdir(parent) if "tmp" in n]))
+    release.wait(30)
+    return real(step_dir)
+
+  monkeypatch.setattr(manager.integrity, "write_manifest", slow_manifest)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=True)
+  ck.save(1, state.replace(step=jnp.int32(1)), {"index": 1}, {"history": {}})
+  deadline = time.time() + 60
+  while not seen and time.time() < deadline:     # the training loop's poll() after each step
+    t0 = time.time()
+    ck.poll()
+    assert time.time() - t0 < 5                  # never waits for the hashing
+    time.sleep(0.05)
+  assert seen == [(False, True, [])]             # off the main thread, the step final, no Orbax temporary left
+  assert not os.path.exists(tmp_path / "1" / "checksums.json")
+  release.set()
+  ck.close()                                     # joins the manifest
+  integrity.verify_manifest(str(tmp_path / "1"))
+  listed = json.load(open(tmp_path / "1" / "checksums.json"))["files"]
+  on_disk = {os.path.relpath(os.path.join(r, f), tmp_path / "1") for r, _, fs in os.walk(tmp_path / "1") for f in fs}
+  assert set(listed) == on_disk - {"checksums.json"}
+
+
+def test_a_failed_manifest_is_one_clear_line_at_the_next_save(tmp_path, setup, monkeypatch):
+  from mor_jax.checkpoint import manager  # noqa: PLC0415
+  _, cfg, tx, _, _ = setup
+
+  def broken(step_dir):
+    raise OSError(errno.EIO, "Input/output error")
+
+  monkeypatch.setattr(manager.integrity, "write_manifest", broken)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  with pytest.raises(ckpt_lib.CheckpointSaveError, match="writing the checksums of .*/2 failed"):
+    ck.save(2, init_state(cfg, tx, 0).replace(step=jnp.int32(2)), {"index": 2}, {"history": {}})
+  ck.close()
+  assert not os.path.exists(tmp_path / "2" / "checksums.json")

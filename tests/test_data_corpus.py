@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mor_jax.data import DataError, build_corpus, prepare
+from mor_jax.data import DataError, build_corpus, get_tokenizer, prepare
 from mor_jax.data import corpus as corpora
 from mor_jax.data import preparation as prepare_lib
 from tiny import tiny_config
@@ -236,7 +236,7 @@ def test_interrupted_pretokenize_is_redone(tmp_path, monkeypatch):
   # A kill leaves a temporary directory and maybe a final one without its
   # completion marker: neither counts as prepared.
   tokens_dir = prepare_lib.tokens_dir_for(
-      build_corpus(c), prepare_lib.get_tokenizer(c))
+      build_corpus(c), get_tokenizer(c))
   os.makedirs(tokens_dir + ".tmp-999999999-x")
   os.makedirs(tokens_dir)
   (open(os.path.join(tokens_dir, "train.array_record-00000-of-00001"), "w")

@@ -144,7 +144,8 @@ def test_epoch_conserves_every_token_with_eos(tmp_path, add_bos):
   assert sum(int((b["tokens"] == tok.eos_id)[b["segment_ids"] > 0].sum())
              for b in batches) == len(docs) * (2 if add_bos else 1)
   # Only the last row is partial; the last batch is padded to full size.
-  assert len(batches) == -(-(-(-n_real // 16)) // 3)
+  rows = -(-n_real // 16)
+  assert len(batches) == -(-rows // 3)
   # count_batches (the eval bar's total) knows this without packing.
   assert count_batches(c, "train", global_batch_size=3) == len(batches)
 

@@ -88,7 +88,7 @@ def test_rolling_loglikelihood(wd, lm):
   small = harness.MoRJaxLM(cfg=cfg, variables=v, tokenizer=tok, max_length=8, batch_size=4)
   (windowed,) = small.loglikelihood_rolling([_req(text)])
   # windows of 8 predicted tokens, each conditioned only on the window's own tokens
-  want, prev = 0.0, [tok.eos_id]
+  want = 0.0
   for s in range(0, len(ids), 8):
     chunk = ids[s:s + 8]
     ctx = ([tok.eos_id] + ids)[max(0, s + len(chunk) - 8):s + 1] if s else [tok.eos_id]

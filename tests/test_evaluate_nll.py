@@ -17,7 +17,7 @@ from mor_jax import config as C
 from mor_jax.data.tokenizer import train_bpe
 from mor_jax.evaluate import evaluate_nll, main_eval
 from mor_jax.model.transformer import MoRLM, init_variables
-from mor_jax.train.checkpoint import Checkpointer
+from mor_jax.checkpoint import Checkpointer
 from mor_jax.train.state import TrainState
 from tiny import tiny_config
 

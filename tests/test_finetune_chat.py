@@ -21,9 +21,11 @@ from mor_jax.checkpoint import params as ckpt_params
 from mor_jax.data import chat_records, make_iterator
 from mor_jax.data import tokenizer as tokenizer_lib
 from mor_jax.infer import checkpoint as infer_ckpt
-from mor_jax.infer import main_generate, prompts
-from mor_jax.interop import importer, layout
+from mor_jax.data import chat_template
+from mor_jax.infer import main_generate
+from mor_jax.interop import importer, layout, weights
 from mor_jax.model.transformer import MoRLM, init_variables
+from mor_jax.interop import pretrained_init
 from mor_jax.train import train_and_evaluate
 from mor_jax.train.optimizer import make_optimizer
 from mor_jax.train.state import init_state
@@ -36,6 +38,12 @@ WORDS = ["what is one plus two", "it is three", "hello there", "name a colour", 
 # a template of the tokenizer's own (tokenizer_config.json), ChatML-like, ending each turn with its EOS
 OWN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def finetune(c, out):
+  """What main.py's train mode does with config.init: resolved by interop, handed to the trainer."""
+  c, init_params_fn = pretrained_init.resolve(c, out)
+  return train_and_evaluate(c, out, init_params_fn=init_params_fn)
 
 
 def conv(*turns):
@@ -59,7 +67,7 @@ def workdir(root, *, template=None, mor=None, seed=0):
   c.data.tokenizer_path = tok
   cfg = C.model_config(C.validate(c, num_devices=1))
   rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(np.float32), importer.abstract_params(cfg))
+  params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(np.float32), weights.abstract_params(cfg))
   w = os.path.join(root, "W")
   importer.write_checkpoint(c, layout.to_stacked_layout(cfg, params), w, extra_meta=ckpt_params.store_tokenizer(w, tok))
   return w
@@ -169,7 +177,7 @@ def test_finetune_command_as_written_then_chat_and_serve(tmp_path):
   r = infer_ckpt.restore(out)
   assert r.cfg.vocab_size == 300 and r.config.init.from_path == w
   tok_folder = infer_ckpt.tokenizer_source(r.config, directory=r.directory)
-  assert tok_folder == os.path.join(out, "tokenizer") and prompts.chat_settings(tok_folder)["chat_template"] == \
+  assert tok_folder == os.path.join(out, "tokenizer") and chat_template.settings(tok_folder)["chat_template"] == \
       OWN_TEMPLATE
   (res,) = main_generate(None, out, prompt="hello there", chat=True, temperature=0.0, max_new_tokens=4,
                          stdout=io.StringIO(), stderr=io.StringIO())
@@ -186,20 +194,20 @@ def test_chatml_for_a_model_without_a_template_is_kept_by_the_workdir(tmp_path):
   c = finetune_config(w, write_data(tmp_path / "train.jsonl"), tmp_path)
   from mor_jax.data import DataError  # noqa: PLC0415
   with pytest.raises(DataError, match="no chat template.*data.chat_template=chatml"):
-    train_and_evaluate(c, str(tmp_path / "refused"))
+    finetune(c, str(tmp_path / "refused"))
   assert not os.path.exists(tmp_path / "refused" / "checkpoints")
   c.data.chat_template = "chatml"
   out = str(tmp_path / "OUT")
-  report = train_and_evaluate(c, out)
+  report = finetune(c, out)
   assert report["status"] == "completed"
-  settings = prompts.chat_settings(os.path.join(out, "tokenizer"))
+  settings = chat_template.settings(os.path.join(out, "tokenizer"))
   assert settings["chat_template"] == chat_records.CHATML and settings["eos_token"] == "<|endoftext|>"
   text = io.StringIO()
   (res,) = main_generate(None, out, prompt="hello there", chat=True, temperature=0.0, max_new_tokens=3,
                          stdout=text, stderr=io.StringIO())
   assert "<|im_start|>" not in text.getvalue() and len(res.tokens) <= 3
   os.rename(w, w + ".gone")                               # a resumed run reads OUT's checkpoint, not W
-  again = train_and_evaluate(c, out)
+  again = finetune(c, out)
   assert again["status"] == "completed" and again["steps_this_run"] == 0
 
 
@@ -208,7 +216,7 @@ def test_a_mor_workdir_is_copied_whole_and_its_routers_can_stay_frozen(tmp_path)
   c = finetune_config(w, write_data(tmp_path / "train.jsonl"), tmp_path, freeze_routers=True, learning_rate=1e-2,
                       epochs=0.0, num_steps=2, warmup_fraction=0.0, eval_sequences=0, save_interval=0.0)
   out = str(tmp_path / "OUT")
-  assert train_and_evaluate(c, out)["status"] == "completed"
+  assert finetune(c, out)["status"] == "completed"
   before, after = infer_ckpt.restore(w).variables["params"], infer_ckpt.restore(out).variables["params"]
   assert C.model_config(infer_ckpt.restore(out).config).mor_enable     # the architecture came from W
   flat_b = dict(jax.tree_util.tree_flatten_with_path(before)[0])
@@ -223,5 +231,5 @@ def test_an_unset_architecture_needs_init_from_path(tmp_path):
   c = importlib.import_module("configs.finetune_chat").get_config(None)
   c.data.path = write_data(tmp_path / "train.jsonl")
   with pytest.raises(C.ConfigError, match=r"config.model.vocab_size: is not set.*--config.init.from_path=W"):
-    train_and_evaluate(c, str(tmp_path / "OUT"))
+    finetune(c, str(tmp_path / "OUT"))
   assert not os.path.exists(tmp_path / "OUT" / "checkpoints")

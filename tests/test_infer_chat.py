@@ -20,7 +20,7 @@ from mor_jax.checkpoint import params as ckpt_params
 from mor_jax.infer import InferenceError, main_generate
 from mor_jax.infer import compilation
 from mor_jax.infer import prompts
-from mor_jax.interop import importer, layout
+from mor_jax.interop import importer, layout, weights
 from tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
@@ -46,7 +46,7 @@ def tiny_chat_workdir(root, *, template=TEMPLATE, eos_only=True):
   c.data.tokenizer_path = tok_dir
   cfg = C.model_config(C.validate(c, num_devices=1))
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(np.float32), importer.abstract_params(cfg))
+  params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(np.float32), weights.abstract_params(cfg))
   if eos_only:
     params["final_norm"]["scale"] = np.zeros_like(params["final_norm"]["scale"])   # all logits 0 -> argmax id 0
   w = os.path.join(root, "w")

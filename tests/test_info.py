@@ -11,7 +11,8 @@ import pytest
 
 from mor_jax import config as C
 from mor_jax.checkpoint import CheckpointError
-from mor_jax.interop import importer, layout
+from mor_jax.checkpoint import params as ckpt_params
+from mor_jax.interop import importer, layout, weights
 from mor_jax.model import accounting
 from tiny import tiny_config
 
@@ -30,7 +31,7 @@ def workdir(tmp_path_factory):
   c.name = "tiny-info"
   c.train.update(total_batch_size=6, per_device_batch_size=3)      # a run's batch settings: not needed by info
   cfg = C.model_config(C.validate(c, num_devices=1))
-  params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), importer.abstract_params(cfg))
+  params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), weights.abstract_params(cfg))
   w = str(tmp_path_factory.mktemp("info") / "w")
   importer.write_checkpoint(c, layout.to_stacked_layout(cfg, params), w)
   return w, c, cfg
@@ -38,22 +39,22 @@ def workdir(tmp_path_factory):
 
 def test_workdir_summary_is_the_config_summary(workdir):
   w, c, cfg = workdir
-  text = accounting.workdir_summary(w)
+  text = ckpt_params.workdir_summary(w)
   assert text.splitlines()[0] == f"checkpoint: step 0 of {os.path.join(w, 'checkpoints')}"
   assert text.split("\n", 1)[1] == accounting.summary(c)          # the same summary as --config gives
   total = accounting.param_counts(cfg)["total"]
-  assert total == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(importer.abstract_params(cfg)))
+  assert total == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(weights.abstract_params(cfg)))
   assert re.search(rf"\n  total +{total:,}\n", text) and "MoR: expert-choice" in text and "recursions 2" in text
 
 
 def test_workdir_summary_errors_name_the_fix(workdir, tmp_path):
   w, _, _ = workdir
   with pytest.raises(CheckpointError, match=r"--step=7: no checkpoint of that step .*available steps: \[0\]"):
-    accounting.workdir_summary(w, step=7)
+    ckpt_params.workdir_summary(w, step=7)
   with pytest.raises(CheckpointError, match="does not exist; pass a training workdir"):
-    accounting.workdir_summary(str(tmp_path / "missing"))
+    ckpt_params.workdir_summary(str(tmp_path / "missing"))
   with pytest.raises(CheckpointError, match="no checkpoint found under"):
-    accounting.workdir_summary(str(tmp_path))
+    ckpt_params.workdir_summary(str(tmp_path))
 
 
 def test_main_info_with_workdir_and_with_config(workdir, tmp_path):

@@ -23,7 +23,7 @@ pytest.importorskip("gguf", reason="the gguf package is not installed: pip insta
 from mor_jax.infer import Generator, SamplingParams  # noqa: E402
 from mor_jax.infer import checkpoint as infer_ckpt  # noqa: E402
 from mor_jax.interop import gguf as gguf_import  # noqa: E402
-from mor_jax.interop import importer  # noqa: E402
+from mor_jax.errors import InteropError  # noqa: E402
 from mor_jax.model import accounting  # noqa: E402
 from mor_jax.tools import gguf_exactness  # noqa: E402
 
@@ -56,7 +56,7 @@ def imported(tmp_path_factory):
   """(ImportResult, restored params, our tokenizer, tokenizer dir): the file imported once for the module."""
   workdir = str(tmp_path_factory.mktemp("gguf") / "smollm2")
   lines = []
-  result = importer.import_reference(os.path.join(MODEL_DIR, FILE), workdir, log=lines.append)
+  result = gguf_import.import_gguf(os.path.join(MODEL_DIR, FILE), workdir, log=lines.append)
   assert any("' Paris'" in ln for ln in lines), lines          # the probe sentence's next token
   restored = infer_ckpt.restore(workdir)
   tok = infer_ckpt.load_tokenizer(restored.config, restored.cfg)
@@ -119,17 +119,17 @@ def test_unpermute_inverts_llama_cpp_permute():
 
 
 def test_bad_input_is_reported(tmp_path):
-  with pytest.raises(importer.InteropError, match="does not exist"):
-    importer.import_reference(str(tmp_path / "missing.gguf"), str(tmp_path / "w"))
+  with pytest.raises(InteropError, match="does not exist"):
+    gguf_import.import_gguf(str(tmp_path / "missing.gguf"), str(tmp_path / "w"))
   (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
-  with pytest.raises(importer.InteropError, match="not a readable GGUF"):
-    importer.import_reference(str(tmp_path / "junk.gguf"), str(tmp_path / "w"))
-  with pytest.raises(importer.InteropError, match="only Llama-architecture"):
+  with pytest.raises(InteropError, match="not a readable GGUF"):
+    gguf_import.import_gguf(str(tmp_path / "junk.gguf"), str(tmp_path / "w"))
+  with pytest.raises(InteropError, match="only Llama-architecture"):
     gguf_import.hf_config({"general.architecture": "gemma"}, set(), "x.gguf")
   from configs.smollm135 import get_config  # noqa: PLC0415
   c = get_config()
   c.model.num_layers = 2
-  with pytest.raises(importer.InteropError, match="config.model.num_layers = 2 but"):
+  with pytest.raises(InteropError, match="config.model.num_layers = 2 but"):
     gguf_import.load_gguf(os.path.join(MODEL_DIR, FILE), c)
   tok, notes = gguf_import.build_tokenizer({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]}, "x")
   assert tok is None and "--tokenizer=PATH" in notes[0]
@@ -186,7 +186,8 @@ def test_info_on_the_imported_workdir(imported):
   """`python main.py --mode=info --workdir=W` (no --config) reads the stored config: SmolLM2-135M's parameters."""
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
-  out = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--mode=info", f"--workdir={imported[0].workdir}"],
+  cmd = [sys.executable, os.path.join(REPO, "main.py"), "--mode=info", f"--workdir={imported[0].workdir}"]
+  out = subprocess.run(cmd,
                        capture_output=True, text=True, timeout=300, cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
   assert f"{PARAMS:,}" in out.stdout, out.stdout

@@ -20,7 +20,8 @@ from configs.base import get_config  # noqa: E402
 from mor_jax import config as C  # noqa: E402
 from mor_jax.data.tokenizer import train_bpe  # noqa: E402
 from mor_jax.infer import checkpoint as infer_ckpt  # noqa: E402
-from mor_jax.interop import exporter, importer, pretrained_init  # noqa: E402
+from mor_jax.errors import CheckpointError  # noqa: E402
+from mor_jax.interop import exporter, importer, pretrained_init, weights  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
 
@@ -41,7 +42,8 @@ def llama_dir(tmp_path_factory):
   words = " ".join(["to be or not to be that is the question whether tis nobler in the mind"] * 20)
   tok = train_bpe([words], 300)
   tok.save(d)
-  cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+  cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=LAYERS,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                  rms_norm_eps=1e-6, rope_theta=5000.0, tie_word_embeddings=False,
                                  bos_token_id=0, eos_token_id=0)
@@ -102,7 +104,7 @@ def test_recursive_model_exports_as_an_unrolled_llama(llama_dir, tmp_path):
   c.train.update(total_batch_size=4, per_device_batch_size=1)
   c = C.validate(c)
   cfg = C.model_config(c)
-  fresh = {k: v for k, v in importer.abstract_params(cfg).items()}
+  fresh = {k: v for k, v in weights.abstract_params(cfg).items()}
   import jax  # noqa: PLC0415
   params = pretrained_init.initial_params(c, cfg, jax.tree.map(lambda a: np.zeros(a.shape, np.float32), fresh))
   importer.write_checkpoint(c, importer.layout.to_stacked_layout(cfg, params), str(tmp_path / "w"))
@@ -134,10 +136,19 @@ def test_mor_export_is_refused_by_transformers(tmp_path):
   cfg = C.model_config(C.validate(c))
   rng = np.random.default_rng(0)
   import jax  # noqa: PLC0415
-  params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), importer.abstract_params(cfg))
+  params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), weights.abstract_params(cfg))
   importer.write_checkpoint(c, importer.layout.to_stacked_layout(cfg, params), str(tmp_path / "w"))
   lines = []
   out = exporter.export_hf(str(tmp_path / "w"), str(tmp_path / "export"), log=lines.append)
   assert not out.llama_compatible and any("cannot run it" in ln for ln in lines)
   with pytest.raises((ValueError, KeyError)):
     transformers.AutoConfig.from_pretrained(out.directory)
+
+
+def test_a_refused_import_writes_nothing(llama_dir, tmp_path):
+  """The workdir already holds checkpoints: refused before the tokenizer (or anything else) is copied."""
+  taken = tmp_path / "taken"
+  (taken / "checkpoints" / "0").mkdir(parents=True)
+  with pytest.raises(CheckpointError, match="already holds checkpoints"):
+    importer.import_reference(llama_dir, str(taken), log=lambda s: None)
+  assert sorted(os.listdir(taken)) == ["checkpoints"] and os.listdir(taken / "checkpoints") == ["0"]

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from mor_jax.infer import checkpoint as infer_ckpt
-from mor_jax.interop import exporter, hf, importer
-from mor_jax.interop.hf import InteropError
+from mor_jax.interop import exporter, hf, importer, weights
+from mor_jax.errors import CheckpointError, InteropError
 from mor_jax.tools import parity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +93,7 @@ def test_import_reproduces_reference_logits_through_the_checkpoint(name, layout,
     assert cfg_json["model_type"] == "mor_llama" and cfg_json["mor_jax"]["mor"]["enable"]
     assert any("plain Llama loaders" in ln for ln in lines)
     src = importer.load_source(str(tmp_path / "hf"))
-    again = importer.params_from_weights(restored.cfg, src.state_dict)
+    again = weights.params_from_weights(restored.cfg, src.state_dict)
     ours = importer.layout.to_stacked_layout(restored.cfg, restored.variables["params"])
     for a, b in zip(_leaves(again), _leaves(ours)):
       np.testing.assert_array_equal(a, b)
@@ -131,20 +131,20 @@ def test_errors_name_the_problem(tmp_path):
   src = importer.load_source(d)
   cfg = _model_config(src.config)
   with pytest.raises(InteropError, match="untied across recursions") as e:
-    importer.params_from_weights(cfg, src.state_dict)
+    weights.params_from_weights(cfg, src.state_dict)
   assert "q_proj" in str(e.value) and "shared attention" in str(e.value)
 
   # vocabulary mismatch: config.json says 300 tokens, the embedding has 256
   d = reference_dir(RECURSIVE, str(tmp_path / "vocab"), hf_overrides={"vocab_size": 300}, io=False)
   src = importer.load_source(d)
   with pytest.raises(InteropError, match="vocabulary mismatch"):
-    importer.params_from_weights(_model_config(src.config), src.state_dict)
+    weights.params_from_weights(_model_config(src.config), src.state_dict)
 
   # dimension mismatch: wrong intermediate size
   d = reference_dir(RECURSIVE, str(tmp_path / "ffn"), hf_overrides={"intermediate_size": 96}, io=False)
   src = importer.load_source(d)
   with pytest.raises(InteropError, match="dimension mismatch.*intermediate_size"):
-    importer.params_from_weights(_model_config(src.config), src.state_dict)
+    weights.params_from_weights(_model_config(src.config), src.state_dict)
 
   # an explicit --config whose dims disagree with config.json names the field
   c = src.config
@@ -165,11 +165,11 @@ def test_errors_name_the_problem(tmp_path):
                     "mor": {"enable": True, "type": "expert"}}, f)
   src = importer.load_source(d)
   with pytest.raises(InteropError, match="lacks|do not describe"):
-    importer.params_from_weights(_model_config(src.config), src.state_dict)
+    weights.params_from_weights(_model_config(src.config), src.state_dict)
 
   # the workdir must be new
   os.makedirs(tmp_path / "taken" / "checkpoints" / "0")
-  with pytest.raises(InteropError, match="already holds checkpoints"):
+  with pytest.raises(CheckpointError, match="already holds checkpoints"):
     importer.write_checkpoint(src.config, {}, str(tmp_path / "taken"))
 
 
@@ -205,7 +205,8 @@ def test_weight_formats(tmp_path, monkeypatch):
   run = reference_dir(RECURSIVE, str(tmp_path / "trainer_out"), io=False)
   for step in (100, 200):
     os.makedirs(os.path.join(run, f"checkpoint-{step}"))
-    shutil.copyfile(os.path.join(run, "model.safetensors"), os.path.join(run, f"checkpoint-{step}", "model.safetensors"))
+    shutil.copyfile(os.path.join(run, "model.safetensors"),
+                    os.path.join(run, f"checkpoint-{step}", "model.safetensors"))
   os.remove(os.path.join(run, "model.safetensors"))
   src = importer.load_source(run)
   assert src.weights_dir.endswith("checkpoint-200") and any("checkpoint-200" in n for n in src.notes)

@@ -12,7 +12,7 @@ import pytest
 from configs.base import get_config
 from mor_jax import config as C
 from mor_jax.config import ConfigError
-from mor_jax.interop import hf, importer, layout, pretrained_init
+from mor_jax.interop import hf, importer, layout, pretrained_init, weights
 from mor_jax.interop.reference import LAYER_KEYS
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
@@ -55,7 +55,7 @@ def config(strategy, R, init="stepwise", src="", mor=False, **model):
 
 
 def fresh(cfg, seed=0):
-  abstract = importer.abstract_params(cfg)
+  abstract = weights.abstract_params(cfg)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), abstract)
 
@@ -101,7 +101,8 @@ def test_each_strategy_maps_the_spec_layers(source, sharing, R):
     assert block_sources(cfg, params) == pytest.approx(expected), strategy
     p = layout.to_stacked_layout(cfg, params)
     if cfg.has_middle:                                   # unique first / last layers copy vanilla 0 / L-1
-      assert np.all(p["first"]["attn"]["q_proj"]["kernel"] == 0) and np.all(p["last"]["mlp"]["up_proj"]["kernel"] == L - 1)
+      assert np.all(p["first"]["attn"]["q_proj"]["kernel"] == 0)
+      assert np.all(p["last"]["mlp"]["up_proj"]["kernel"] == L - 1)
       assert np.all(p["last"]["input_norm"]["scale"] == 100 + L - 1)
     sd = hf.read_state_dict(source)
     np.testing.assert_array_equal(p["embed"]["embedding"], sd["model.embed_tokens.weight"])

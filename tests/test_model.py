@@ -1,12 +1,11 @@
-"""Model core and routing: parity with the PyTorch reference, counts, causality, equivalences."""
+"""Model core: parity with the PyTorch reference, counts, causality, equivalent programs (routing modes:
+test_model_routing.py; config errors: test_config.py; kernels and policy: test_kernels.py)."""
 
 import collections
 import dataclasses
 import functools
 import importlib
-import logging
 import os
-import pathlib
 
 import jax
 import jax.extend
@@ -16,9 +15,8 @@ import pytest
 
 from mor_jax import config as C
 from mor_jax.config import defaults as get_config
-from mor_jax.kernels import cpu_attention, policy as policy_lib
+from mor_jax.kernels import policy as policy_lib
 from mor_jax.kernels.policy import ExecPolicy
-from mor_jax.model.attention import attend
 from mor_jax.model.recursion import stack_unrolled_params
 from mor_jax.model.transformer import MoRLM, init_variables
 from mor_jax.tools import parity
@@ -243,9 +241,11 @@ def test_batch_groups_change_the_program_not_the_params_or_numbers():
     cfg = tiny(*args, **over)
     one, split = cpu(batch_groups=1), cpu(batch_groups=groups)
     p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
-    dots = lambda pol: jax.jit(lambda q: MoRLM(cfg, pol).apply({"params": q}, toks)[0]).lower(p).as_text().count("dot_general")
+    def forward(pol, cfg=cfg):
+      return lambda q, t: MoRLM(cfg, pol).apply({"params": q}, t)[0]
+    dots = lambda pol, p=p: jax.jit(forward(pol)).lower(p, toks).as_text().count("dot_general")
     assert dots(split) > dots(one)   # each layer's matmuls run once per group
-    logits = lambda pol, t: jax.jit(lambda q, t: MoRLM(cfg, pol).apply({"params": q}, t)[0])(p, t)
+    logits = lambda pol, t, p=p: jax.jit(forward(pol))(p, t)
     np.testing.assert_allclose(logits(split, toks), logits(one, toks), atol=1e-5)   # row by row, in order
     l0, g0 = _loss_and_grads(cfg, p, toks, policy=one)
     l1, g1 = _loss_and_grads(cfg, p, toks, policy=split)
@@ -313,7 +313,8 @@ def test_layer_scan_keeps_weights_out_of_its_stacked_residuals():
   jaxpr = jax.make_jaxpr(lambda q: jax.vjp(f, q))(p).jaxpr
   shapes = {tuple(v.aval.shape) for eqn in _all_eqns(jaxpr) if eqn.primitive.name == "scan" for v in eqn.outvars}
   depth, D = 2, cfg.hidden_size
-  assert (depth, D, 2 * cfg.intermediate_size) not in shapes and (depth, D, D + 2 * cfg.num_kv_heads * cfg.head_dim) not in shapes
+  assert (depth, D, 2 * cfg.intermediate_size) not in shapes
+  assert (depth, D, D + 2 * cfg.num_kv_heads * cfg.head_dim) not in shapes
   # the check does see the stacked residuals: the SwiGLU input [depth, rows, tokens, 2F] is one
   assert any(sh[0] == depth and sh[-1] == 2 * cfg.intermediate_size and len(sh) == 4 for sh in shapes)
 
@@ -376,275 +377,3 @@ def test_bf16_compute_close_to_fp32():
   assert jax.tree.leaves(jax.tree.map(lambda x: x.dtype, v["params"])) == [jnp.float32] * len(jax.tree.leaves(v))
   assert float(jnp.max(jnp.abs(l32 - l16))) < 0.05
   assert float(jnp.max(jnp.abs(l32 - l16))) > 0  # really computed in bf16
-
-
-# ------------------------------------------------------------ routing modes
-def test_capacity_warmup_mask_path_matches_topk_after_warmup():
-  cfg = tiny("middle_cycle", 3, "expert", mor__cap_warmup_steps=10)
-  v = init_variables(cfg, jax.random.PRNGKey(0))
-  toks = tokens()
-  a, aux_a = run(cfg, v, toks, routing_mode="topk")
-  b, aux_b = run(cfg, v, toks, routing_mode="topk_warmup", step=jnp.int32(10))
-  np.testing.assert_allclose(a, b, atol=2e-5)
-  np.testing.assert_allclose(aux_a["sampling_loss"], aux_b["sampling_loss"], rtol=1e-5)
-  np.testing.assert_allclose(aux_a["tokens_per_recursion"], aux_b["tokens_per_recursion"])
-  _, aux0 = run(cfg, v, toks, routing_mode="topk_warmup", step=jnp.int32(0))
-  np.testing.assert_allclose(aux0["tokens_per_recursion"], [1.0, 1.0, 1.0])
-  _, aux5 = run(cfg, v, toks, routing_mode="topk_warmup", step=jnp.int32(5))
-  # c(5) = c + (1 - c) / 2 for c = 2/3 and 1/3 -> k = floor(c(5) * 16)
-  np.testing.assert_allclose(aux5["tokens_per_recursion"], [1.0, 13 / 16, 10 / 16])
-
-
-def test_causal_mode_equals_topk_when_every_token_passes():
-  """Capacity 1 everywhere + threshold 0: both forms route every token through every recursion."""
-  cfg = tiny("middle_cycle", 2, "expert", mor__capacity_fractions=(1.0, 1.0))
-  v = init_variables(cfg, jax.random.PRNGKey(0))
-  a, _ = run(cfg, v, tokens(), routing_mode="topk")
-  b, aux = run(cfg, v, tokens(), routing_mode="causal", threshold=0.0)
-  np.testing.assert_allclose(a, b, atol=2e-5)
-  np.testing.assert_allclose(aux["tokens_per_recursion"], [1.0, 1.0])
-
-
-def test_token_choice_buffer_fraction_drops_and_counts():
-  exact = tiny("middle_cycle", 3, "token")
-  small = tiny("middle_cycle", 3, "token", mor__token_buffer_fraction=0.25)
-  v = init_variables(exact, jax.random.PRNGKey(0))
-  a, aux_a = run(exact, v, tokens())
-  b, aux_b = run(small, v, tokens())
-  assert int(aux_a["dropped_tokens"]) == 0
-  active = [(np.asarray(aux_a["depth"]) >= r).sum(1) for r in (1, 2)]
-  expect = sum(np.maximum(n - 4, 0).sum() for n in active)
-  assert int(aux_b["dropped_tokens"]) == expect
-  if expect:
-    assert float(jnp.max(jnp.abs(a - b))) > 0
-
-
-def test_token_choice_loss_free_bias_changes_depths():
-  from mor_jax.model.routing import loss_free_bias_update
-  cfg = tiny("middle_cycle", 3, "token", mor__balancing="loss_free")
-  v = init_variables(cfg, jax.random.PRNGKey(0))
-  assert "router_bias" in v and v["router_bias"]["bias"].shape == (3,)
-  _, aux = run(cfg, v, tokens())
-  np.testing.assert_allclose(float(aux["aux_loss"]), 0.0)  # no balancing loss term
-  load = aux["balancing_ratio"]
-  new = loss_free_bias_update(v["router_bias"]["bias"], load, 0.5)
-  np.testing.assert_allclose(new, 0.5 * np.sign(np.mean(load) - np.asarray(load)))
-  v2 = {**v, "router_bias": {"bias": jnp.array([0.0, 0.0, 10.0])}}
-  _, aux2 = run(cfg, v2, tokens())
-  np.testing.assert_allclose(aux2["balancing_ratio"], [0.0, 0.0, 1.0])
-
-
-def test_token_choice_balancing_warmup_uses_full_depth():
-  cfg = tiny("middle_cycle", 3, "token", mor__bal_warmup_steps=5)
-  v = init_variables(cfg, jax.random.PRNGKey(0))
-  _, aux = run(cfg, v, tokens(), step=jnp.int32(2))
-  np.testing.assert_allclose(aux["tokens_per_recursion"], [1.0, 1.0, 1.0])
-  _, aux = run(cfg, v, tokens(), step=jnp.int32(5))
-  assert float(aux["tokens_per_recursion"][2]) < 1.0
-
-
-def test_rand_router_and_identity_gating_run():
-  cfg = tiny("middle_cycle", 2, "expert", mor__rand_router=True, mor__gating="identity")
-  v = init_variables(cfg, jax.random.PRNGKey(0))
-  a, aux = run(cfg, v, tokens(), rngs={"router": jax.random.PRNGKey(1)})
-  b, _ = run(cfg, v, tokens(), rngs={"router": jax.random.PRNGKey(2)})
-  assert float(aux["aux_loss"]) == 0.0
-  assert float(jnp.max(jnp.abs(a - b))) > 0  # different random routes
-
-
-def test_mor_selects_fewer_tokens_per_recursion():
-  cfg = tiny("middle_cycle", 3, "expert")
-  v = init_variables(cfg, jax.random.PRNGKey(0))
-  _, aux = run(cfg, v, tokens())
-  assert [s.shape[1] for s in aux["selected"]] == [16, 10, 5]
-  for r in range(1, 3):  # hierarchical: selected at r is a subset of selected at r-1
-    for b in range(2):
-      assert set(np.asarray(aux["selected"][r][b])) <= set(np.asarray(aux["selected"][r - 1][b]))
-
-
-# ----------------------------------------------------------- config errors
-@pytest.mark.parametrize("edit,field", [
-    (lambda c: c.recursion.update(strategy="middle_cycle", num_recursions=4), "model.num_layers"),
-    (lambda c: c.recursion.update(strategy="zigzag"), "recursion.strategy"),
-    (lambda c: c.model.update(num_kv_heads=3), "model.num_kv_heads"),
-    (lambda c: c.model.update(hidden_size=64, num_heads=3), "model.num_heads"),
-    (lambda c: (c.recursion.update(strategy="middle_cycle", num_recursions=2),
-                c.mor.update(enable=True, capacity_fractions=(0.5, 1.0))), "mor.capacity_fractions"),
-    (lambda c: (c.recursion.update(strategy="middle_cycle", num_recursions=2),
-                c.mor.update(enable=True, type="sideways")), "mor.type"),
-    (lambda c: (c.recursion.update(strategy="sequence", num_recursions=2), c.mor.update(enable=True)),
-     "recursion.strategy"),
-    (lambda c: c.kv_sharing.update(enable=True), "kv_sharing.enable"),
-    (lambda c: c.execution.update(dtype="float16"), "execution.dtype"),
-    (lambda c: c.mor.update(router_temperature=0.0), "mor.router_temperature"),
-    (lambda c: c.model.update(rope_theta=float("nan")), "model.rope_theta"),
-    (lambda c: c.mor.update(alpha=float("inf")), "mor.alpha"),
-    (lambda c: c.data.update(val_fraction=1.0), "data.val_fraction"),
-    (lambda c: c.train.update(allow_changes=("learning_rate",)), "train.allow_changes"),
-    (lambda c: c.train.update(total_batch_size=30, per_device_batch_size=4), "train.total_batch_size"),
-    (lambda c: c.train.update(schedule="linear-ish"), "train.schedule"),
-    (lambda c: c.train.update(per_device_batch_size=-1), "train.per_device_batch_size"),
-    (lambda c: c.execution.update(memory_budget_gib=-1.0), "execution.memory_budget_gib"),
-    (lambda c: c.execution.update(remat_policy="some"), "execution.remat_policy"),
-    (lambda c: c.parallel.update(mode="ddp"), "parallel.mode"),
-])
-def test_bad_config_errors_name_the_field(edit, field):
-  c = get_config()
-  c.model.update(vocab_size=128, hidden_size=64, intermediate_size=64, num_layers=8, num_heads=4, num_kv_heads=2)
-  c.data.seq_len = 16
-  edit(c)
-  with pytest.raises(C.ConfigError, match=f"^config.{field}: ") as err:
-    C.validate(c, num_devices=1)
-  assert "\n" not in str(err.value)
-
-
-def test_layers_not_divisible_suggests_fix():
-  c = get_config()
-  c.recursion.update(strategy="middle_cycle", num_recursions=4)
-  with pytest.raises(C.ConfigError, match=r"num_layers = 30 or 34"):
-    C.validate(c, num_devices=1)
-
-
-def test_gradient_accumulation_is_derived_like_the_reference():
-  c = importlib.import_module("configs.smollm360_rec2").get_config(None)
-  assert C.validate(c, num_devices=4).train.grad_accum_steps == 128
-
-
-@pytest.mark.parametrize("T", [64, 256])
-def test_blocked_causal_attention_matches_masked(T):
-  """Local causal attention skips key blocks after each query block; it must equal the dense-mask path."""
-  assert cpu_attention.causal_blocks(T) == T // 64  # the blocked path is exercised for T=256
-  B, H, K, E = 2, 4, 2, 16
-  ks = jax.random.split(jax.random.PRNGKey(3), 4)
-  q, k, v = (jax.random.normal(ks[i], (B, T, n, E)) for i, n in enumerate((H, K, K)))
-  g = jax.random.normal(ks[3], (B, T, H, E))
-  mask = jnp.tril(jnp.ones((T, T), bool))[None].repeat(B, 0)
-
-  def loss(fn):
-    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * g), argnums=(0, 1, 2)))(q, k, v)
-
-  blocked = loss(lambda q, k, v: cpu_attention.attention(q, k, v, None))
-  dense = loss(lambda q, k, v: cpu_attention.attention(q, k, v, mask))
-  plain = loss(lambda q, k, v: attend(q, k, v, mask, ExecPolicy()))   # jax.nn.dot_product_attention (XLA)
-  for a, b, c in zip(jax.tree.leaves(blocked), jax.tree.leaves(dense), jax.tree.leaves(plain)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
-
-
-def test_cross_entropy_gradient_matches_autodiff():
-  from mor_jax.model.losses import cross_entropy
-  ks = jax.random.split(jax.random.PRNGKey(4), 3)
-  logits = 3 * jax.random.normal(ks[0], (2, 5, 11))
-  targets = jax.random.randint(ks[1], (2, 5), 0, 11)
-  mask = jax.random.bernoulli(ks[2], 0.7, (2, 5))
-
-  def plain(l):
-    nll = jax.nn.logsumexp(l, -1) - jnp.take_along_axis(l, targets[..., None], -1)[..., 0]
-    return jnp.sum(nll * mask)
-
-  np.testing.assert_allclose(cross_entropy(logits, targets, mask)[0], plain(logits), rtol=1e-6)
-  np.testing.assert_allclose(jax.grad(lambda l: cross_entropy(l, targets, mask)[0])(logits), jax.grad(plain)(logits),
-                             rtol=1e-5, atol=1e-6)
-
-
-# --------------------------------------------------- execution policy, kernels
-@pytest.mark.parametrize("kind", [("middle_cycle", 2, "expert"), ("middle_cycle", 3, "token"), ("sequence", 2, None)])
-def test_cpu_kernels_compute_the_plain_model(kind):
-  """The CPU policy (custom attention, fused norm/SwiGLU kernels, batch groups, loss chunks) = the plain Llama path."""
-  cfg = tiny(*kind)
-  p = init_variables(cfg, jax.random.PRNGKey(0))["params"]
-  toks = tokens(B=4)
-  plain = ExecPolicy()
-  np.testing.assert_allclose(run(cfg, {"params": p}, toks, policy=CPU)[0],
-                             run(cfg, {"params": p}, toks, policy=plain)[0], atol=2e-5)
-  l0, g0 = _loss_and_grads(cfg, p, toks, policy=plain)
-  l1, g1 = _loss_and_grads(cfg, p, toks, policy=CPU)
-  np.testing.assert_allclose(l0, l1, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), g0, g1)
-
-
-def test_policy_is_resolved_per_backend_and_decoding_gets_a_cached_kernel(caplog):
-  c = tiny_cfg()
-  gpu, tpu = policy_lib.resolve(c, "gpu"), policy_lib.resolve(c, "tpu")
-  assert (CPU.attention, CPU.cpu_kernels, CPU.batch_groups, CPU.loss_chunk_tokens) == ("custom", True, 2, 512)
-  assert (gpu.attention, gpu.cpu_kernels, gpu.batch_groups, gpu.loss_chunk_tokens) == ("cudnn", False, 1, 0)
-  assert tpu.attention == "xla" and gpu.scan_unroll > 100 and CPU.scan_unroll == 1
-  # cuDNN's kernel takes plain causal masks only: decoding (dense cache masks) runs XLA's on GPU, not the CPU kernel
-  assert gpu.for_decoding().attention == "xla" and CPU.for_decoding().attention == "custom"
-  assert dataclasses.replace(CPU, remat_policy="full", dtype="bfloat16").for_decoding() == \
-      dataclasses.replace(CPU, batch_groups=1, loss_chunk_tokens=0, dtype="bfloat16")
-  assert policy_lib.for_decoding() == ExecPolicy()
-  assert policy_lib.resolve(tiny_cfg(execution__cpu_kernels="off"), "cpu").cpu_kernels is False
-  assert "attention custom" in CPU.describe() and "batch_groups 2" in CPU.describe()
-  # the old model.<knob> keys still work, with a warning naming the new key
-  with caplog.at_level(logging.WARNING):
-    old = tiny_cfg(model__attention_impl="dot_product", model__dtype="bfloat16")
-  assert policy_lib.resolve(old, "cpu").attention == "xla" and policy_lib.resolve(old, "cpu").dtype == "bfloat16"
-  assert "config.model.attention_impl is deprecated: renamed to config.execution.attention_impl" in caplog.text
-
-
-def test_model_modules_never_ask_for_the_backend():
-  root = pathlib.Path(__file__).parent.parent / "mor_jax"
-  for f in (root / "model").glob("*.py"):
-    assert "default_backend" not in f.read_text(), f
-  assert not [f for f in root.rglob("*.py") if "import configs" in f.read_text() or "from configs" in f.read_text()]
-
-
-# ------------------------------------------------------------ config schema
-def test_model_config_is_the_architecture_generated_from_the_schema():
-  names = {f.name for f in dataclasses.fields(C.ModelConfig)}
-  assert names == {f.arch_name for f in C.FIELDS if f.arch}
-  assert not names & {"dtype", "remat_policy", "attention_impl", "batch_groups", "loss_chunk_tokens", "scan_unroll"}
-  cfg = tiny("middle_cycle", 3, "expert", mor__router_temperature=2.0, mor__capacity_fractions=(1.0, 0.5, 0.25))
-  assert (cfg.router_temperature, cfg.capacity_fractions, cfg.mor_enable, cfg.strategy) == \
-      (2.0, (1.0, 0.5, 0.25), True, "middle_cycle")
-  assert cfg.selected_tokens(16) == (16, 8, 4) and tiny("middle_cycle", 3, "expert").selected_fractions[1] == 2 / 3
-  assert hash(cfg) == hash(dataclasses.replace(cfg))   # frozen, usable as a static argument
-  assert set(C.architecture_dict(cfg)) == names
-
-
-def test_renamed_keys_keep_working_with_a_warning(caplog):
-  old = {"mor__capacity": (1.0, 0.5), "mor__capacity_factor": 0.5, "mor__temperature": 2.0,
-         "mor__sampling": "none"}
-  with caplog.at_level(logging.WARNING):
-    cfg = tiny("middle_cycle", 2, "expert", **old)
-  assert (cfg.capacity_fractions, cfg.token_buffer_fraction, cfg.router_temperature, cfg.expert_router_loss) == \
-      ((1.0, 0.5), 0.5, 2.0, "none")
-  for o, n in (("capacity", "capacity_fractions"), ("capacity_factor", "token_buffer_fraction"),
-               ("temperature", "router_temperature"), ("sampling", "expert_router_loss")):
-    assert f"config.mor.{o} is deprecated: renamed to config.mor.{n}" in caplog.text
-  # old checkpoint metadata: the nested config and the flat model config
-  up = C.upgrade({"model": {"dtype": "bfloat16", "hidden_size": 8}, "mor": {"sampling": "aux_loss"}}, quiet=True)
-  assert up == {"model": {"hidden_size": 8}, "execution": {"dtype": "bfloat16"}, "mor": {"expert_router_loss": "bce"}}
-  flat = C.upgrade_architecture({"capacity": [1.0], "temperature": 1.0, "sampling": "aux_loss", "dtype": "float32",
-                                 "remat_policy": "none", "hidden_size": 8})
-  assert flat == {"capacity_fractions": [1.0], "router_temperature": 1.0, "expert_router_loss": "bce", "hidden_size": 8}
-
-
-def test_eval_batches_becomes_eval_sequences(caplog):
-  c = tiny_config(train__per_device_batch_size=2, train__total_batch_size=8)
-  c.train.eval_batches = 3
-  with caplog.at_level(logging.WARNING):
-    v = C.validate(c, num_devices=2)
-  assert v.train.eval_sequences == 12 and "eval_batches" not in v.train
-  assert "use config.train.eval_sequences" in caplog.text
-  assert C.validate(tiny_config(), num_devices=1).train.eval_sequences == 64
-  assert C.validate(tiny_config(train__allow_changes=("train.learning_rate",)), 1).train.allow_changes == \
-      ("train.learning_rate",)
-
-
-def test_huge_page_reexec_is_for_the_cpu_backend_only(monkeypatch):
-  from mor_jax import runtime
-  assert runtime.cpu_backend_expected({"JAX_PLATFORMS": "cpu"})
-  assert not runtime.cpu_backend_expected({"JAX_PLATFORMS": "cuda,cpu"})
-  assert not runtime.cpu_backend_expected({"JAX_PLATFORM_NAME": "tpu"})
-  monkeypatch.setattr(runtime, "_importable", lambda name: name == "jax_cuda12_plugin")
-  assert not runtime.cpu_backend_expected({})          # a CUDA jaxlib plugin: JAX would pick the GPU
-  monkeypatch.setattr(runtime, "_importable", lambda name: False)
-  assert runtime.cpu_backend_expected({})
-  calls = []
-  monkeypatch.setattr(runtime.os, "execve", lambda *a: calls.append(a))
-  for env, expect in (({"JAX_PLATFORMS": "cuda"}, 0), ({"JAX_PLATFORMS": "cpu"}, 1)):
-    monkeypatch.setattr(runtime.os, "environ", dict(env))
-    runtime.use_huge_pages()
-    assert len(calls) == expect

@@ -15,6 +15,7 @@ from mor_jax.infer.engine import Engine
 from mor_jax.infer.sampling import SamplingParams
 from mor_jax.model import routing
 from mor_jax.model.transformer import MoRLM, init_variables
+from test_model import run, tiny, tokens
 from tiny import tiny_model_config
 
 CTX, MAX_LEN, NEW = 40, 32, 8
@@ -110,3 +111,87 @@ def test_decision_functions():
                                 [True, True])
   np.testing.assert_array_equal(
       np.asarray(routing.expert_enters(ecfg, jnp.asarray([0, 2]), jnp.asarray([0.2, 0.2]), 0.5)), [True, False])
+
+
+# ------------------------------------------------------------ routing modes
+def test_capacity_warmup_mask_path_matches_topk_after_warmup():
+  cfg = tiny("middle_cycle", 3, "expert", mor__cap_warmup_steps=10)
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  toks = tokens()
+  a, aux_a = run(cfg, v, toks, routing_mode="topk")
+  b, aux_b = run(cfg, v, toks, routing_mode="topk_warmup", step=jnp.int32(10))
+  np.testing.assert_allclose(a, b, atol=2e-5)
+  np.testing.assert_allclose(aux_a["sampling_loss"], aux_b["sampling_loss"], rtol=1e-5)
+  np.testing.assert_allclose(aux_a["tokens_per_recursion"], aux_b["tokens_per_recursion"])
+  _, aux0 = run(cfg, v, toks, routing_mode="topk_warmup", step=jnp.int32(0))
+  np.testing.assert_allclose(aux0["tokens_per_recursion"], [1.0, 1.0, 1.0])
+  _, aux5 = run(cfg, v, toks, routing_mode="topk_warmup", step=jnp.int32(5))
+  # c(5) = c + (1 - c) / 2 for c = 2/3 and 1/3 -> k = floor(c(5) * 16)
+  np.testing.assert_allclose(aux5["tokens_per_recursion"], [1.0, 13 / 16, 10 / 16])
+
+
+def test_causal_mode_equals_topk_when_every_token_passes():
+  """Capacity 1 everywhere + threshold 0: both forms route every token through every recursion."""
+  cfg = tiny("middle_cycle", 2, "expert", mor__capacity_fractions=(1.0, 1.0))
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  a, _ = run(cfg, v, tokens(), routing_mode="topk")
+  b, aux = run(cfg, v, tokens(), routing_mode="causal", threshold=0.0)
+  np.testing.assert_allclose(a, b, atol=2e-5)
+  np.testing.assert_allclose(aux["tokens_per_recursion"], [1.0, 1.0])
+
+
+def test_token_choice_buffer_fraction_drops_and_counts():
+  exact = tiny("middle_cycle", 3, "token")
+  small = tiny("middle_cycle", 3, "token", mor__token_buffer_fraction=0.25)
+  v = init_variables(exact, jax.random.PRNGKey(0))
+  a, aux_a = run(exact, v, tokens())
+  b, aux_b = run(small, v, tokens())
+  assert int(aux_a["dropped_tokens"]) == 0
+  active = [(np.asarray(aux_a["depth"]) >= r).sum(1) for r in (1, 2)]
+  expect = sum(np.maximum(n - 4, 0).sum() for n in active)
+  assert int(aux_b["dropped_tokens"]) == expect
+  if expect:
+    assert float(jnp.max(jnp.abs(a - b))) > 0
+
+
+def test_token_choice_loss_free_bias_changes_depths():
+  from mor_jax.model.routing import loss_free_bias_update
+  cfg = tiny("middle_cycle", 3, "token", mor__balancing="loss_free")
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  assert "router_bias" in v and v["router_bias"]["bias"].shape == (3,)
+  _, aux = run(cfg, v, tokens())
+  np.testing.assert_allclose(float(aux["aux_loss"]), 0.0)  # no balancing loss term
+  load = aux["balancing_ratio"]
+  new = loss_free_bias_update(v["router_bias"]["bias"], load, 0.5)
+  np.testing.assert_allclose(new, 0.5 * np.sign(np.mean(load) - np.asarray(load)))
+  v2 = {**v, "router_bias": {"bias": jnp.array([0.0, 0.0, 10.0])}}
+  _, aux2 = run(cfg, v2, tokens())
+  np.testing.assert_allclose(aux2["balancing_ratio"], [0.0, 0.0, 1.0])
+
+
+def test_token_choice_balancing_warmup_uses_full_depth():
+  cfg = tiny("middle_cycle", 3, "token", mor__bal_warmup_steps=5)
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  _, aux = run(cfg, v, tokens(), step=jnp.int32(2))
+  np.testing.assert_allclose(aux["tokens_per_recursion"], [1.0, 1.0, 1.0])
+  _, aux = run(cfg, v, tokens(), step=jnp.int32(5))
+  assert float(aux["tokens_per_recursion"][2]) < 1.0
+
+
+def test_rand_router_and_identity_gating_run():
+  cfg = tiny("middle_cycle", 2, "expert", mor__rand_router=True, mor__gating="identity")
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  a, aux = run(cfg, v, tokens(), rngs={"router": jax.random.PRNGKey(1)})
+  b, _ = run(cfg, v, tokens(), rngs={"router": jax.random.PRNGKey(2)})
+  assert float(aux["aux_loss"]) == 0.0
+  assert float(jnp.max(jnp.abs(a - b))) > 0  # different random routes
+
+
+def test_mor_selects_fewer_tokens_per_recursion():
+  cfg = tiny("middle_cycle", 3, "expert")
+  v = init_variables(cfg, jax.random.PRNGKey(0))
+  _, aux = run(cfg, v, tokens())
+  assert [s.shape[1] for s in aux["selected"]] == [16, 10, 5]
+  for r in range(1, 3):  # hierarchical: selected at r is a subset of selected at r-1
+    for b in range(2):
+      assert set(np.asarray(aux["selected"][r][b])) <= set(np.asarray(aux["selected"][r - 1][b]))

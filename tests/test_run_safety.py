@@ -1,5 +1,5 @@
 """Run safety (issue 22): the workdir lock, mismatch vs corruption, checksums, all-corrupt stop, the
-finiteness check of a restored state, metrics.jsonl never short, exit codes of main.py, disk full,
+finiteness check of a restored state, metrics.jsonl never short, disk full (main.py's exit codes: test_main.py),
 kill -9 at random moments, and a validation set independent of the device count."""
 
 import hashlib
@@ -20,7 +20,7 @@ import pytest
 
 from mor_jax import checkpoint as ckpt_lib
 from mor_jax import config as C
-from mor_jax.train import DataParallel, DeviceMemoryError, Hook, abstract_state, init_state, make_eval_step
+from mor_jax.train import DataParallel, DeviceMemoryError, Trainer, abstract_state, init_state, make_eval_step
 from mor_jax.train import make_optimizer
 from mor_jax.train import read_metrics, train_and_evaluate
 from mor_jax.train import evaluation
@@ -259,14 +259,15 @@ def test_eval_counts_the_same_sequences_on_1_and_4_devices():
   np.testing.assert_allclose(got[4], float(whole["nll_sum"]) / float(whole["count"]), rtol=1e-6)
 
 
-class _FillDisk(Hook):
+class _FillDisk(Trainer):
   """After the first checkpoint completed, fills the filesystem to ~1 MB free: the next save fails."""
 
-  def on_save(self, trainer, step):
+  def save(self, step):
+    super().save(step)
     if step == 2:
-      trainer.ckpt.wait()
-      st = os.statvfs(trainer.workdir)
-      with open(os.path.join(os.path.dirname(trainer.workdir), "filler"), "wb") as f:
+      self.ckpt.wait()
+      st = os.statvfs(self.workdir)
+      with open(os.path.join(os.path.dirname(self.workdir), "filler"), "wb") as f:
         f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - (1 << 20)))
 
 
@@ -282,8 +283,8 @@ def test_disk_full_one_clear_line_report_and_restorable_checkpoint(tmp_path):
     c = tiny(num_steps=8)
     c.model.update(vocab_size=4096)                          # ~3 MB per checkpoint: more than the space left
     with pytest.raises(ckpt_lib.CheckpointSaveError) as e:
-      train_and_evaluate(c, wd, eval_iterator_fn=evals, hooks=[_FillDisk()],
-                         train_iterator=SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ, rows=ROWS, seed=5))
+      _FillDisk(c, wd, eval_iterator_fn=evals,
+                train_iterator=SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ, rows=ROWS, seed=5)).run()
     assert str(e.value) == (f"no space left on device while writing checkpoint 4 to {wd}/checkpoints; the last "
                             "complete checkpoint is step 2")
     rep = json.load(open(os.path.join(wd, "report.json")))
@@ -297,19 +298,22 @@ def test_disk_full_one_clear_line_report_and_restorable_checkpoint(tmp_path):
     subprocess.run(["umount", "-l", mnt], check=False)
 
 
-class _OutOfMemoryAfterSave(Hook):
+class _OutOfMemoryAfterSave(Trainer):
   """From the first save on, the train step fails the way XLA does when the device runs out of memory."""
 
-  def on_save(self, trainer, step):
+  def save(self, step):
+    super().save(step)
+
     def out_of_memory(*args):
       raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.21GiB.")
-    trainer.train_fn = out_of_memory
+    self.train_fn = out_of_memory
 
 
 def test_out_of_memory_while_running_is_one_line_and_keeps_the_checkpoints(tmp_path):
   wd = str(tmp_path / "oom")
   with pytest.raises(DeviceMemoryError) as e:
-    train(wd, hooks=[_OutOfMemoryAfterSave()])
+    _OutOfMemoryAfterSave(tiny(), wd, eval_iterator_fn=evals,
+                          train_iterator=SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ, rows=ROWS, seed=5)).run()
   msg = str(e.value)
   assert "\n" not in msg and msg.startswith("out of device memory at step 3: the train step needs ") and " MiB" in msg
   assert "(compiled peak at micro-batch 1 x accumulation 2, remat none, seq_len 16)" in msg
@@ -321,62 +325,8 @@ def test_out_of_memory_while_running_is_one_line_and_keeps_the_checkpoints(tmp_p
 
 
 # ------------------------------------------------------------------ subprocesses
-CORPUS = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog and the cat." for i in range(100))
-TINY_MAIN = """
-from mor_jax import config as C
-
-def get_config():
-  c = C.defaults()
-  c.name = "tiny-main"
-  c.model.update(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                 max_seq_len=64)
-  c.data.update(corpus="local", path={path!r}, data_dir={data!r}, seq_len=16, val_files=("0.txt",))
-  c.train.update(num_steps=4, total_batch_size=8, per_device_batch_size=2, warmup_steps=1, log_every_steps=1,
-                 eval_every_steps=0, eval_sequences=8, save_every_steps=2, progress_bar=False)
-  return c
-"""
-
-
 def _env():
   return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-
-
-def main_py(*args, timeout=300):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], capture_output=True, text=True,
-                        timeout=timeout, env=_env(), cwd=ROOT)
-
-
-def test_exit_codes_of_main(tmp_path):
-  (tmp_path / "corpus").mkdir()
-  for i in range(10):                                          # one document per file: 1 for validation
-    (tmp_path / "corpus" / f"{i}.txt").write_text(CORPUS)
-  cfg = tmp_path / "tiny_main.py"
-  cfg.write_text(TINY_MAIN.format(path=str(tmp_path / "corpus"), data=str(tmp_path / "data")))
-  wd = str(tmp_path / "w")
-  p = main_py("--config=configs/nope.py", f"--workdir={wd}")
-  assert p.returncode == 1 and "configs/nope.py does not exist" in p.stderr and "config_config" not in p.stderr
-  with ckpt_lib.WorkdirLock(wd):
-    p = main_py(f"--config={cfg}", f"--workdir={wd}")
-  assert p.returncode == 1 and f"pid {os.getpid()}" in p.stderr and not os.path.exists(os.path.join(wd, "metrics.jsonl"))
-  p = main_py(f"--config={cfg}", f"--workdir={wd}", "--config.train.max_steps_per_run=2")
-  assert p.returncode == 75, p.stderr[-2000:]
-  assert "paused: step 2/4; run the same command again" in p.stdout
-  p = main_py(f"--config={cfg}", f"--workdir={wd}")
-  assert p.returncode == 0 and "completed: step 4/4" in p.stdout, p.stderr[-2000:]
-  p = main_py(f"--config={cfg}", f"--workdir={wd}", "--config.model.hidden_size=64")
-  assert p.returncode == 1 and "model.hidden_size: checkpoint 32 vs config 64" in p.stderr
-  p = main_py(f"--config={cfg}", f"--workdir={wd}", "--config.train.num_steps=6")      # extending: refused
-  assert p.returncode == 1 and "train.num_steps: checkpoint 4 vs config 6" in p.stderr, p.stderr[-2000:]
-  assert "--config.train.allow_changes=train.num_steps" in p.stderr and "train.num_steps: 4 -> 6" in p.stderr
-  p = main_py(f"--config={cfg}", f"--workdir={wd}")
-  assert p.returncode == 0 and [r["step"] for r in read_metrics(wd)] == [1, 2, 3, 4]
-  before = snapshot(wd)                  # a memory budget nothing fits: one line, exit 1, the finished run untouched
-  p = main_py(f"--config={cfg}", f"--workdir={wd}", "--config.train.per_device_batch_size=0",
-              "--config.execution.memory_budget_gib=0.0001")
-  last = p.stderr.strip().splitlines()[-1]
-  assert p.returncode == 1 and last.startswith("error: out of memory: the train state alone needs "), p.stderr[-2000:]
-  assert " MiB per device" in last and "but 0.10 MiB (execution.memory_budget_gib=0.0001) is available" in last
-  assert "Traceback" not in p.stderr and snapshot(wd) == before
 
 
 KILL_RUNNER = """

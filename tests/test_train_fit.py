@@ -46,7 +46,7 @@ def compilation_cache(tmp_path_factory):
 def peaks():
   """Compiled (not run) peak bytes per device of micro-batch 1 and 2, and the state's bytes."""
   c = C.validate(tiny(per_device_batch_size=1), 4)
-  steps = fit.StepCompiler.for_config(c, setup.select_devices(c))
+  steps = fit.StepCompiler.for_config(c, setup.data_parallel_for(c))
   return (steps.peak(1, "none"), steps.peak(2, "none")), steps.state_bytes
 
 
@@ -62,7 +62,7 @@ def test_largest_fitting_compiles_few_candidates_near_the_answer():
   for budget in [*range(2000, 3000 + 101 * share, 97), linear(1) * share]:
     calls = []                                          # distinct candidates compiled, in order
 
-    def peak(m):
+    def peak(m, calls=calls):
       if m not in calls:
         calls.append(m)
       return linear(m)
@@ -83,6 +83,7 @@ def test_auto_micro_batch_fits_the_budget_and_trains_like_the_manual_setting(pea
   budget_gib = (p1 + p2) / 2 / 2**30                    # below the full micro-batch's peak, above micro-batch 1's
   auto = train(tmp_path / "auto", _with(tiny(per_device_batch_size=0), memory_budget_gib=budget_gib))
   manual = train(tmp_path / "manual", tiny(per_device_batch_size=1))
+  assert manual["status"] == "completed"
   assert auto["per_device_batch_size"] == 1 and auto["grad_accum_steps"] == 2 and auto["status"] == "completed"
   stored = json.load(open(tmp_path / "auto" / "report.json"))
   assert (stored["per_device_batch_size"], stored["grad_accum_steps"]) == (1, 2)
@@ -125,7 +126,7 @@ def test_auto_remat_escalates_to_the_first_policy_that_fits():
   c = tiny(per_device_batch_size=2)
   c.model.num_layers = 4
   c = C.validate(c, 4)
-  steps = fit.StepCompiler.for_config(c, setup.select_devices(c))
+  steps = fit.StepCompiler.for_config(c, setup.data_parallel_for(c))
   peak = {r: steps.peak(2, r) for r in fit.REMAT_ESCALATION}
   assert peak["full"] < peak["none"] < peak["dots"]
   c.execution.update(remat_policy="auto", memory_budget_gib=(peak["full"] + 1024) / 2**30)

@@ -130,7 +130,8 @@ def forward(kind, impl, dtype="float32"):
   params = params_for(kind)
   tokens = SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ, rows=2, seed=1).make_batch(0)["tokens"][:, :-1]
   mode = "topk_warmup" if kind == "warmup" else "topk"
-  return jax.jit(lambda p: MoRLM(cfg, policy).apply({"params": p}, tokens, routing_mode=mode, step=jnp.int32(1))[0])(params)
+  forward = lambda p: MoRLM(cfg, policy).apply({"params": p}, tokens, routing_mode=mode, step=jnp.int32(1))[0]
+  return jax.jit(forward)(params)
 
 
 @pytest.mark.parametrize("kind", ["expert", "token", "warmup"])

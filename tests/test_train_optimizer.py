@@ -62,7 +62,8 @@ def test_decay_mask_and_adamw_decay():
   assert not flat["['block']['layer_0']['post_attn_norm']['scale']"]
   assert sum(flat.values()) == len(flat) - 3      # the shared layer's 2 norms and the final norm are excluded
   params = {"embed": {"embedding": jnp.ones((4, 3))}, "final_norm": {"scale": jnp.ones((3,))},
-            "block": {"layers": {"input_norm": {"scale": jnp.ones((2, 3))}, "mlp": {"up_proj": {"kernel": jnp.ones((2, 3, 5))}}}},
+            "block": {"layers": {"input_norm": {"scale": jnp.ones((2, 3))},
+                                 "mlp": {"up_proj": {"kernel": jnp.ones((2, 3, 5))}}}},
             "head": {"bias": jnp.ones((4,))}}
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   new = optax.apply_updates(params, updates)

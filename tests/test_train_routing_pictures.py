@@ -3,7 +3,6 @@ evaluation), the TensorBoard histogram, routing.png, the validation sample colou
 report.md shows them; a non-routed model gets none."""
 
 import glob
-import json
 import os
 import struct
 

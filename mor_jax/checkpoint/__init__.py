@@ -13,12 +13,11 @@
 
 from __future__ import annotations
 
-import os
-
 from mor_jax.checkpoint import schema
 from mor_jax.checkpoint.layout import (CHECKPOINTS_SUBDIR, CheckpointCorruptError, CheckpointError,
                                        CheckpointMismatchError, CheckpointSaveError, WorkdirLockedError,
-                                       checkpoints_dir, find_checkpoints, step_dir, steps_in)
+                                       checkpoints_dir, find_checkpoints, has_checkpoints, require_new_workdir,
+                                       require_writable, step_dir, steps_in)
 from mor_jax.checkpoint.lock import WorkdirLock
 from mor_jax.checkpoint.manager import Checkpointer, TrainRestore
 from mor_jax.checkpoint.params import ParamsRestore, default_sharding, read_meta, restore_params
@@ -27,8 +26,7 @@ from mor_jax.checkpoint.params import ParamsRestore, default_sharding, read_meta
 def write_imported_step(workdir: str, config, state, *, validated=None, extra_meta: dict | None = None) -> str:
   """Writes `state` (a full TrainState) as step 0 of the new workdir `workdir`; returns the step directory."""
   directory = checkpoints_dir(workdir)
-  if os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory)):
-    raise CheckpointError(f"{workdir} already holds checkpoints; import into a new --workdir.")
+  require_new_workdir(workdir)
   meta = schema.new_meta(config, state, validated)
   meta["checkpoints_written"] = [0]
   meta.update(extra_meta or {})
@@ -44,6 +42,7 @@ def write_imported_step(workdir: str, config, state, *, validated=None, extra_me
 __all__ = [
     "CHECKPOINTS_SUBDIR", "CheckpointCorruptError", "CheckpointError", "CheckpointMismatchError",
     "CheckpointSaveError", "Checkpointer", "ParamsRestore", "TrainRestore", "WorkdirLock", "WorkdirLockedError",
-    "checkpoints_dir", "default_sharding", "find_checkpoints", "read_meta", "restore_params", "schema",
+    "checkpoints_dir", "default_sharding", "find_checkpoints", "has_checkpoints", "read_meta",
+    "require_new_workdir", "require_writable", "restore_params", "schema",
     "step_dir", "steps_in", "write_imported_step",
 ]

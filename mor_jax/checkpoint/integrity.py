@@ -1,7 +1,8 @@
 """Integrity of a saved step: a checksum manifest and a finiteness check of the restored state.
 
 `write_manifest(step_dir)` records the size and SHA-256 of every file of a finished step in
-`<step>/checksums.json` (written to a temporary file and renamed, after the save completed).
+`<step>/checksums.json` (written to a temporary file and renamed, after the save completed; the checkpoint
+manager calls it on a background thread).
 `verify_manifest(step_dir)` re-reads them before a restore and raises CheckpointCorruptError naming the
 first damaged, missing or truncated file. A step without a manifest (written before manifests existed, or
 cut between the save and its manifest) is restored without this check. `nonfinite_leaves(tree)` names the
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mor_jax import files as files_lib
 from mor_jax.checkpoint.layout import MANIFEST, CheckpointCorruptError
 
 _CHUNK = 1 << 22
@@ -36,7 +38,7 @@ def _files(step_dir: str) -> list[str]:
   for root, _, names in os.walk(step_dir):
     for n in names:
       rel = os.path.relpath(os.path.join(root, n), step_dir)
-      if rel != MANIFEST and not n.startswith(MANIFEST + "."):
+      if rel != MANIFEST and not n.startswith((MANIFEST + ".", "." + MANIFEST + ".")):   # (temporary files)
         out.append(rel)
   return sorted(out)
 
@@ -46,12 +48,7 @@ def write_manifest(step_dir: str) -> str:
   files = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _sha256(os.path.join(step_dir, rel))]
            for rel in _files(step_dir)}
   path = os.path.join(step_dir, MANIFEST)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"version": 1, "algorithm": "sha256", "files": files}, f, indent=0)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  files_lib.write_json(path, {"version": 1, "algorithm": "sha256", "files": files}, indent=0, sync=True)
   return path
 
 

@@ -4,7 +4,9 @@ Save: `save` starts an (asynchronous) Orbax save of {state, data, meta}; arrays 
 it returns. `poll()` (called after each step) and the next `save` / `wait` / `close` check the previous
 save: a failure is raised at once as CheckpointSaveError with one clear line ("no space left on device
 while writing checkpoint N to DIR; the last complete checkpoint is M"); a completed step gets its checksum
-manifest (integrity.py).
+manifest (integrity.py). The manifest's SHA-256 (seconds for a few GB of state) is computed off the training
+thread: `poll()` starts it on a background thread once Orbax reports the save complete (never before, so a manifest
+only ever describes a complete save), and the next `save` / `wait` / `close` joins it.
 
 Several processes: every process calls `save` and `restore` (Orbax writes each array's shards from the
 processes that hold them, JSON items from process 0); `data` then holds every process's iterator state
@@ -26,6 +28,7 @@ import errno
 import glob
 import os
 import shutil
+import threading
 import time
 from typing import Any, Callable
 
@@ -37,7 +40,8 @@ import orbax.checkpoint as ocp
 from mor_jax import distributed
 from mor_jax.checkpoint import integrity
 from mor_jax.checkpoint.layout import (ITEMS, CheckpointCorruptError, CheckpointError, CheckpointMismatchError,
-                                       CheckpointSaveError, corrupt_dir, step_dir, steps_in)
+                                       CheckpointSaveError, check_newest_complete, corrupt_dir, step_dir,
+                                       steps_in)
 
 
 @dataclasses.dataclass
@@ -77,14 +81,11 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     self._pending: int | None = None      # the step whose save may still be running
+    self._manifest: _ManifestThread | None = None   # a complete step's manifest, being written in the background
     self.written: list[int] = []
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
-
-  def latest_step(self) -> int | None:
-    steps = self.all_steps()
-    return steps[-1] if steps else None
 
   # ------------------------------------------------------------------ saving
   def save(self, step: int, state, data_state, meta: dict) -> None:
@@ -116,24 +117,40 @@ class Checkpointer:
     # several processes: the manifest's barrier must come at the same step everywhere, so it waits for the next
     # save or close (which every process reaches together); one process finishes it as soon as the save is done
     if jax.process_count() == 1 and not self._manager.is_saving_in_progress():
-      self.wait()
+      self._checked(self._manager.wait_until_finished, self._manager.check_for_errors)   # finished: returns at once
+      step, self._pending = self._pending, None
+      self._join_manifest()
+      self._manifest = _ManifestThread(step_dir(self.directory, step))
 
   def wait(self) -> None:
-    """Waits for the running save; raises CheckpointSaveError if it failed, else writes its manifest."""
-    if self._pending is None:
-      return
-    self._checked(self._manager.wait_until_finished, self._manager.check_for_errors)
-    step, self._pending = self._pending, None
-    d = step_dir(self.directory, step)
-    if jax.process_index() == 0 and os.path.isdir(d):
-      integrity.write_manifest(d)
-    distributed.barrier(f"mor_jax_manifest_{step}")
+    """Waits for the running save and its manifest; raises CheckpointSaveError if either failed."""
+    if self._pending is not None:
+      self._checked(self._manager.wait_until_finished, self._manager.check_for_errors)
+      step, self._pending = self._pending, None
+      self._join_manifest()
+      if jax.process_index() == 0:
+        self._manifest = _ManifestThread(step_dir(self.directory, step))
+      self._join_manifest()
+      distributed.barrier(f"mor_jax_manifest_{step}")
+    self._join_manifest()
+
+  def _join_manifest(self) -> None:
+    manifest, self._manifest = self._manifest, None
+    if manifest is not None:
+      manifest.join()
+      if manifest.error is not None:
+        raise CheckpointSaveError(f"writing the checksums of {manifest.step_dir} failed "
+                                  f"({type(manifest.error).__name__}: {_first_line(manifest.error)}); the step is "
+                                  "complete and restores without checksum verification")
 
   def close(self) -> None:
     try:
       self.wait()
     finally:
       self._pending = None
+      if self._manifest is not None:
+        self._manifest.join()
+        self._manifest = None
       try:
         self._manager.close()
       except Exception as e:  # pylint: disable=broad-except
@@ -183,7 +200,9 @@ class Checkpointer:
                         directory=d)
 
   def restore_latest(self, abstract_state, shardings, check_meta=None) -> TrainRestore | None:
-    """The newest good step (see the module docstring); None for an empty directory."""
+    """The newest good step (see the module docstring); None for an empty directory. An unfinished newest step
+    folder is refused (layout.check_newest_complete: the same decision as inference's)."""
+    check_newest_complete(self.directory)
     damaged: list[tuple[int, CheckpointCorruptError]] = []
     for step in reversed(self.all_steps()):
       try:
@@ -221,6 +240,23 @@ class Checkpointer:
       shutil.move(src, os.path.join(self.corrupt_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"))
     distributed.barrier(f"mor_jax_quarantine_{step}")
     self._manager.reload()
+
+
+class _ManifestThread(threading.Thread):
+  """Writes the checksum manifest of a complete step (integrity.write_manifest) in the background; `error` holds
+  what it raised. Started only once Orbax has finished the step."""
+
+  def __init__(self, step_dir_: str):
+    super().__init__(name=f"mor_jax-manifest-{os.path.basename(step_dir_)}", daemon=True)
+    self.step_dir, self.error = step_dir_, None
+    self.start()
+
+  def run(self) -> None:
+    try:
+      if os.path.isdir(self.step_dir):
+        integrity.write_manifest(self.step_dir)
+    except Exception as e:  # pylint: disable=broad-except (raised on the training thread by _join_manifest)
+      self.error = e
 
 
 def _process_data_state(data: dict, step: int):

@@ -79,7 +79,7 @@ def signature(tree) -> dict:
 
 def new_meta(config, abstract_state, validated=None) -> dict:
   """The meta of a fresh run (empty history); see `describe`."""
-  return {"version": META_VERSION, "name": str(config.get("name", "")),
+  return {"version": META_VERSION, "name": str(config.name),
           "history": {"step": [], "loss": [], "learning_rate": []}, "val_history": [],
           "training_time_seconds": 0.0, "checkpoints_written": [], "runs": [],
           **describe(config, abstract_state, validated)}

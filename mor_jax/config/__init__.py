@@ -11,12 +11,13 @@ How a backend runs the model (the `execution` section) is resolved by mor_jax.ke
 from mor_jax.config.model import ModelConfig, architecture_dict, model_config
 from mor_jax.config.naming import describe_model, run_name
 from mor_jax.config.schema import (ATTENTION_IMPLS, FIELDS, INIT_STRATEGIES, REMAT_POLICIES, STRATEGIES, Field,
-                                   defaults)
+                                   defaults, get_field)
 from mor_jax.config.upgrade import upgrade, upgrade_architecture
-from mor_jax.config.validate import ConfigError, resolve_mesh_shape, validate
+from mor_jax.config.validate import resolve_mesh_shape, validate
+from mor_jax.errors import ConfigError
 
 get_config = defaults   # the name config files use
 
 __all__ = ["ATTENTION_IMPLS", "FIELDS", "INIT_STRATEGIES", "REMAT_POLICIES", "STRATEGIES", "ConfigError", "Field",
-           "ModelConfig", "architecture_dict", "defaults", "describe_model", "get_config", "model_config",
+           "ModelConfig", "architecture_dict", "defaults", "describe_model", "get_config", "get_field", "model_config",
            "resolve_mesh_shape", "run_name", "upgrade", "upgrade_architecture", "validate"]

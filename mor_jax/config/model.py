@@ -1,4 +1,4 @@
-"""The frozen `ModelConfig`: the model's architecture, generated from the schema's `arch` fields.
+"""The frozen `ModelConfig`: the model's architecture, the schema's `arch` fields written out.
 
 It is what the model is built from and what a checkpoint records. How a
 backend runs the model (compute dtype, kernels, batch groups, loss chunks,
@@ -15,8 +15,49 @@ import ml_collections
 from mor_jax.config import schema
 
 
-class _Architecture:
-  """Derived values of the architecture (the fields come from schema.ARCH_FIELDS)."""
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model's architecture, frozen (hashable, so usable as a static argument).
+
+  One field per schema field marked `arch` (schema.ARCH_FIELDS, under its architecture name; the comment names the
+  config field). No defaults here: `model_config(config)` fills every field from a validated config, whose defaults
+  are the schema's (tests/test_config.py checks that the two lists agree).
+  """
+  vocab_size: int                     # model.vocab_size
+  hidden_size: int                    # model.hidden_size
+  intermediate_size: int              # model.intermediate_size
+  num_layers: int                     # model.num_layers
+  num_heads: int                      # model.num_heads
+  num_kv_heads: int                   # model.num_kv_heads
+  rope_theta: float                   # model.rope_theta
+  rms_eps: float                      # model.rms_eps
+  max_seq_len: int                    # model.max_seq_len
+  tie_embeddings: bool                # model.tie_embeddings
+  init_std: float                     # model.init_std
+  scan_layers: bool                   # model.scan_layers
+  strategy: str                       # recursion.strategy
+  num_recursions: int                 # recursion.num_recursions
+  mor_enable: bool                    # mor.enable
+  mor_type: str                       # mor.type
+  router_type: str                    # mor.router_type
+  router_func: str                    # mor.router_func
+  alpha: float                        # mor.alpha
+  router_temperature: float           # mor.router_temperature
+  rand_router: bool                   # mor.rand_router
+  z_loss: bool                        # mor.z_loss
+  z_coeff: float                      # mor.z_coeff
+  gating: str                         # mor.gating
+  capacity_fractions: tuple[float, ...]   # mor.capacity_fractions
+  expert_router_loss: str             # mor.expert_router_loss
+  aux_coeff: float                    # mor.aux_coeff
+  cap_warmup_steps: int               # mor.cap_warmup_steps
+  balancing: str                      # mor.balancing
+  bal_coeff: float                    # mor.bal_coeff
+  bal_update_rate: float              # mor.bal_update_rate
+  bal_warmup_steps: int               # mor.bal_warmup_steps
+  token_buffer_fraction: float        # mor.token_buffer_fraction
+  threshold: float                    # mor.threshold
+  kv_sharing: bool                    # kv_sharing.enable
 
   @property
   def head_dim(self) -> int:
@@ -50,18 +91,6 @@ class _Architecture:
   def selected_tokens(self, seq_len: int) -> tuple[int, ...]:
     """Expert-choice: tokens selected at each recursion, k_r = max(1, floor(fraction_r * T))."""
     return tuple(max(1, int(math.floor(c * seq_len + 1e-9))) for c in self.selected_fractions)
-
-
-def _field(f: schema.Field):
-  kind = type(f.default)
-  return f.arch_name, kind, dataclasses.field(default=f.default)
-
-
-ModelConfig = dataclasses.make_dataclass(
-    "ModelConfig", [_field(f) for f in schema.ARCH_FIELDS], bases=(_Architecture,), frozen=True,
-    namespace={"__doc__": "The model's architecture, frozen (hashable, so usable as a static arg); fields: "
-               + ", ".join(f.arch_name for f in schema.ARCH_FIELDS) + "."})
-ModelConfig.__module__ = "mor_jax.config"
 
 
 def _cast(f: schema.Field, value):

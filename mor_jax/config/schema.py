@@ -192,7 +192,8 @@ FIELDS = (
         ("grad_clip", 1.0, "global gradient-norm clip (0: off)", False, NONNEG),
         ("freeze_routers", False, "MoR: the routers' weights keep their initial (or loaded) values; the rest trains"),
         ("log_every_steps", 10, "metrics every n steps", False, "[1, inf)"),
-        ("eval_every_steps", 200, "validation every n steps (0: off)", False, NONNEG),
+        ("eval_every_steps", 200, "validation every n steps, also before the first and after the last (0: only "
+         "those two; train.eval_sequences=0: none)", False, NONNEG),
         ("eval_sequences", 64, "validation sequences per evaluation (-1: the whole split; 0: none)", False,
          "[-1, inf)"),
         ("save_interval", 0.1, "checkpoint every fraction of the run", False, UNIT),
@@ -262,4 +263,13 @@ def _node(c, key: str):
     if s not in c:
       c[s] = ml_collections.ConfigDict()
     c = c[s]
+  return c
+
+
+def get_field(c, key: str):
+  """The value of the dotted field `key` ('train.num_steps') in `c`, or None when it or its section is missing."""
+  for part in key.split("."):
+    c = c.get(part) if hasattr(c, "get") else None
+    if c is None:
+      return None
   return c

@@ -17,10 +17,7 @@ import ml_collections
 
 from mor_jax.config import naming, schema
 from mor_jax.config.upgrade import upgrade
-
-
-class ConfigError(ValueError):
-  """A config value is invalid; the message names the field and the fix."""
+from mor_jax.errors import ConfigError
 
 
 def _fail(field: str, msg: str):

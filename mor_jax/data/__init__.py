@@ -17,12 +17,11 @@ Public API:
   make_iterator(config, split, *, global_batch_size, ...) -> grain iterator
 """
 
-from mor_jax.data.common import DataError
+from mor_jax.errors import DataError
 from mor_jax.data.corpus import CorpusInfo, build_corpus, iter_texts
 from mor_jax.data.pipeline import count_batches, make_dataset, make_iterator
-from mor_jax.data.preparation import (PreparedData, get_tokenizer, prepare,
-                                  tokenizer_path_for)
-from mor_jax.data.tokenizer import Tokenizer, load_tokenizer
+from mor_jax.data.preparation import PreparedData, prepare
+from mor_jax.data.tokenizer import Tokenizer, get_tokenizer, load_tokenizer, tokenizer_path_for
 
 __all__ = [
     "CorpusInfo", "DataError", "PreparedData", "Tokenizer", "build_corpus",

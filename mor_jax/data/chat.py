@@ -34,8 +34,12 @@ from absl import logging
 import grain
 import numpy as np
 
+from mor_jax import files as files_lib
+from mor_jax.data import batching
 from mor_jax.data import chat_records
-from mor_jax.data.common import DataError, atomic_dir, data_root, read_json, short_hash
+from mor_jax.data import tokenizer as tokenizer_lib
+from mor_jax.data.common import data_root, read_json, short_hash
+from mor_jax.errors import DataError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -207,14 +211,13 @@ def _build(config, files, tok, settings, tmp) -> dict:
 
 def prepare_chat(config) -> ChatData:
   """Renders, tokenizes and splits the chat data of `config.data` once (reused afterwards); see the module doc."""
-  from mor_jax.data import preparation  # pylint: disable=g-import-not-at-top
   d = config.data
   if not d.tokenizer_path:
     raise DataError("config.data.tokenizer_path is empty: chat data is rendered with the model's tokenizer and chat "
                     "template. Fix: set config.init.from_path=W (its tokenizer is used) or config.data.tokenizer_path.")
   files = chat_files(d.path)
-  tok = preparation.get_tokenizer(config)
-  tok_path = preparation.tokenizer_path_for(config)
+  tok = tokenizer_lib.get_tokenizer(config)
+  tok_path = tokenizer_lib.tokenizer_path_for(config)
   try:
     settings = chat_records.template_settings(tok_path, d.chat_template, tok.eos_token, tok.bos_token)
   except ValueError as e:
@@ -226,7 +229,7 @@ def prepare_chat(config) -> ChatData:
   final = os.path.join(data_root(config), "chat", f"chat-{short_hash(key, 12)}")
   if not os.path.isfile(os.path.join(final, "summary.json")):
     logging.info("preparing chat data from %d file(s) of %s", len(files), d.path)
-    with atomic_dir(final, "summary.json") as tmp:
+    with files_lib.atomic_dir(final, "summary.json") as tmp:
       summary = _build(config, files, tok, settings, tmp)
       if not summary["splits"]["train"]["examples"]:
         raise DataError(f"no usable training conversation in {d.path}: {skipped_line(summary)}. Fix: check the "
@@ -305,7 +308,6 @@ def make_chat_dataset(config, split: str, *, local_batch_size: int, process_inde
                       seed: int | None = None, num_epochs: int | None = None, drop_remainder: bool = False,
                       prepared: ChatData | None = None) -> grain.IterDataset:
   """Packed batches of one chat split (see the module doc); `make_dataset`'s arguments."""
-  from mor_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   d = config.data
   prepared = prepared or prepare_chat(config)
   source = ChatSource(prepared.directory, split)
@@ -326,8 +328,8 @@ def make_chat_dataset(config, split: str, *, local_batch_size: int, process_inde
       shuffle_bins=False)
   it = it.map(_Rows()).batch(int(local_batch_size), drop_remainder=not finite)
   if finite:
-    it = it.map(pipeline._PadBatch(int(local_batch_size), 0))  # pylint: disable=protected-access
-  return pipeline.prefetched(it, d)
+    it = it.map(batching.PadBatch(int(local_batch_size), 0))
+  return batching.prefetched(it, d)
 
 
 def count_chat_batches(config, split: str, *, global_batch_size: int, process_index: int = 0,

@@ -7,7 +7,7 @@ A record (one JSON object per line of a `.jsonl` / `.jsonl.gz` file) is either
                                                  lists of messages, as in TRL's conversational form)
 
 `conversation(obj)` returns the messages or raises `BadRecord` saying what is wrong. `encode(...)` renders them
-with the chat template (`mor_jax.infer.prompts.render_chat`, the renderer `--chat` and serving use) and
+with the chat template (`mor_jax.data.chat_template.render`, the renderer `--chat` and serving use) and
 tokenizes the text piece by piece: the prompt up to each assistant turn exactly as `--chat` renders it for
 generation (`add_generation_prompt=True`), then the turn itself (its content and the template's end of turn),
 whose tokens are the ones trained with `data.loss_on=assistant`. With `loss_on=all` every token of the
@@ -20,6 +20,9 @@ import json
 from typing import Any, Sequence
 
 import numpy as np
+
+from mor_jax.data import chat_template
+from mor_jax.errors import ChatTemplateError
 
 ROLES = ("system", "user", "assistant")
 # ChatML's layout for models whose tokenizer has no chat template (data.chat_template=chatml). Each turn ends with
@@ -85,10 +88,9 @@ def parse_line(line: bytes | str) -> list[dict] | None:
 
 
 def _render(settings: dict, messages: Sequence[dict], add_generation_prompt: bool) -> str:
-  from mor_jax.infer import prompts  # pylint: disable=g-import-not-at-top (no JAX: prompts imports none)
   try:
-    return prompts.render_chat(settings, messages, add_generation_prompt, what="the chat template")
-  except prompts.InferenceError as e:
+    return chat_template.render(settings, messages, add_generation_prompt, what="the chat template")
+  except ChatTemplateError as e:
     raise BadRecord(str(e)) from None
 
 
@@ -142,15 +144,14 @@ def encode(tokenizer, settings: dict, messages: Sequence[dict], loss_on: str, bo
 def template_settings(tokenizer_path: str, name: str, eos_token: str, bos_token: str | None) -> dict:
   """{chat_template, eos_token, bos_token, ...} for rendering: the named template, or the tokenizer's own (its
   tokenizer_config.json); raises ValueError naming data.chat_template when there is none."""
-  from mor_jax.infer import prompts  # pylint: disable=g-import-not-at-top
   if name:
     if name not in NAMED_TEMPLATES:
       raise ValueError(f"config.data.chat_template={name!r} is unknown; use '' (the tokenizer's own template) or one "
                        f"of {sorted(NAMED_TEMPLATES)}.")
     return {"chat_template": NAMED_TEMPLATES[name], "eos_token": eos_token, "bos_token": bos_token or ""}
   try:
-    settings = prompts.chat_settings(tokenizer_path, what="the chat data")
-  except prompts.InferenceError:
+    settings = chat_template.settings(tokenizer_path, what="the chat data")
+  except ChatTemplateError:
     raise ValueError(f"the tokenizer at {tokenizer_path} has no chat template (no 'chat_template' in its "
                      "tokenizer_config.json). Fix: set config.data.chat_template=chatml (the fine-tuned workdir "
                      "keeps it for --chat and serving), or use a tokenizer folder that has one.") from None

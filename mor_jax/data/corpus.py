@@ -26,7 +26,8 @@ from typing import Any, Iterator
 from absl import logging
 import tensorflow_datasets as tfds
 
-from mor_jax.data.common import DataError, data_root, short_hash
+from mor_jax.data.common import data_root, short_hash
+from mor_jax.errors import DataError
 from mor_jax.data.sources import files as files_lib
 from mor_jax.data.sources import shakespeare as shakespeare_lib
 
@@ -290,7 +291,7 @@ def _local_builder(config, root: str) -> MorLocalCorpus:
       sizes.append(os.path.getsize(f))
     except OSError as e:
       raise DataError(f"cannot read {f}: {e}. Fix: check the file.") from e
-  sep = d.get("txt_separator", "")
+  sep = d.txt_separator
   key = dict(files=[os.path.relpath(f, base) for f in files], sizes=sizes,
              root=base, column=d.text_column, val_files=sorted(val_files),
              val_fraction=float(d.val_fraction) if not val_files else None,
@@ -355,7 +356,18 @@ def open_split(dataset_dir: str, split: str):
   if split not in rb.info.splits:
     raise DataError(f"split {split!r} not in {dataset_dir} "
                     f"(splits: {list(rb.info.splits)}).")
+  check_files([str(p) for p in rb.info.splits[split].filepaths], dataset_dir, split)
   return rb.as_data_source(split)
+
+
+def check_files(files, directory: str, split: str) -> None:
+  """DataError naming the first missing shard of prepared data (deleted or moved after it was prepared)."""
+  missing = [f for f in files if not os.path.isfile(f)]
+  if missing:
+    raise DataError(f"the prepared {split} data in {directory} lacks {os.path.basename(missing[0])}"
+                    f"{f' and {len(missing) - 1} more files' if len(missing) > 1 else ''} (deleted or moved after "
+                    f"it was prepared). Fix: move {directory} away and run again: it is prepared anew from "
+                    "config.data (the same data, the same order).")
 
 
 def describe_corpus(dataset_dir: str, name: str = "") -> CorpusInfo:

@@ -33,8 +33,9 @@ from typing import Any
 import grain
 import numpy as np
 
-from mor_jax.data import workers
-from mor_jax.data.common import DataError, ensure_absl_flags_parsed
+from mor_jax.data import batching
+from mor_jax.data import chat
+from mor_jax.errors import DataError
 from mor_jax.data.preparation import PreparedData, prepare
 from mor_jax.data.records import TextSource, TokenSource
 
@@ -58,24 +59,6 @@ class _ToInt32(grain.transforms.Map):
 
   def map(self, element: np.ndarray) -> np.ndarray:
     return element.astype(np.int32)
-
-
-class _PadBatch(grain.transforms.Map):
-  """Pads a short last batch with all-padding rows (segment id 0)."""
-
-  def __init__(self, batch_size: int, pad_id: int):
-    self._n, self._pad = batch_size, pad_id
-
-  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    short = self._n - batch["tokens"].shape[0]
-    if short <= 0:
-      return batch
-    out = {}
-    for k, v in batch.items():
-      fill = self._pad if k == "tokens" else 0
-      pad = np.full((short,) + v.shape[1:], fill, dtype=v.dtype)
-      out[k] = np.concatenate([v, pad], axis=0)
-    return out
 
 
 class _PackIterator(grain.DatasetIterator):
@@ -184,7 +167,6 @@ def make_dataset(config, split: str, *, local_batch_size: int,
   d = config.data
   split = _resolve_split(split)
   if d.corpus == "chat":                   # conversations: whole examples packed with a loss mask (chat.py)
-    from mor_jax.data import chat  # pylint: disable=g-import-not-at-top
     return chat.make_chat_dataset(config, split, local_batch_size=local_batch_size, process_index=process_index,
                                   process_count=process_count, seed=seed, num_epochs=num_epochs,
                                   drop_remainder=drop_remainder)
@@ -221,29 +203,15 @@ def make_dataset(config, split: str, *, local_batch_size: int,
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map(to_ids)
   it = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=max(1, int(d.get("read_threads", 2))),
+      num_threads=max(1, int(d.read_threads)),
       prefetch_buffer_size=64))
   it = PackIterDataset(it, row_len=int(d.seq_len) + 1, eos_id=tok.eos_id,
                        bos_id=tok.bos_id if d.add_bos else None,
                        pad_id=tok.eos_id, flush_final=finite)
   it = it.batch(int(local_batch_size), drop_remainder=not finite)
   if finite:
-    it = it.map(_PadBatch(int(local_batch_size), tok.eos_id))
-  return prefetched(it, d)
-
-
-def prefetched(it: grain.IterDataset, d) -> grain.IterDataset:
-  """`it` read ahead by data.num_workers worker processes, or by a thread (data.prefetch batches)."""
-  num_workers = int(d.num_workers)
-  if num_workers > 0:
-    ensure_absl_flags_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=max(1, int(d.prefetch))),
-        worker_init_fn=workers.ExitWithParent())
-  elif int(d.prefetch) > 0:
-    it = grain.experimental.ThreadPrefetchIterDataset(
-        it, prefetch_buffer_size=int(d.prefetch))
-  return it
+    it = it.map(batching.PadBatch(int(local_batch_size), tok.eos_id))
+  return batching.prefetched(it, d)
 
 
 def make_iterator(config, split: str, *, global_batch_size: int,
@@ -318,7 +286,6 @@ def count_batches(config, split: str, *, global_batch_size: int, process_index: 
   """
   split = _resolve_split(split)
   if config.data.corpus == "chat":
-    from mor_jax.data import chat  # pylint: disable=g-import-not-at-top
     return chat.count_chat_batches(config, split, global_batch_size=global_batch_size, process_index=process_index,
                                    process_count=process_count)
   prepared = prepare(config)

@@ -28,10 +28,13 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from mor_jax import files as files_lib
+from mor_jax.data import chat
 from mor_jax.data import corpus as corpus_lib
 from mor_jax.data import tokenizer as tokenizer_lib
 from mor_jax.data.workers import ExitWithParent
-from mor_jax.data.common import DataError, atomic_dir, read_json
+from mor_jax.data.common import read_json
+from mor_jax.errors import DataError
 
 TOKENS_FORMAT_VERSION = 1
 _DOCS_PER_SHARD = 50_000
@@ -53,54 +56,6 @@ class PreparedData:
     return self.corpus.num_docs
 
 
-def tokenizer_path_for(config) -> str:
-  """Path of the tokenizer.json that `get_tokenizer(config)` uses.
-
-  Does not build anything; the file exists once `prepare`/`get_tokenizer`
-  has run (generation reads it from here).
-  """
-  d = config.data
-  if d.tokenizer_path:
-    p = os.path.abspath(os.path.expanduser(d.tokenizer_path))
-    return os.path.join(p, "tokenizer.json") if os.path.isdir(p) else p
-  dataset_dir = str(corpus_lib.make_builder(config).data_dir)
-  return os.path.join(tokenizer_lib.trained_tokenizer_dir(config, dataset_dir),
-                      "tokenizer.json")
-
-
-def get_tokenizer(config,
-                  corpus: corpus_lib.CorpusInfo | None = None
-                  ) -> tokenizer_lib.Tokenizer:
-  """The tokenizer for config: loaded from data.tokenizer_path, or trained.
-
-  Training (only when data.tokenizer_path is '' and no stored BPE exists)
-  builds the corpus first. Raises DataError (a ValueError) if the vocabulary
-  differs from config.model.vocab_size.
-  """
-  d = config.data
-  if d.tokenizer_path:
-    tok = tokenizer_lib.load_tokenizer(
-        d.tokenizer_path, eos_token=d.get("eos_token", ""),
-        bos_token=d.get("bos_token", ""))
-  else:
-    path = tokenizer_path_for(config)
-    marker = os.path.join(os.path.dirname(path), "mor_tokenizer.json")
-    if not os.path.isfile(marker):
-      corpus = corpus or corpus_lib.build_corpus(config)
-      tokenizer_lib.train_and_store(
-          config, corpus.dataset_dir,
-          corpus_lib.iter_texts(corpus.dataset_dir, "train"))
-    tok = tokenizer_lib.load_tokenizer(
-        path, eos_token=d.get("eos_token", ""),
-        bos_token=d.get("bos_token", ""))
-  tokenizer_lib.check_vocab(tok, config)
-  if d.add_bos and tok.bos_id is None:
-    raise DataError(
-        f"config.data.add_bos=True but the tokenizer {tok.source} has no BOS "
-        "token. Fix: set config.data.bos_token, or add_bos=False.")
-  return tok
-
-
 def prepare(config, *, pretokenize: bool | None = None) -> PreparedData:
   """Builds everything config.data needs; reuses what is already built.
 
@@ -109,7 +64,6 @@ def prepare(config, *, pretokenize: bool | None = None) -> PreparedData:
   config.data.pretokenized). Returns a PreparedData.
   """
   if config.data.corpus == "chat":         # conversations for fine-tuning: rendered and tokenized once (chat.py)
-    from mor_jax.data import chat  # pylint: disable=g-import-not-at-top
     return chat.prepare_chat(config)
   if pretokenize is None:
     pretokenize = bool(config.data.pretokenized)
@@ -118,13 +72,13 @@ def prepare(config, *, pretokenize: bool | None = None) -> PreparedData:
   if md.get("skipped_records"):
     logging.warning("%s: %d corrupt records were skipped (%s)", corpus.name,
                     md["skipped_records"], md.get("skipped_by_file"))
-  tok = get_tokenizer(config, corpus)
-  tok_path = tokenizer_path_for(config)
+  tok = tokenizer_lib.get_tokenizer(config, corpus)
+  tok_path = tokenizer_lib.tokenizer_path_for(config)
   if config.data.tokenizer_path:  # keep a copy next to the prepared data
     copy_dir = os.path.join(corpus.dataset_dir,
                             f"tokenizer-{tok.fingerprint()}")
     if not os.path.isfile(os.path.join(copy_dir, "mor_tokenizer.json")):
-      with atomic_dir(copy_dir, "mor_tokenizer.json") as tmp:
+      with files_lib.atomic_dir(copy_dir, "mor_tokenizer.json") as tmp:
         tok.save(tmp)
   tokens_dir = tokens = None
   if pretokenize:
@@ -182,9 +136,9 @@ def pretokenize_corpus(config, corpus: corpus_lib.CorpusInfo,
   final = tokens_dir_for(corpus, tok)
   if os.path.isfile(os.path.join(final, "metadata.json")):
     return final
-  workers = int(config.data.get("prepare_workers", 0)) or os.cpu_count() or 1
+  workers = int(config.data.prepare_workers) or os.cpu_count() or 1
   dtype = np.dtype(token_dtype(tok.vocab_size)).name
-  with atomic_dir(final, "metadata.json") as tmp:
+  with files_lib.atomic_dir(final, "metadata.json") as tmp:
     tok.save(tmp)
     tok_json = tok.to_json()
     jobs = []

@@ -14,7 +14,8 @@ import os
 import numpy as np
 
 from mor_jax.data import corpus as corpus_lib
-from mor_jax.data.common import DataError, read_json
+from mor_jax.data.common import read_json
+from mor_jax.errors import DataError
 
 
 class _LazySource:
@@ -68,6 +69,7 @@ class TokenSource(_LazySource):
                       f"{sorted(meta['splits'])}).")
     self._files = [os.path.join(self.tokens_dir, f)
                    for f in meta["splits"][split]["files"]]
+    corpus_lib.check_files(self._files, self.tokens_dir, split)
     self._dtype = np.dtype(meta["dtype"])
     self._len = int(meta["splits"][split]["num_docs"])
     self._ds = None

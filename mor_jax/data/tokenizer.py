@@ -22,8 +22,10 @@ from typing import Iterable, Sequence
 
 from absl import logging
 
-from mor_jax.data.common import (DataError, atomic_dir, read_json,
-                                 short_hash)
+from mor_jax import files as files_lib
+from mor_jax.data import corpus as corpus_lib
+from mor_jax.data.common import read_json, short_hash
+from mor_jax.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>",
@@ -226,6 +228,55 @@ def train_and_store(config, dataset_dir: str, texts: Iterable[str]) -> str:
         f"the corpus is too small to train a BPE of {config.model.vocab_size}"
         f" tokens (got {tok.vocab_size}). Fix: lower config.model.vocab_size "
         "to at most that, or use a larger corpus or config.data.tokenizer_path.")
-  with atomic_dir(final, "mor_tokenizer.json") as tmp:
+  with files_lib.atomic_dir(final, "mor_tokenizer.json") as tmp:
     tok.save(tmp)  # mor_tokenizer.json is written last: the completion mark
   return path
+
+
+# ------------------------------------------------------------------ the tokenizer of a config
+def tokenizer_path_for(config) -> str:
+  """Path of the tokenizer.json that `get_tokenizer(config)` uses.
+
+  Does not build anything; the file exists once `prepare`/`get_tokenizer`
+  has run (generation reads it from here).
+  """
+  d = config.data
+  if d.tokenizer_path:
+    p = os.path.abspath(os.path.expanduser(d.tokenizer_path))
+    return os.path.join(p, "tokenizer.json") if os.path.isdir(p) else p
+  dataset_dir = str(corpus_lib.make_builder(config).data_dir)
+  return os.path.join(trained_tokenizer_dir(config, dataset_dir),
+                      "tokenizer.json")
+
+
+def get_tokenizer(config,
+                  corpus: corpus_lib.CorpusInfo | None = None
+                  ) -> Tokenizer:
+  """The tokenizer for config: loaded from data.tokenizer_path, or trained.
+
+  Training (only when data.tokenizer_path is '' and no stored BPE exists)
+  builds the corpus first. Raises DataError (a ValueError) if the vocabulary
+  differs from config.model.vocab_size.
+  """
+  d = config.data
+  if d.tokenizer_path:
+    tok = load_tokenizer(
+        d.tokenizer_path, eos_token=d.eos_token,
+        bos_token=d.bos_token)
+  else:
+    path = tokenizer_path_for(config)
+    marker = os.path.join(os.path.dirname(path), "mor_tokenizer.json")
+    if not os.path.isfile(marker):
+      corpus = corpus or corpus_lib.build_corpus(config)
+      train_and_store(
+          config, corpus.dataset_dir,
+          corpus_lib.iter_texts(corpus.dataset_dir, "train"))
+    tok = load_tokenizer(
+        path, eos_token=d.eos_token,
+        bos_token=d.bos_token)
+  check_vocab(tok, config)
+  if d.add_bos and tok.bos_id is None:
+    raise DataError(
+        f"config.data.add_bos=True but the tokenizer {tok.source} has no BOS "
+        "token. Fix: set config.data.bos_token, or add_bos=False.")
+  return tok

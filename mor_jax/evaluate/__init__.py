@@ -4,7 +4,6 @@ Public API:
   main_eval(config, workdir, *, step=None, threshold=None, batches=None) -> dict   the eval command
   evaluate_nll(cfg, variables, batches, *, modes=("topk", "causal"), ...) -> dict  NLL / perplexity / recursions
   make_row_scorer(cfg, mode, ...) -> fn(variables, tokens, targets, mask, positions, segment_ids) per-row sums
-  token_logprobs(cfg, variables, tokens, ...) -> per-token log-probabilities (numpy)
   harness.MoRJaxLM          the lm_eval.api.model.LM subclass, registered as "mor_jax" (needs `lm-eval`)
 
 Names are imported lazily: importing this package imports neither JAX nor lm_eval.
@@ -13,7 +12,7 @@ Names are imported lazily: importing this package imports neither JAX nor lm_eva
 import importlib
 
 _EXPORTS = {
-    "main_eval": "nll", "evaluate_nll": "nll", "make_row_scorer": "nll", "token_logprobs": "nll",
+    "main_eval": "nll", "evaluate_nll": "nll", "make_row_scorer": "nll",
     "format_table": "nll",
 }
 

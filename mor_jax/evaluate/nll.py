@@ -17,7 +17,6 @@ fixed depth.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
@@ -28,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mor_jax import checkpoint as ckpt_lib
+from mor_jax import files as files_lib
 from mor_jax.config import ModelConfig
-from mor_jax.evaluate import depths
+from mor_jax.model import depths
 from mor_jax.model.transformer import MoRLM
 from mor_jax.train.step import target_mask
 
@@ -194,11 +195,13 @@ def main_eval(config, workdir: str, *, step: int | None = None, threshold: float
   from mor_jax.infer import restore  # pylint: disable=g-import-not-at-top
   from mor_jax.infer.options import check_threshold  # pylint: disable=g-import-not-at-top
   check_threshold(threshold)          # before the restore: --threshold=2.5 is refused at once
+  if jax.process_index() == 0 and os.path.isdir(workdir):     # a read-only workdir: refused before computing
+    ckpt_lib.require_writable(workdir, RESULTS_FILE.format(step="<N>"))
   devices = list(devices or jax.local_devices())
   mesh = Mesh(np.array(devices), ("data",))
   r = restore(workdir, step=step, config=config, sharding=NamedSharding(mesh, PartitionSpec()))
   cfg, cfgd = r.cfg, _with_tokenizer(r, tokenizer)
-  per_device = int(cfgd.train.get("per_device_batch_size", 1)) if "train" in cfgd else 1
+  per_device = int(cfgd.train.per_device_batch_size)         # the run's (0: automatic -> 1 row per device)
   rows = max(1, per_device) * len(devices)
   rows += (-rows) % max(1, jax.process_count())
   max_batches = batches if batches is not None and batches >= 0 else None
@@ -211,18 +214,17 @@ def main_eval(config, workdir: str, *, step: int | None = None, threshold: float
   t0 = time.time()
   try:
     result = evaluate_nll(cfg, r.variables, it, threshold=threshold, step=r.step,
-                          document_mask=bool(cfgd.data.get("document_mask", False)), devices=devices,
+                          document_mask=bool(cfgd.data.document_mask), devices=devices,
                           max_batches=max_batches, progress=progress, expected_batches=expected, tally=tally)
   finally:
     close = getattr(it, "close", None)
     if callable(close):
       close()
-  result.update({"step": r.step, "checkpoint": r.directory, "name": cfgd.get("name", ""), "split": "validation",
+  result.update({"step": r.step, "checkpoint": r.directory, "name": cfgd.name, "split": "validation",
                  "batch_rows": rows, "seconds": round(time.time() - t0, 3)})
   if jax.process_index() == 0:
     path = os.path.join(workdir, RESULTS_FILE.format(step=r.step))
-    with open(path, "w") as f:
-      json.dump(result, f, indent=2)
+    files_lib.write_json(path, result)
     result["results_file"] = path
     print(f"{result['name']} step {r.step}: validation split, {result['batches']} batches on "
           f"{len(devices)} device(s)")
@@ -256,12 +258,3 @@ def _with_tokenizer(r, override: str | None):
     infer_ckpt.load_tokenizer(cfgd, r.cfg, directory=r.directory, override=override)
     cfgd.data.tokenizer_path = path
   return cfgd
-
-
-def token_logprobs(cfg: ModelConfig, variables, tokens_BT, *, mode: str = "causal", threshold=None, step=None):
-  """Log-probabilities [B, T-1] of tokens[:, 1:] given the preceding tokens (numpy; each row alone)."""
-  tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
-  logits, _ = jax.jit(functools.partial(row_forward, cfg, mode=mode, threshold=threshold, step=step))(
-      variables, tokens_BT[:, :-1])
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return np.asarray(jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0])

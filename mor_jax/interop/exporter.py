@@ -1,4 +1,5 @@
-"""Export a mor-jax checkpoint as a Hugging Face directory: `python main.py --mode=export_hf --workdir=W --export_to=DIR`.
+"""Export a mor-jax checkpoint as a Hugging Face directory: `python main.py --mode=export_hf --workdir=W
+--export_to=DIR`.
 
 Vanilla and recursive (non-routed) models become a standard
 `LlamaForCausalLM` (`config.json`, `model.safetensors`, tokenizer files) that
@@ -23,7 +24,7 @@ import os
 from mor_jax.interop import hf
 from mor_jax.interop import layout
 from mor_jax.interop import reference as ref
-from mor_jax.interop.hf import InteropError
+from mor_jax.errors import InteropError
 
 MOR_NOTE = ("This is a Mixture-of-Recursions model exported by mor-jax: its token routing has no Llama equivalent, "
             "so plain Llama loaders (transformers' LlamaForCausalLM, vLLM) cannot run it. The weights use the "
@@ -73,7 +74,7 @@ def export_hf(path: str, out_dir: str, *, step: int | None = None, config=None, 
     hf_config.update(architectures=["MoRLlamaForCausalLM"], model_type="mor_llama",
                      mor_jax={**{s: restored.config[s].to_dict() for s in CONFIG_SECTIONS if s in restored.config},
                               "data": _data_settings(restored.config, cfg),
-                              "name": str(restored.config.get("name", ""))},
+                              "name": str(restored.config.name)},
                      mor_note=MOR_NOTE.strip())
     with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
       f.write(MOR_NOTE)
@@ -106,19 +107,18 @@ def _tokenizer_dir(restored) -> str | None:
 
 def _data_settings(config, cfg) -> dict:
   """The data fields an import needs to run the model as trained: BOS/EOS handling and a context it fits."""
-  d = config.get("data", {})
-  out = {"seq_len": min(int(d.get("seq_len", cfg.max_seq_len)), int(cfg.max_seq_len)),
-         "add_bos": bool(d.get("add_bos", False))}
-  out.update({k: d[k] for k in ("eos_token", "bos_token") if d.get(k)})
+  d = config.data
+  out = {"seq_len": min(int(d.seq_len), int(cfg.max_seq_len)), "add_bos": bool(d.add_bos)}
+  out.update({k: d[k] for k in ("eos_token", "bos_token") if d[k]})
   return out
 
 
 def _tokenizer_meta(config, tok_dir, cfg):
   """(bos_id, eos_id, tokenizer_config dict for transformers' PreTrainedTokenizerFast)."""
   from mor_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  d = config.get("data", {})
+  d = config.data
   try:
-    tok = tokenizer_lib.load_tokenizer(tok_dir, eos_token=d.get("eos_token", ""), bos_token=d.get("bos_token", ""))
+    tok = tokenizer_lib.load_tokenizer(tok_dir, eos_token=d.eos_token, bos_token=d.bos_token)
   except ValueError:
     return None, None, {}
   extra = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eos_token,

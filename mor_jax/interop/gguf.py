@@ -28,10 +28,15 @@ import os
 
 import numpy as np
 
+from mor_jax import checkpoint as ckpt_lib
+from mor_jax import config as config_lib
+from mor_jax.checkpoint import params as ckpt_params
+from mor_jax.data import chat_template
+from mor_jax.errors import ChatTemplateError, InteropError
 from mor_jax.interop import hf
-from mor_jax.interop.hf import InteropError
+from mor_jax.interop import importer
+from mor_jax.interop import weights
 
-TOKENIZER_SUBDIR = "tokenizer"
 PROBE_TEXT = "The capital of France is"
 GGUF_PIN = "gguf==0.19.0"
 # llama.cpp names -> Hugging Face Llama names ("blk.{i}.<part>.weight" -> "model.layers.{i}.<name>.weight")
@@ -223,10 +228,9 @@ def write_tokenizer(meta: dict, directory: str, where: str) -> tuple[bool, list]
 
 def apply_chat_template(tokenizer_dir: str, messages, add_generation_prompt: bool = True) -> str:
   """The prompt text for chat `messages` ([{role, content}]) with the chat template stored in tokenizer_dir."""
-  from mor_jax.infer import prompts  # pylint: disable=g-import-not-at-top
   try:
-    return prompts.render_chat(prompts.chat_settings(tokenizer_dir), messages, add_generation_prompt)
-  except prompts.InferenceError as e:
+    return chat_template.render(chat_template.settings(tokenizer_dir), messages, add_generation_prompt)
+  except ChatTemplateError as e:
     raise InteropError(str(e)) from None
 
 
@@ -234,8 +238,6 @@ def apply_chat_template(tokenizer_dir: str, messages, add_generation_prompt: boo
 def load_gguf(path: str, config=None):
   """(mor-jax config, its ModelConfig, HF state dict, metadata, notes) of a GGUF file; `config` overrides settings."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from mor_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from mor_jax.interop import importer  # pylint: disable=g-import-not-at-top
   where = os.path.basename(path)
   reader, meta = open_gguf(path)
   names = {t.name for t in reader.tensors}
@@ -264,20 +266,15 @@ def import_gguf(path: str, workdir: str, *, config=None, log=print):
   """The whole GGUF import (see the module docstring); returns an `importer.ImportResult`."""
   import jax  # pylint: disable=g-import-not-at-top
   from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
-  from mor_jax.interop import importer  # pylint: disable=g-import-not-at-top
-  from mor_jax.interop import weights  # pylint: disable=g-import-not-at-top
-  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
   path, workdir = (os.path.abspath(os.path.expanduser(p)) for p in (path, workdir))
-  ckpts = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
-    raise InteropError(f"{workdir} already holds checkpoints; import into a new --workdir.")
+  ckpt_lib.require_new_workdir(workdir)
   c, cfg, sd, meta, notes = load_gguf(path, config)
   params = weights.params_from_weights(cfg, sd)
   del sd
-  tok_dir = os.path.join(workdir, TOKENIZER_SUBDIR)
+  tok_dir = os.path.join(workdir, ckpt_params.TOKENIZER_SUBDIR)
   written, tok_notes = write_tokenizer(meta, tok_dir, os.path.basename(path))
   notes += tok_notes
-  if written and not c.data.get("tokenizer_path"):
+  if written and not c.data.tokenizer_path:
     c.data.tokenizer_path = tok_dir
     notes.append(f"tokenizer (and chat template) written to {tok_dir}")
   elif written:
@@ -286,7 +283,7 @@ def import_gguf(path: str, workdir: str, *, config=None, log=print):
       "imported_from": path, "import_settings": "GGUF metadata", **ckpt_params.store_tokenizer(workdir)})
   restored = infer_ckpt.restore(workdir)
   tok = (infer_ckpt.load_tokenizer(restored.config, restored.cfg, directory=restored.directory)
-         if c.data.get("tokenizer_path") else None)
+         if c.data.tokenizer_path else None)
   ids = tok.encode(PROBE_TEXT) if tok is not None else [1, 2, 3, 4]
   tokens = np.asarray([ids], np.int32)
   logits = np.asarray(jax.device_get(importer.forward(restored.cfg)(restored.variables, tokens)))

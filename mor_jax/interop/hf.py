@@ -19,6 +19,7 @@ import shutil
 import numpy as np
 
 from mor_jax.config import ModelConfig
+from mor_jax.errors import InteropError
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -29,10 +30,6 @@ WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX, FIXT
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "mor_tokenizer.json")
 # keys some checkpoints carry that are buffers, not weights
 IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-
-
-class InteropError(ValueError):
-  """A file is missing, malformed or does not fit the model; the message says what to do."""
 
 
 # ------------------------------------------------------------------ reading

@@ -17,7 +17,8 @@ It maps the weights with `reference.py` (a shared tensor stored once per use mus
 untied across recursions by the fork's bug is rejected), writes `OUT/checkpoints/0/` in the trainer's Orbax format (so
 generate, eval and training-to-continue all accept OUT), restores that checkpoint and prints the logits of a probe
 sequence (also saved to `OUT/import_probe.npz`). When DIR holds `inputs.npz` / `outputs.npz` (the fixture format) the
-probe is those inputs and the max difference to `logits_eval` is reported. A `.gguf` file goes to `gguf.py`.
+probe is those inputs and the max difference to `logits_eval` is reported. A `.gguf` file is `gguf.py`'s (which
+uses this module's writing and probing); main.py picks by the file's suffix.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ import os
 import ml_collections
 import numpy as np
 
+from mor_jax import checkpoint as ckpt_lib
 from mor_jax import config as config_lib
-from mor_jax.interop import gguf as gguf_lib
+from mor_jax.checkpoint import params as ckpt_params
+from mor_jax.errors import InteropError
 from mor_jax.interop import hf
 from mor_jax.interop import layout
 from mor_jax.interop import reference as ref
-from mor_jax.interop.hf import InteropError
-# the state-dict mapping with its checks (re-exported: importer.params_from_weights is what callers use)
-from mor_jax.interop.weights import UNTIED_HINT, abstract_params, params_from_weights, variables_from_weights  # noqa: F401
+from mor_jax.interop.weights import variables_from_weights
 
 PROBE_FILE = "import_probe.npz"
 
@@ -206,7 +207,7 @@ def load_source(directory: str, *, config: ml_collections.ConfigDict | None = No
         notes.append(f"the run trained in {run['precision']}; the import computes in float32 "
                      "(set --config.model.dtype=bfloat16 when training on)")
     settings = f"run config {yaml_path}" if yaml_path else "config.json alone (vanilla Llama)"
-  if c.get("name", "base") == "base":
+  if c.name == config_lib.defaults().name:          # unnamed: the directory's name
     c.name = os.path.basename(os.path.normpath(directory))
   sd = hf.read_state_dict(wdir)
   if "model.embed_tokens.weight" not in sd:
@@ -246,13 +247,10 @@ def write_checkpoint(config: ml_collections.ConfigDict, params: dict, workdir: s
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mor_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mor_jax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
   from mor_jax.train.state import TrainState  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
-    raise InteropError(f"{workdir} already holds checkpoints; import into a new --workdir.")
+  ckpt_lib.require_new_workdir(workdir)
   config = ml_collections.ConfigDict(config.to_dict())
   if "train" in config:
     config.train.grad_accum_steps = -1          # derived again for the devices of whatever run reads it
@@ -323,13 +321,14 @@ def probe_tokens(directory: str, vocab: int, length: int = 16) -> tuple[np.ndarr
 
 def import_reference(directory: str, workdir: str, *, config: ml_collections.ConfigDict | None = None,
                      run_config: str | None = None, log=print) -> ImportResult:
-  """The whole import (see the module docstring); `log` gets the human-readable lines."""
-  if str(directory).lower().endswith(".gguf"):         # a llama.cpp file: interop/gguf.py
-    return gguf_lib.import_gguf(directory, workdir, config=config, log=log)
+  """The whole import (see the module docstring); `log` gets the human-readable lines. Nothing is written when the
+  import is refused (the workdir holds checkpoints, the settings make no valid model)."""
+  if str(directory).lower().endswith(".gguf"):
+    raise InteropError(f"{directory} is a GGUF file: import it with interop.gguf.import_gguf (--mode=import does).")
   import jax  # pylint: disable=g-import-not-at-top
-  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
   from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.path.expanduser(directory))
+  ckpt_lib.require_new_workdir(workdir)
   src = load_source(directory, config=config, run_config=run_config)
   c = src.config
   try:
@@ -340,7 +339,7 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
   notes = list(src.notes)
   tok_src = next((d for d in (src.weights_dir, directory) if hf.tokenizer_dir(d)), None)
   tok_meta = {}
-  if tok_src and not c.data.get("tokenizer_path"):
+  if tok_src and not c.data.tokenizer_path:
     dst = os.path.join(os.path.abspath(workdir), ckpt_params.TOKENIZER_SUBDIR)
     tok_meta = ckpt_params.store_tokenizer(workdir, tok_src)
     c.data.tokenizer_path = dst
@@ -349,7 +348,7 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
     if size is not None and size != cfg.vocab_size:
       notes.append(f"the tokenizer has {size} tokens but the model's vocabulary is {cfg.vocab_size}: generate and "
                    "eval need the tokenizer the model was trained with (pass --tokenizer=PATH)")
-  elif not c.data.get("tokenizer_path"):
+  elif not c.data.tokenizer_path:
     notes.append("no tokenizer.json found: generate and eval need --tokenizer=PATH (the model's tokenizer.json or "
                  "tokenizer folder), or generate from token ids with --prompt_ids=1,2,3")
   step_dir = write_checkpoint(c, variables["params"], workdir, router_bias=variables.get("router_bias"),
@@ -368,17 +367,19 @@ def import_reference(directory: str, workdir: str, *, config: ml_collections.Con
   log(f"model: {infer_ckpt.describe(restored)}")
   for note in notes:
     log(f"note: {note}")
-  log(f"probe tokens {tokens.shape[0]}x{tokens.shape[1]}: {tokens[0, :12].tolist()}{' ...' if tokens.shape[1] > 12 else ''}")
+  more = " ..." if tokens.shape[1] > 12 else ""
+  log(f"probe tokens {tokens.shape[0]}x{tokens.shape[1]}: {tokens[0, :12].tolist()}{more}")
   with np.printoptions(precision=5, suppress=True, linewidth=120):
     for t in sorted({0, tokens.shape[1] // 2, tokens.shape[1] - 1}):
       log(f"  logits[0, {t}, :6] = {logits[0, t, :6]}  argmax {int(np.argmax(logits[0, t]))}")
-  log(f"  mean |logits| = {float(np.mean(np.abs(logits))):.6f}; all probe logits in {os.path.join(workdir, PROBE_FILE)}")
+  log(f"  mean |logits| = {float(np.mean(np.abs(logits))):.6f}; all probe logits in "
+      f"{os.path.join(workdir, PROBE_FILE)}")
   if max_diff is not None:
     log(f"max |logits - outputs.npz logits_eval| = {max_diff:.3e} ({'OK' if max_diff <= 1e-4 else 'ABOVE 1e-4'})")
   if depth_diff is not None:
     log(f"token depths vs outputs.npz token_depth_index_eval: {tokens.size - depth_diff}/{tokens.size} equal "
         f"({'OK' if depth_diff == 0 else 'MISMATCH'})")
-  use = "--prompt=..." if c.data.get("tokenizer_path") else "--prompt_ids=1,2,3 (or --tokenizer=PATH --prompt=...)"
+  use = "--prompt=..." if c.data.tokenizer_path else "--prompt_ids=1,2,3 (or --tokenizer=PATH --prompt=...)"
   log(f"{n:,} parameters. Use it: python main.py --mode=generate --workdir={workdir} {use}")
   return ImportResult(config=c, cfg=restored.cfg, workdir=workdir, step_dir=step_dir, tokens=tokens, logits=logits,
                       max_diff=max_diff, notes=notes, depth_mismatches=depth_diff)

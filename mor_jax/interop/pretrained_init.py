@@ -39,13 +39,15 @@ import os
 import ml_collections
 import numpy as np
 
+from mor_jax import checkpoint as ckpt_lib
 from mor_jax import config as config_lib
-from mor_jax.config import ConfigError
+from mor_jax.checkpoint import params as ckpt_params
+from mor_jax.errors import ConfigError
 from mor_jax.interop import hf
+from mor_jax.interop import importer
 from mor_jax.interop import layout
 from mor_jax.interop import reference as ref
 
-STRATEGIES = config_lib.INIT_STRATEGIES
 
 
 def _fail(field: str, msg: str):
@@ -69,7 +71,7 @@ def source_layers(cfg: config_lib.ModelConfig, strategy: str, seed: int = 0) -> 
       return [list(range(off + i * R, off + (i + 1) * R)) for i in range(base)]
     return [[off + i + r * base for r in range(R)] for i in range(base)]
   else:
-    _fail("init.strategy", f"unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
+    _fail("init.strategy", f"unknown strategy {strategy!r}; choose one of {config_lib.INIT_STRATEGIES}.")
   return [[int(p)] for p in picks]
 
 
@@ -101,10 +103,8 @@ def check_source(config, cfg: config_lib.ModelConfig, workdir: str | None = None
   path = _path(config)
   if not path:
     return
-  if workdir:
-    ck = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ck) and any(n.isdigit() for n in os.listdir(ck)):
-      return                                        # resuming: the checkpoint wins, the source is not read
+  if ckpt_lib.has_checkpoints(workdir):
+    return                                          # resuming: the checkpoint wins, the source is not read
   if not os.path.exists(path):
     _fail("init.from_path", f"{path} does not exist; give a Hugging Face Llama directory (config.json + weights) or "
           "a mor-jax workdir, or '' to train from scratch.")
@@ -127,8 +127,7 @@ def _check_dims(cfg, dims, where):
 
 
 def _path(config) -> str:
-  init = config.get("init") or {}
-  p = init.get("from_path", "") if hasattr(init, "get") else ""
+  p = config.init.from_path
   return os.path.abspath(os.path.expanduser(p)) if p else ""
 
 
@@ -180,7 +179,8 @@ def pretrained_params(cfg: config_lib.ModelConfig, state_dict: dict, num_source_
   if emb.shape != (cfg.vocab_size, cfg.hidden_size):
     _fail("model.vocab_size", f"the pretrained embedding is {list(emb.shape)} but the model needs "
           f"[{cfg.vocab_size}, {cfg.hidden_size}] (vocabulary mismatch: use the pretrained model's vocabulary).")
-  params = {"embed": {"embedding": emb}, "final_norm": {"scale": np.asarray(state_dict["model.norm.weight"], np.float32)}}
+  norm = np.asarray(state_dict["model.norm.weight"], np.float32)
+  params = {"embed": {"embedding": emb}, "final_norm": {"scale": norm}}
   head = state_dict.get("lm_head.weight")
   if cfg.tie_embeddings:
     if head is not None and not np.array_equal(np.asarray(head, np.float32), emb):
@@ -223,8 +223,7 @@ def merge(fresh: dict, pretrained: dict, put=None, path=()) -> dict:
 def same_architecture(a: config_lib.ModelConfig, b: config_lib.ModelConfig) -> bool:
   """Whether two models have the same parameters and computation (execution, training-only and layout settings
   aside)."""
-  from mor_jax.checkpoint import schema  # pylint: disable=g-import-not-at-top
-  skip = schema.EXECUTION_FIELDS | schema.TRAINING_ONLY_FIELDS | {"scan_layers"}
+  skip = ckpt_lib.schema.EXECUTION_FIELDS | ckpt_lib.schema.TRAINING_ONLY_FIELDS | {"scan_layers"}
   da, db = dataclasses.asdict(a), dataclasses.asdict(b)
   return {k: v for k, v in da.items() if k not in skip} == {k: v for k, v in db.items() if k not in skip}
 
@@ -255,8 +254,7 @@ def _load(config, cfg: config_lib.ModelConfig):
   if whole is not None:
     logging.info("initialising from %s: the same architecture, every parameter copied", path)
     return whole
-  strategy = str(config.init.get("strategy", "stepwise"))
-  seed = int(config.train.seed) if "train" in config else 0
+  strategy, seed = str(config.init.strategy), int(config.train.seed)
   sd, n = load_vanilla(path, cfg)
   pre = pretrained_params(cfg, sd, n, strategy, seed)
   keep = repick(n, cfg)
@@ -288,7 +286,6 @@ def apply_to_state(config, cfg: config_lib.ModelConfig, state, dp):
 def _stored_config(path: str) -> ml_collections.ConfigDict:
   """The config of a mor-jax workdir / checkpoint (its newest step's meta), or of a Hugging Face Llama directory
   (vanilla, from config.json)."""
-  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
   if _is_orbax(path):
     ckpt_dir, steps = ckpt_params.find_checkpoints(path)
     step_dir = path if os.path.basename(os.path.normpath(path)).isdigit() else os.path.join(ckpt_dir, str(steps[-1]))
@@ -297,7 +294,6 @@ def _stored_config(path: str) -> ml_collections.ConfigDict:
       _fail("init.from_path", f"{step_dir} stores no config, so the architecture cannot be taken from it; set the "
             "model fields in the config.")
     return ckpt_params.inference_config(ml_collections.ConfigDict(meta["config"]))   # train settings aside
-  from mor_jax.interop import importer  # pylint: disable=g-import-not-at-top
   cfg_json = os.path.join(path, "config.json")
   return importer.config_from_meta(importer.reference_meta(hf.llama_dims(hf.read_json(cfg_json), cfg_json), None))
 
@@ -308,12 +304,7 @@ def _tokenizer_of(path: str, stored) -> str:
   for folder in (os.path.join(path, "tokenizer"), path):
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
       return folder
-  return str(stored.data.get("tokenizer_path", "") or "")
-
-
-def _has_checkpoints(workdir: str | None) -> bool:
-  ck = os.path.join(workdir, "checkpoints") if workdir else ""
-  return bool(ck) and os.path.isdir(ck) and any(n.isdigit() for n in os.listdir(ck))
+  return str(stored.data.tokenizer_path or "")
 
 
 def resolve_from_path(config, workdir: str | None = None):
@@ -321,10 +312,9 @@ def resolve_from_path(config, workdir: str | None = None):
   (when fields were unset, or for chat data) set to that model's tokenizer; `config` itself when nothing is
   taken. The source is WORKDIR's own newest checkpoint when the run resumes (the source may be gone by then),
   else init.from_path (checked: it must exist)."""
-  from mor_jax.config import schema  # pylint: disable=g-import-not-at-top
-  unset = [f.key for f in schema.FIELDS if get_field(config, f.key) is None]
-  wants_tokenizer = not config.data.get("tokenizer_path") and (unset or config.data.get("corpus") == "chat")
-  resume = _has_checkpoints(workdir)
+  unset = [f.key for f in config_lib.FIELDS if config_lib.get_field(config, f.key) is None]
+  wants_tokenizer = not config.data.tokenizer_path and (unset or config.data.corpus == "chat")
+  resume = ckpt_lib.has_checkpoints(workdir)
   source = os.path.abspath(workdir) if resume else _path(config)
   if not (unset or wants_tokenizer) or not source:
     return config                  # nothing to take, or no source: validation names what is missing
@@ -335,7 +325,7 @@ def resolve_from_path(config, workdir: str | None = None):
   c = ml_collections.ConfigDict(config.to_dict())
   for key in unset:
     section, name = key.split(".")
-    c[section][name] = get_field(stored, key)
+    c[section][name] = config_lib.get_field(stored, key)
   if wants_tokenizer:
     c.data.tokenizer_path = _tokenizer_of(source, stored)
     for k in ("eos_token", "bos_token"):
@@ -343,9 +333,16 @@ def resolve_from_path(config, workdir: str | None = None):
   return c
 
 
-def get_field(c, key: str):
-  for part in key.split("."):
-    c = c.get(part) if hasattr(c, "get") else None
-    if c is None:
-      return None
-  return c
+
+# ------------------------------------------------------------------ for an entry point
+def resolve(config, workdir: str):
+  """What an entry point (main.py, a notebook, a benchmark) hands the trainer for `config.init`:
+  (`config` with the fields it leaves unset taken from the model it starts from, `init_params_fn` for
+  `train.train_and_evaluate` or None). `init.from_path` is checked here, before any heavy work, unless `workdir`
+  will resume (its checkpoint wins then and the source is not read)."""
+  c = resolve_from_path(config, workdir)
+  if not _path(c):
+    return c, None
+  if not ckpt_lib.has_checkpoints(workdir):
+    check_source(c, config_lib.model_config(ckpt_params.inference_config(c)))
+  return c, apply_to_state

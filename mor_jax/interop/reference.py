@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from mor_jax.config import ModelConfig
+from mor_jax.errors import InteropError
 
 # our sub-path inside a decoder layer -> (reference suffix, transpose?)
 LAYER_KEYS = {
@@ -28,7 +29,7 @@ LAYER_KEYS = {
 }
 
 
-class ReferenceMappingError(ValueError):
+class ReferenceMappingError(InteropError):
   """The state dict does not fit the config (missing keys, untied shared tensors, shapes)."""
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from mor_jax import config as config_lib
 from mor_jax.interop import layout
 from mor_jax.interop import reference as ref
-from mor_jax.interop.hf import InteropError
+from mor_jax.errors import InteropError
 
 UNTIED_HINT = (" mor-jax shares the block's attention across recursions (as the paper and the upstream code do), so "
                "these weights cannot be imported as they are: use a checkpoint trained with shared attention (the "

@@ -70,7 +70,7 @@ def _prescale(q_BTHE):
 # ------------------------------------------------------------------ masked
 def _masked_fwd(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
   B, T, H, E = q_BTHE.shape
-  S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+  K = k_BSKE.shape[2]
   G = H // K
   q = _bar(_rows(_prescale(q_BTHE), K)[0])                                       # B K GT E (scaled)
   kT = _bar(k_BSKE.transpose(0, 2, 3, 1))                                         # B K E S

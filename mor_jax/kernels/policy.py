@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 
-ATTENTION = ("xla", "cudnn", "custom")   # resolved attention kernels (see model/attention.py)
-
 
 @dataclasses.dataclass(frozen=True)
 class ExecPolicy:
   """How the model runs on one backend (hashable: usable as a static argument)."""
   dtype: str = "float32"             # compute dtype; parameters stay float32
   attention: str = "xla"             # xla | cudnn (jax.nn.dot_product_attention's) | custom (kernels/cpu_attention.py)
-  cpu_kernels: bool = False          # custom-gradient linear / fused norm->linear / SwiGLU->down (kernels/cpu_linear.py)
+  cpu_kernels: bool = False          # custom-gradient linear / norm->linear / SwiGLU->down (kernels/cpu_linear.py)
   batch_groups: int = 1              # independent batch groups per layer (see resolve_batch_groups)
   loss_chunk_tokens: int = 0         # tokens per head + cross-entropy chunk, 0 = whole batch
   scan_unroll: int = 1               # scanned layers per loop iteration

@@ -98,7 +98,7 @@ def summary(config) -> str:
   seq = int(config.data.seq_len)
   counts = param_counts(cfg)
   fl = flops_per_token(cfg, seq)
-  lines = [f"model: {config.get('name', '?')}",
+  lines = [f"model: {config.name}",
            f"  shape: hidden {cfg.hidden_size}, layers {cfg.num_layers}, heads {cfg.num_heads}/{cfg.num_kv_heads} "
            f"(head_dim {cfg.head_dim}), ffn {cfg.intermediate_size}, vocab {cfg.vocab_size}, "
            f"{'tied' if cfg.tie_embeddings else 'untied'} head",
@@ -107,7 +107,8 @@ def summary(config) -> str:
   if cfg.mor_enable:
     extra = (f"capacity {tuple(round(c, 4) for c in cfg.selected_fractions)} -> k {cfg.selected_tokens(seq)} of T={seq}"
              if cfg.mor_type == "expert" else f"balancing {cfg.balancing}")
-    lines.append(f"  MoR: {cfg.mor_type}-choice, {cfg.router_type} router ({cfg.router_func}, alpha {cfg.alpha}), {extra}"
+    lines.append(f"  MoR: {cfg.mor_type}-choice, {cfg.router_type} router ({cfg.router_func}, alpha {cfg.alpha}), "
+                 f"{extra}"
                  + (", KV sharing" if cfg.kv_sharing else ""))
   lines.append("parameters:")
   for k in ("embedding", "unique_layers", "shared_block", "routers", "final_norm", "head"):
@@ -117,35 +118,3 @@ def summary(config) -> str:
   lines.append(f"  forward {fl['forward'] / 1e9:10.3f} GFLOP   training (3x) {fl['train'] / 1e9:10.3f} GFLOP")
   lines.append(f"  6N = {6 * counts['total'] / 1e9:.3f} GFLOP for comparison")
   return "\n".join(lines)
-
-
-def workdir_config(workdir: str, step: int | None = None, *, with_run: bool = True):
-  """The config stored with W's newest (or `step`'s) checkpoint, as (step directory, ConfigDict); without
-  `with_run`, only the model (the run's train / parallel sections dropped), else the run's batch settings with
-  accumulation derived again for this machine's devices. Raises CheckpointError naming what is missing."""
-  import os  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
-  from mor_jax.checkpoint.layout import CheckpointError, find_checkpoints  # pylint: disable=g-import-not-at-top
-  ckpt_dir, steps = find_checkpoints(workdir)
-  if step is not None and step not in steps:
-    raise CheckpointError(f"--step={step}: no checkpoint of that step in {ckpt_dir}; available steps: {steps}.")
-  step_dir = os.path.join(ckpt_dir, str(steps[-1] if step is None else step))
-  meta = ckpt_params.read_meta(step_dir)
-  if "config" not in meta:
-    raise CheckpointError(f"the checkpoint {step_dir} stores no config; pass the model's config with --config.")
-  config = ml_collections.ConfigDict(meta["config"])
-  for section in ("train", "parallel"):    # batch sizes of the run that wrote it: not part of the model
-    if section in config and not with_run:
-      del config[section]
-  if with_run and "train" in config:
-    config.train.grad_accum_steps = -1
-  return step_dir, config
-
-
-def workdir_summary(workdir: str, step: int | None = None) -> str:
-  """`--mode=info --workdir=W` without --config: the summary of the config stored with W's newest (or `step`'s)
-  checkpoint, e.g. an imported model's. Raises CheckpointError (a ValueError) naming what is missing."""
-  import os  # pylint: disable=g-import-not-at-top
-  step_dir, config = workdir_config(workdir, step, with_run=False)
-  return f"checkpoint: step {os.path.basename(step_dir)} of {os.path.dirname(step_dir)}\n" + summary(config)

@@ -66,9 +66,9 @@ def logit_difference(cfg, variables, tok, torch, hf_model, hf_tok, text: str = T
 def measure(path: str) -> dict:
   """Imports `path` into a temporary workdir and compares it with transformers' loading of the same file."""
   from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
-  from mor_jax.interop import importer  # pylint: disable=g-import-not-at-top
+  from mor_jax.interop import gguf  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as d:
-    importer.import_reference(path, os.path.join(d, "w"), log=lambda _: None)
+    gguf.import_gguf(path, os.path.join(d, "w"), log=lambda _: None)
     restored = infer_ckpt.restore(os.path.join(d, "w"))
     tok = infer_ckpt.load_tokenizer(restored.config, restored.cfg)
     torch, model, hf_tok = load_transformers(path)

@@ -54,10 +54,10 @@ def _load(directory: str, run_config: str | None = None):
     variables = ref.variables_from_state_dict(cfg, weights)
     ref.check_shapes(cfg, variables["params"], abstract_variables(cfg)["params"])
     return cfg, variables
-  from mor_jax.interop import importer, layout
+  from mor_jax.interop import importer, layout, weights
   src = importer.load_source(directory, run_config=run_config)
   cfg = C.model_config(C.validate(src.config, num_devices=1))
-  variables = importer.variables_from_weights(cfg, src.state_dict)
+  variables = weights.variables_from_weights(cfg, src.state_dict)
   return cfg, {**variables, "params": layout.to_model_layout(cfg, variables["params"])}
 
 
@@ -115,7 +115,7 @@ def compute(fixture_dir: str, run_config: str | None = None):
   if os.path.exists(grads_path):
     ref_grads = dict(np.load(grads_path))
     ours_sd = ref.state_dict_from_params(cfg, layout.to_stacked_layout(cfg, jax.device_get(grads)))
-    for path, j, keys, tr in ref.reference_layout(cfg):
+    for _, _, keys, _ in ref.reference_layout(cfg):
       present = [k for k in keys if k in ref_grads]
       if present:
         ours["grad:" + present[0]] = ours_sd[present[0]]
@@ -157,11 +157,13 @@ def main(argv=None):
     worst = max(worst, d)
   if grads:
     g = max(grads)
-    print(f"{'gradients (' + str(len(grads)) + ' tensors)':40s} max|diff| = {g:.3e}  {'OK' if g <= args.tol else 'FAIL'}")
+    what = f"gradients ({len(grads)} tensors)"
+    print(f"{what:40s} max|diff| = {g:.3e}  {'OK' if g <= args.tol else 'FAIL'}")
   if skipped:
     print("not compared:", ", ".join(skipped))
   ok = worst <= args.tol
-  print(f"{os.path.basename(os.path.normpath(args.fixture_dir))}: {'PASS' if ok else 'FAIL'} (tol {args.tol:g}, worst {worst:.3e})")
+  name = os.path.basename(os.path.normpath(args.fixture_dir))
+  print(f"{name}: {'PASS' if ok else 'FAIL'} (tol {args.tol:g}, worst {worst:.3e})")
   return 0 if ok else 1
 
 

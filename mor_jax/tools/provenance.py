@@ -15,13 +15,13 @@ reader never sees half a result. `provenance()` alone returns the dict.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
+
+from mor_jax import files as files_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "transformers")
@@ -102,26 +102,11 @@ def provenance(conditions: dict | None = None, argv: list[str] | None = None) ->
   }
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Writes `obj` as JSON to `path` through a temporary file in the same folder and a rename."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=1, default=_plain)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_result(path: str, data: dict, *, conditions: dict | None = None, argv: list[str] | None = None) -> dict:
   """Writes {"provenance": provenance(conditions, argv), **data} to `path` (atomically); returns it."""
   obj = {"provenance": provenance(conditions, argv), **data}
-  write_json_atomic(path, obj)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  files_lib.write_json(path, obj, indent=1, default=_plain)
   return obj
 
 

@@ -13,9 +13,10 @@ Public API:
 """
 
 from mor_jax.checkpoint import Checkpointer, CheckpointMismatchError
-from mor_jax.train.fit import DeviceMemoryError
-from mor_jax.train.loop import NonFiniteLossError, train_and_evaluate
-from mor_jax.train.trainer import Hook, Trainer
+from mor_jax.errors import DeviceMemoryError, NonFiniteLossError
+from mor_jax.train.loop import train_and_evaluate
+from mor_jax.train.hooks import Hook, HookContext
+from mor_jax.train.trainer import Trainer
 from mor_jax.train.metrics import read_metrics
 from mor_jax.train.optimizer import decay_mask, make_optimizer, make_schedule
 from mor_jax.train.parallel import DataParallel
@@ -25,7 +26,8 @@ from mor_jax.train.step import (eval_step, make_eval_step, make_train_step, rout
 from mor_jax.train.synthetic import SyntheticIterator
 
 __all__ = [
-    "Checkpointer", "CheckpointMismatchError", "DataParallel", "DeviceMemoryError", "Hook", "NonFiniteLossError", "SyntheticIterator",
+    "Checkpointer", "CheckpointMismatchError", "DataParallel", "DeviceMemoryError", "Hook", "HookContext",
+    "NonFiniteLossError", "SyntheticIterator",
     "TrainState", "Trainer", "abstract_state", "decay_mask", "eval_step", "init_state", "make_eval_step",
     "make_optimizer", "make_schedule", "make_train_step", "read_metrics", "routing_mode_for_step",
     "train_and_evaluate", "train_step",

@@ -2,8 +2,8 @@
 
 `train.eval_sequences` sequences (-1: the whole split, 0: no evaluation) are scored in batches of
 per_device_batch_size x devices rows; the last batch is filled with zero-weight rows (their targets are
-masked out), so exactly the same sequences count on 1 or 8 devices. The deprecated `train.eval_batches`
-(whole batches, whose size depends on the device count) is read when `eval_sequences` is absent.
+masked out), so exactly the same sequences count on 1 or 8 devices. (The deprecated `train.eval_batches` is converted
+to `eval_sequences` by config validation.)
 """
 
 from __future__ import annotations
@@ -15,19 +15,6 @@ import jax
 import numpy as np
 
 from mor_jax import config as config_lib
-
-
-def eval_sequences(config, num_devices: int) -> int:
-  """Validation sequences per evaluation (-1: the whole split; 0: none)."""
-  t = config.train
-  n = t.get("eval_sequences", None)
-  if n is not None:
-    return int(n)
-  batches = int(t.get("eval_batches", 0))
-  rows = int(t.per_device_batch_size) * num_devices
-  logging.warning("config.train.eval_batches is deprecated: set config.train.eval_sequences (validation sequences "
-                  "per evaluation); eval_batches=%d read as %d sequences.", batches, batches * rows)
-  return batches if batches <= 0 else batches * rows
 
 
 def check_multi_process(n: int, custom_iterator: bool) -> None:

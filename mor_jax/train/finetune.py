@@ -1,9 +1,8 @@
 """What the trainer adds for fine-tuning on chat data (configs/finetune_chat.py, docs/fine-tuning.md).
 
-`resolve_config(config, workdir)`, before validation (the trainer calls it for every config; it returns
-`config` itself when there is nothing to resolve):
-  - the fields a config leaves unset (None) and an empty data.tokenizer_path come from the model it starts from
-    (`init.from_path`, or the workdir's own checkpoint when the run resumes: interop/pretrained_init.py);
+`resolve_config(config)`, before validation (the trainer calls it for every config; it returns `config` itself
+when there is nothing to resolve). The fields a config leaves unset (None) and an empty data.tokenizer_path were
+taken from the model it starts from by the entry point before (`interop.pretrained_init.resolve`); then
   - train.epochs > 0 (chat data) sets train.num_steps: that many passes over the packed training examples;
   - train.warmup_fraction > 0 sets train.warmup_steps to that fraction of the steps.
 
@@ -19,24 +18,25 @@ import os
 
 import ml_collections
 
+from mor_jax import files as files_lib
+from mor_jax import config as config_lib
+from mor_jax import data as data_lib
+from mor_jax.data import chat
 from mor_jax.train import report as report_lib
-from mor_jax.train.trainer import Hook
+from mor_jax.train.hooks import Hook
 
 
-def resolve_config(config, workdir: str | None = None):
-  """`config` with unset fields, the step count and the warm-up resolved (see the module docstring)."""
-  from mor_jax.interop import pretrained_init  # pylint: disable=g-import-not-at-top
-  from mor_jax.config import schema  # pylint: disable=g-import-not-at-top
-  c = pretrained_init.resolve_from_path(config, workdir)
-  t = c.get("train")
-  if t is None or any(pretrained_init.get_field(c, f.key) is None for f in schema.FIELDS):
-    return c                                 # still unset: validation names the field and init.from_path
-  epochs, fraction = float(t.get("epochs", 0.0) or 0.0), float(t.get("warmup_fraction", 0.0) or 0.0)
-  if not (epochs > 0 and c.data.get("corpus") == "chat") and fraction <= 0:
-    return c
-  c = ml_collections.ConfigDict(c.to_dict()) if c is config else c
-  if epochs > 0 and c.data.get("corpus") == "chat":
-    from mor_jax.data import chat  # pylint: disable=g-import-not-at-top
+def resolve_config(config):
+  """`config` with the step count and the warm-up resolved (see the module docstring)."""
+  if any(config_lib.get_field(config, f.key) is None for f in config_lib.FIELDS):
+    return config                            # still unset: validation names the field and init.from_path
+  t = config.train
+  epochs, fraction = float(t.epochs), float(t.warmup_fraction)
+  chat_epochs = epochs > 0 and config.data.corpus == "chat"
+  if not chat_epochs and fraction <= 0:
+    return config
+  c = ml_collections.ConfigDict(config.to_dict())
+  if chat_epochs:
     c.train.num_steps = chat.steps_for_epochs(c)
   if fraction > 0:
     c.train.warmup_steps = int(round(fraction * int(c.train.num_steps)))
@@ -45,7 +45,6 @@ def resolve_config(config, workdir: str | None = None):
 
 def chat_summary(config, seen: dict | None = None) -> dict:
   """What the chat data of `config` holds (summary.json) plus the totals seen so far and the epochs they make."""
-  from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   prepared = data_lib.prepare(config)
   s = dict(prepared.summary)
   seen = dict(seen or {})
@@ -57,7 +56,6 @@ def chat_summary(config, seen: dict | None = None) -> dict:
 
 def summary_lines(s: dict) -> list[str]:
   """The report.md section: a table, then the first skipped or truncated records."""
-  from mor_jax.data import chat  # pylint: disable=g-import-not-at-top
   sp, seen = s["splits"], s.get("seen", {})
   fmt = lambda v: f"{v:,}" if isinstance(v, int) else (f"{v:.3g}" if isinstance(v, float) else "n/a")
   rows = [("records read", fmt(s["records"])),
@@ -81,19 +79,16 @@ def summary_lines(s: dict) -> list[str]:
 class ChatDataReport(Hook):
   """Logs the chat data's counts at the start; adds them, with what was seen, to the report at the end."""
 
-  def __init__(self, config):
-    from mor_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    from mor_jax.data import chat  # pylint: disable=g-import-not-at-top
-    chat.log_summary(data_lib.prepare(config).summary)
+  def on_start(self, ctx) -> None:
+    chat.log_summary(data_lib.prepare(ctx.config).summary)
 
-  def on_end(self, trainer, report: dict) -> None:
-    if not trainer.is_main:
+  def on_end(self, ctx, report: dict) -> None:
+    if not ctx.is_main:
       return
-    s = chat_summary(trainer.config, trainer.meta.get("seen"))
+    s = chat_summary(ctx.config, ctx.seen())
     report["chat"] = s
     try:
-      report_lib.add_section(trainer.workdir, "Chat data", summary_lines(s))
-      report_lib.write_atomic(os.path.join(trainer.workdir, "report.json"),
-                              json.dumps(report_lib.clean(report), indent=2))
+      report_lib.add_section(ctx.workdir, "Chat data", summary_lines(s))
+      files_lib.write_text(os.path.join(ctx.workdir, "report.json"), json.dumps(report_lib.clean(report), indent=2))
     except OSError:
       pass                                   # the trainer reported its own write failure already

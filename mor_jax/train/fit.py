@@ -36,6 +36,7 @@ import jax
 
 from mor_jax import config as config_lib
 from mor_jax import distributed
+from mor_jax.errors import DeviceMemoryError
 from mor_jax.train.aot import AOTStep, batch_signature, memory_analysis
 from mor_jax.train.step import make_train_step, routing_mode_for_step
 
@@ -46,7 +47,7 @@ BATCH_KEYS = ("tokens", "segment_ids", "positions")  # the int32 [rows, seq_len 
 
 def batch_keys(config) -> tuple[str, ...]:
   """The arrays of the run's training batches: chat data (data.corpus 'chat', data/chat.py) adds `loss_mask`."""
-  return BATCH_KEYS + (("loss_mask",) if config.data.get("corpus") == "chat" else ())
+  return BATCH_KEYS + (("loss_mask",) if config.data.corpus == "chat" else ())
 SEQ_DIVISORS = (2, 4, 8)                             # shorter data.seq_len tried when micro-batch 1 does not fit
 FAR = 1.25                                           # largest_fitting: predicted this far over, not compiled
 
@@ -56,12 +57,6 @@ def size(n: float | None) -> str:
   if n is None:
     return "n/a"
   return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
-
-
-class DeviceMemoryError(RuntimeError):
-  """The train step does not fit the devices' memory. One line naming the bytes needed and available and settings
-  that fit; raised before anything is written (nothing fits the budget) or at run time (XLA's RESOURCE_EXHAUSTED,
-  after the report is written). No checkpoint is touched either way."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +201,7 @@ class StepCompiler:
   def _build(self, remat: str, sink: dict | None) -> Callable:
     policy = dataclasses.replace(self.policy, remat_policy=remat)
     step = make_train_step(self.cfg, self.tx, self.schedule, policy=policy,
-                           document_mask=bool(self.config.data.get("document_mask", False)))
+                           document_mask=bool(self.config.data.document_mask))
     shardings = self.dp.state_shardings(self.abstract) if self.dp.mode == "pjit" else None
     return self.dp.ahead_of_time(self.dp.compile_train_step(step, shardings), routes=self.cfg.mor_enable, sink=sink)
 

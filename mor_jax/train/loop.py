@@ -13,14 +13,27 @@ from typing import Callable, Iterable, Iterator
 
 import ml_collections
 
-from mor_jax.train.tracker import FIRST_KEYS, NonFiniteLossError  # noqa: F401 (re-exported)
-from mor_jax.train.trainer import Hook, Trainer
+from mor_jax.train.finetune import ChatDataReport
+from mor_jax.train.hooks import Hook
+from mor_jax.train.routing_pictures import RoutingPictures
+from mor_jax.train.trainer import InitParamsFn, Trainer
+
+
+def default_hooks(config) -> list[Hook]:
+  """The hooks every run of `config` gets: pictures of routing during training (routed models with
+  train.routing_pictures), the chat data's counts in the report (data.corpus='chat')."""
+  hooks: list[Hook] = []
+  if config.mor.enable and config.train.routing_pictures:
+    hooks.append(RoutingPictures())
+  if config.data.corpus == "chat":
+    hooks.append(ChatDataReport())
+  return hooks
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        train_iterator: Iterator[dict] | None = None,
                        eval_iterator_fn: Callable[[int], Iterable[dict]] | None = None,
-                       hooks: Iterable[Hook] = ()) -> dict:
+                       hooks: Iterable[Hook] = (), init_params_fn: InitParamsFn | None = None) -> dict:
   """Trains `config` in `workdir` (resuming from its latest good checkpoint) and returns the report dict.
 
   Args:
@@ -31,7 +44,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       `mor_jax.data.make_iterator(config, "train", ...)`.
     eval_iterator_fn: optional `f(global_batch_size) -> iterable of batches` for validation; default: one
       pass over the validation split, of which the first `train.eval_sequences` sequences count.
-    hooks: `trainer.Hook`s (metrics, evaluation, saves, the end).
+    hooks: `hooks.Hook`s (metrics, evaluation, saves, the end), after `default_hooks(config)`.
+    init_params_fn: a fresh run's initial parameters, `f(config, model config, placed state, DataParallel) ->
+      state`; with config.init.from_path set, the entry point passes what
+      `mor_jax.interop.pretrained_init.resolve(config, workdir)` returns (with its config), as main.py does.
 
   Raises:
     NonFiniteLossError: the loss became NaN/Inf (report written, no checkpoint of the bad state).
@@ -42,4 +58,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       another model or are unreadable (nothing written), or a checkpoint could not be written (report written).
   """
   return Trainer(config, workdir, train_iterator=train_iterator, eval_iterator_fn=eval_iterator_fn,
-                 hooks=tuple(hooks)).run()
+                 hooks=tuple(default_hooks(config)) + tuple(hooks), init_params_fn=init_params_fn).run()

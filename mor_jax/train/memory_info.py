@@ -13,18 +13,20 @@ from mor_jax.train.fit import StepCompiler, budget, choose, device_limit, local_
 def memory_summary(config) -> str:
   """`--mode=info`: per-device memory of the train step compiled (not run) on this backend for the config's
   micro-batch and remat policy, or for the automatic choice when the config asks for one."""
-  dp = setup.select_devices(config)
+  devices = setup.select_devices(config)
+  n = len(devices)
   note = ""
   try:
-    config = config_lib.validate(config, num_devices=dp.num_devices)
+    config = config_lib.validate(config, num_devices=n)
   except config_lib.ConfigError as e:       # e.g. a workdir's batch, written for another device count
     if "train.total_batch_size" not in str(e):
       raise
     c = ml_collections.ConfigDict(config.to_dict())
-    n, old, per = dp.num_devices, int(c.train.total_batch_size), int(c.train.per_device_batch_size)
+    old, per = int(c.train.total_batch_size), int(c.train.per_device_batch_size)
     c.train.update(total_batch_size=per * n if per else max(1, old // n) * n, grad_accum_steps=-1)
     note = f" (total_batch_size {old} does not split over {n} devices: shown for {c.train.total_batch_size})"
     config = config_lib.validate(c, num_devices=n)
+  dp = setup.data_parallel(config, config_lib.model_config(config), devices)
   steps = StepCompiler.for_config(config, dp)
   fit = choose(steps)
   micro = fit.micro if fit else int(config.train.per_device_batch_size)

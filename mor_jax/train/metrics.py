@@ -21,10 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from mor_jax import files as files_lib
+
 # peak dense bf16 FLOP/s per device, by substring of jax's device_kind (lower case)
+# (the longest matching name wins: "h100 pcie" before "h100", which is the SXM part)
 PEAK_FLOPS = {
-    "h200": 989e12, "h100": 989e12, "gh200": 989e12, "a100": 312e12, "l40s": 362e12, "a10g": 125e12,
-    "l4": 121e12, "v100": 125e12, "tpu v5p": 459e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12,
+    "h200": 989e12, "h100": 989e12, "h100 pcie": 756e12, "h100 nvl": 835e12, "h800": 989e12, "gh200": 989e12,
+    "b200": 2250e12, "a100": 312e12, "l40s": 362e12, "a10g": 125e12, "l4": 121e12, "v100": 125e12,
+    "rtx 6000 ada": 364e12, "a6000": 155e12, "tpu v5p": 459e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12,
     "tpu v4": 275e12, "tpu v6": 918e12,
 }
 
@@ -81,12 +85,7 @@ class MetricWriter:
     """
     with open(self.path, encoding="utf-8") as f:
       keep = [r for r in _records(f) if r.get("step", 0) <= step]
-    tmp = f"{self.path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in keep)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, self.path)
+    files_lib.write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep), sync=True)
 
   def write(self, step: int, metrics: dict, *, jsonl: bool = True) -> None:
     if not self.enabled:

@@ -74,7 +74,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
                       weight_decay=float(t.weight_decay), mask=decay_mask)
   clip = optax.clip_by_global_norm(float(t.grad_clip)) if t.grad_clip and t.grad_clip > 0 else optax.identity()
   tx = optax.chain(clip, adamw)
-  if t.get("freeze_routers", False):
+  if t.freeze_routers:
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, router_labels)
   return tx, schedule
 

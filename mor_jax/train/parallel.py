@@ -43,8 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mor_jax.config import resolve_mesh_shape
-from mor_jax.train.aot import AOTStep, format_bytes, memory_analysis  # noqa: F401 (re-exported)
-from mor_jax.train.prefetch import DevicePrefetcher  # noqa: F401 (re-exported)
+from mor_jax.train.aot import AOTStep
 
 AXIS = "data"                 # pmap axis name; first mesh axis in pjit mode
 FSDP_AXIS = "fsdp"

@@ -22,7 +22,7 @@ class StepProfiler:
   """Starts and stops the trace around the configured steps (a no-op without train.profile_steps)."""
 
   def __init__(self, config, workdir: str, start_step: int):
-    self.window = profile_steps(config.train.get("profile_steps", ""))
+    self.window = profile_steps(config.train.profile_steps)
     self.active = False
     self.dir = os.path.join(workdir, "profile")
     if jax.process_count() > 1 and jax.process_index() > 0:

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from mor_jax import files as files_lib
+
 
 def loss_summary(steps: Sequence[int], losses: Sequence[float]) -> dict:
   """initial / final / average loss and the loss at 10%, 50%, 90% of the steps run."""
@@ -82,7 +84,8 @@ def markdown(report: dict) -> str:
       row(f"loss at {pct}% (step {loss[f'at_{pct}pct_step']:,})", _fmt(loss[f"at_{pct}pct"]))
   if val:
     row("validation loss: initial", _fmt(val.get("initial")))
-    row("validation loss: final", _fmt(val.get("final")) + (f" (step {val['final_step']:,})" if "final_step" in val else ""))
+    at = f" (step {val['final_step']:,})" if "final_step" in val else ""
+    row("validation loss: final", _fmt(val.get("final")) + at)
   row("learning rate: start / end", f"{_fmt(lr.get('start'))} / {_fmt(lr.get('end'))}")
   row("trainable parameters", _fmt(r.get("trainable_parameters")))
   row("samples / s", _fmt(r.get("samples_per_second"), 2))
@@ -95,7 +98,8 @@ def markdown(report: dict) -> str:
   dev = r.get("devices", {})
   row("devices", f"{dev.get('count')} x {dev.get('kind')} ({dev.get('mode')}, {dev.get('processes', 1)} process(es))")
   row("batch", f"{_fmt(r.get('total_batch_size'))} sequences x {_fmt(r.get('seq_len'))} tokens "
-      f"(per device {r.get('per_device_batch_size')} x accumulation {r.get('grad_accum_steps')} x {dev.get('count')} devices)")
+      f"(per device {r.get('per_device_batch_size')} x accumulation {r.get('grad_accum_steps')} x "
+      f"{dev.get('count')} devices)")
   ck = r.get("checkpoints", {})
   row("checkpoints written", ", ".join(str(s) for s in ck.get("written", [])) or "none")
   row("checkpoints kept", ", ".join(str(s) for s in ck.get("kept", [])) or "none")
@@ -134,16 +138,6 @@ def clean(v):
   return v
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to a temporary file next to `path` and renames it over `path` (never a half-written file)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def add_section(workdir: str, title: str, lines) -> None:
   """Appends (or replaces) the section `## title` of WORKDIR/report.md, atomically (hooks add figures this way)."""
   path = os.path.join(workdir, "report.md")
@@ -153,7 +147,7 @@ def add_section(workdir: str, title: str, lines) -> None:
     start = text.index(head)
     nxt = text.find("\n## ", start + len(head))
     text = text[:start] + (text[nxt + 1:] if nxt >= 0 else "")
-  write_atomic(path, text.rstrip("\n") + "\n\n" + head + "\n" + "\n".join(lines) + "\n")
+  files_lib.write_text(path, text.rstrip("\n") + "\n\n" + head + "\n" + "\n".join(lines) + "\n")
 
 
 def now() -> str:
@@ -162,19 +156,21 @@ def now() -> str:
 
 def write_report(workdir: str, report: dict, history: dict, val_history: Sequence[Sequence[float]] = ()) -> None:
   """Writes report.json and report.md (atomically) and loss.png into `workdir`."""
-  write_atomic(os.path.join(workdir, "report.json"), json.dumps(clean(report), indent=2))
-  write_atomic(os.path.join(workdir, "report.md"), markdown(report))
+  files_lib.write_text(os.path.join(workdir, "report.json"), json.dumps(clean(report), indent=2))
+  files_lib.write_text(os.path.join(workdir, "report.md"), markdown(report))
   if history.get("step"):
     vs = [int(s) for s, _ in val_history]
     vl = [float(v) for _, v in val_history]
     plot(os.path.join(workdir, "loss.png"), history["step"], history["loss"], history["learning_rate"], vs, vl)
 
 
-def build_report(config, meta, *, status, message, workdir, dp, start, step, elapsed, tracker, n_params,
-                  flops_per_token, peak, ckpt, rows_per_step, tokens_per_step, run_time, epoch_tokens,
-                  state_memory=None) -> dict:
-  """The report dict of a run (see the module docstring)."""
+def build_report(config, meta, acc, *, status, message, workdir, dp, tracker, ckpt, n_params, elapsed, run_time,
+                 state_memory=None) -> dict:
+  """The report dict of a run (see the module docstring); `acc`: the run's `setup.Accounting` (batch, FLOPs)."""
   t = config.train
+  start, step = tracker.start_step, tracker.last_step
+  rows_per_step, tokens_per_step, flops_per_token = acc.rows_per_step, acc.tokens_per_step, acc.flops_per_token
+  peak, epoch_tokens = acc.peak, acc.epoch_tokens
   h = meta["history"]
   steps_this_run = max(0, step - start)
   tokens_seen = step * tokens_per_step

@@ -20,9 +20,11 @@ from absl import logging
 import jax
 import numpy as np
 
-from mor_jax.evaluate import depths
+from mor_jax import files as files_lib
+from mor_jax.data import tokenizer as tokenizer_lib
+from mor_jax.model import depths
 from mor_jax.train import report as report_lib
-from mor_jax.train.trainer import Hook
+from mor_jax.train.hooks import Hook
 
 ROUTING_FILE = "routing.jsonl"
 SAMPLE_ROWS = 2
@@ -59,17 +61,14 @@ def plot_shares(history: dict[int, dict], R: int, path: str) -> str:
   ax.set_title("recursions per token (causal routing)")
   ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
   fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=110)
+  with files_lib.replacing(path, suffix=".png") as tmp:
+    fig.savefig(tmp, dpi=110)
   plt.close(fig)
-  os.replace(path + ".tmp.png", path)
   return path
 
 
-def _pieces(workdir: str, ids) -> list[str]:
-  """Each token's text with the workdir's tokenizer (WORKDIR/tokenizer/), else its id in brackets."""
-  from mor_jax.checkpoint import params as ckpt_params  # pylint: disable=g-import-not-at-top
-  from mor_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  folder = ckpt_params.workdir_tokenizer(os.path.join(workdir, "checkpoints", "0"))
+def _pieces(folder: str | None, ids) -> list[str]:
+  """Each token's text with the tokenizer in `folder` (the workdir's), else its id in brackets."""
   if folder is None:
     return [f"[{int(i)}]" for i in ids]
   tok = tokenizer_lib.load_tokenizer(folder)
@@ -84,15 +83,15 @@ class RoutingPictures(Hook):
     self.sample = self.rec = self.fn = None
     self.active = True
 
-  def _setup(self, trainer) -> bool:
+  def on_start(self, ctx) -> None:
+    self.active = depths.is_routed(ctx.cfg) and jax.process_count() == 1 and ctx.is_main
+    if depths.is_routed(ctx.cfg) and ctx.is_main and not self.active:
+      logging.info("routing pictures: skipped with several processes")
+
+  def _setup(self, ctx) -> bool:
     if self.fn is not None or not self.active:
       return self.active
-    if not depths.is_routed(trainer.cfg) or jax.process_count() > 1 or not trainer.is_main:
-      self.active = False
-      if depths.is_routed(trainer.cfg) and trainer.is_main:
-        logging.info("routing pictures: skipped with several processes")
-      return False
-    it = trainer.eval_iterator_fn(self.rows)
+    it = ctx.eval_batches(self.rows)
     try:
       batch = next(iter(it))
     finally:
@@ -101,37 +100,35 @@ class RoutingPictures(Hook):
         close()
     self.sample = {k: np.asarray(v)[:self.rows] for k, v in batch.items()}
     self.sample.setdefault("segment_ids", np.ones_like(self.sample["tokens"]))   # batches without packing info
-    self.fn = depths.make_depth_fn(trainer.cfg, "causal")
+    self.fn = depths.make_depth_fn(ctx.cfg, "causal")
     return True
 
-  def on_eval(self, trainer, step: int, val_loss: float) -> None:
-    if not self._setup(trainer):
+  def on_eval(self, ctx, step: int, val_loss: float) -> None:
+    if not self._setup(ctx):
       return
-    variables = trainer.dp.unreplicate(trainer.state).variables()
     tokens = self.sample["tokens"][:, :-1]
     mask = self.sample["segment_ids"][:, :-1] > 0
-    self.rec = np.asarray(jax.device_get(self.fn(variables, tokens)))
-    R = depths.max_recursions(trainer.cfg)
+    self.rec = np.asarray(jax.device_get(self.fn(ctx.variables(), tokens)))
+    R = depths.max_recursions(ctx.cfg)
     row = {"step": int(step), "shares": depths.shares(self.rec, R, mask),
            "mean_recursions": float(self.rec[mask].mean()) if mask.any() else float("nan")}
-    with open(os.path.join(trainer.workdir, ROUTING_FILE), "a", encoding="utf-8") as f:
+    with open(os.path.join(ctx.workdir, ROUTING_FILE), "a", encoding="utf-8") as f:
       f.write(json.dumps(row) + "\n")
-    histogram = getattr(trainer.writer, "histogram", None)
-    if callable(histogram):
-      histogram(int(step), "routing/recursions_per_token", self.rec[mask])
+    if ctx.histogram is not None:
+      ctx.histogram(int(step), "routing/recursions_per_token", self.rec[mask])
 
-  def on_end(self, trainer, report: dict) -> None:
+  def on_end(self, ctx, report: dict) -> None:
     if not self.active or self.rec is None:
       return
-    R = depths.max_recursions(trainer.cfg)
-    w = trainer.workdir
+    R = depths.max_recursions(ctx.cfg)
+    w = ctx.workdir
     history = read_history(w)
     plot_shares(history, R, os.path.join(w, "routing.png"))
     mask = self.sample["segment_ids"][0, :-1] > 0
     ids = self.sample["tokens"][0, :-1][mask]
-    pieces = _pieces(w, ids)
-    title = f"{trainer.config.get('name', 'model')} at step {max(history)}: recursions per token (causal routing)"
-    report_lib.write_atomic(os.path.join(w, "routing_sample.html"), depths.colored_html(pieces, self.rec[0][mask],
+    pieces = _pieces(ctx.tokenizer_dir, ids)
+    title = f"{ctx.config.name} at step {max(history)}: recursions per token (causal routing)"
+    files_lib.write_text(os.path.join(w, "routing_sample.html"), depths.colored_html(pieces, self.rec[0][mask],
                                                                                           R, title))
     depths.colored_png(pieces, self.rec[0][mask], R, os.path.join(w, "routing_sample.png"),
                        title="recursions per token")

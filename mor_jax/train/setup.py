@@ -2,39 +2,49 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Iterable
 
 from absl import logging
 import jax
-import ml_collections
 
 from mor_jax import config as config_lib
 from mor_jax import distributed
-from mor_jax.train.parallel import DataParallel, format_bytes
+from mor_jax.model.transformer import param_axes
+from mor_jax.train import metrics as metrics_lib
+from mor_jax.train.aot import format_bytes
+from mor_jax.train.parallel import DataParallel
 from mor_jax.train.state import num_params
 
 
-def select_devices(config) -> DataParallel:
-  """The DataParallel of `parallel.mode` / `parallel.num_devices` (checked against the devices present)."""
-  par = config.get("parallel", ml_collections.ConfigDict())
-  mode = str(par.get("mode", "pjit"))
-  available = jax.devices() if mode == "pjit" else jax.local_devices()
-  n = int(par.get("num_devices", 0) or 0)
+def select_devices(config) -> list:
+  """The devices of `parallel.mode` / `parallel.num_devices` (checked against the devices present), before the
+  config is validated (validation needs their number)."""
+  par = config.parallel
+  available = jax.devices() if par.mode == "pjit" else jax.local_devices()
+  n = int(par.num_devices or 0)
   if n < 0 or n > len(available):
     raise config_lib.ConfigError(f"config.parallel.num_devices: {n} requested but {len(available)} devices are "
                                  "available; use 0 for all of them.")
   if n and jax.process_count() > 1:
     raise config_lib.ConfigError(f"config.parallel.num_devices: {n} with {jax.process_count()} processes; "
                                  "multi-process runs use every device of every process (set it to 0).")
-  devices = available[:n] if n else available
-  fsdp = int(par.get("fsdp", 1)) if mode == "pjit" else 1
+  return available[:n] if n else available
+
+
+def data_parallel_for(validated) -> DataParallel:
+  """The DataParallel of a config validated for its devices (`select_devices`)."""
+  return data_parallel(validated, config_lib.model_config(validated), select_devices(validated))
+
+
+def data_parallel(config, cfg, devices) -> DataParallel:
+  """The DataParallel of the validated `config` on `devices` (FSDP: sharded by the model's logical axes)."""
+  par = config.parallel
+  fsdp = int(par.fsdp) if par.mode == "pjit" else 1
   axes = None
-  if mode == "pjit":
-    _, fsdp_size = config_lib.resolve_mesh_shape(len(devices), par.get("data", -1), fsdp)
-    if fsdp_size > 1:          # FSDP shards by the logical axes the model declares for each parameter
-      from mor_jax.model.transformer import param_axes  # pylint: disable=g-import-not-at-top
-      axes = param_axes(config_lib.model_config(config_lib.validate(config, num_devices=len(devices))))
-  return DataParallel(mode, devices, data=int(par.get("data", -1)), fsdp=fsdp, param_axes=axes)
+  if par.mode == "pjit" and config_lib.resolve_mesh_shape(len(devices), par.data, fsdp)[1] > 1:
+    axes = param_axes(cfg)
+  return DataParallel(par.mode, devices, data=int(par.data), fsdp=fsdp, param_axes=axes)
 
 
 def data_iterators(config, train_iterator, eval_iterator_fn) -> tuple[object, Callable[[int], Iterable[dict]]]:
@@ -64,7 +74,7 @@ def epoch_tokens(config) -> int | None:
     split = (data_lib.prepare(config).tokens or {}).get("splits", {}).get("train")
     if not split:
       return None
-    per_doc = 1 + (1 if config.data.get("add_bos", False) else 0)
+    per_doc = 1 + (1 if config.data.add_bos else 0)
     return int(split["num_tokens"]) + per_doc * int(split["num_docs"])
   except Exception:  # pylint: disable=broad-except
     return None
@@ -99,3 +109,35 @@ def save_every(config) -> int:
   if float(t.save_interval) > 0:
     return max(1, int(round(float(t.save_interval) * int(t.num_steps))))
   return 0
+
+
+class Timing:
+  """When evaluation and saving are due: `due(step) -> (evaluate, save)` (the last step's are the loop's)."""
+
+  def __init__(self, config, eval_at: Callable[[int], bool] | None = None):
+    every = int(config.train.eval_every_steps)
+    self.eval_at = eval_at or (lambda s: every > 0 and s % every == 0)
+    self.save_every = save_every(config)
+    self.num_steps = int(config.train.num_steps)
+
+  def due(self, step: int) -> tuple[bool, bool]:
+    if step == self.num_steps:
+      return False, False
+    return bool(self.eval_at(step)), bool(self.save_every and step % self.save_every == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Accounting:
+  """Per-step batch and FLOP figures of a run (the tracker's and the report's)."""
+  rows_per_step: int
+  tokens_per_step: int
+  flops_per_token: float | None
+  peak: float | None                 # per device (metrics.peak_flops), None when unknown
+  epoch_tokens: int | None           # tokens in one pass over the training split, when the data package knows
+
+
+def accounting(config, cfg, dp, own_data: bool = True) -> Accounting:
+  rows, seq_len = int(config.train.total_batch_size), int(config.data.seq_len)
+  return Accounting(rows_per_step=rows, tokens_per_step=rows * seq_len, flops_per_token=flops_per_token(cfg, seq_len),
+                    peak=metrics_lib.peak_flops(dp.devices[0].device_kind),
+                    epoch_tokens=epoch_tokens(config) if own_data else None)

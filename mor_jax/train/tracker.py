@@ -9,16 +9,10 @@ import time
 
 from absl import logging
 
+from mor_jax.errors import NonFiniteLossError
+
 FIRST_KEYS = ("loss", "total_loss", "learning_rate", "grad_norm")
 SEEN_KEYS = ("examples", "tokens", "target_tokens")   # chat data: running totals logged as <key>_seen
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss or the gradient norm became NaN or Inf; the message names what, the step and the checkpoint kept."""
-
-  def __init__(self, message: str, *, step: int | None = None):
-    super().__init__(message)
-    self.step = step
 
 
 class _ClearBar(pylogging.Filter):
@@ -45,7 +39,7 @@ class Tracker:
     self.log_every = max(1, int(t.log_every_steps))
     self.tokens_per_step, self.rows_per_step = tokens_per_step, rows_per_step
     self.flops_per_token, self.peak, self.num_devices = flops_per_token, peak, num_devices
-    self.last_step = start_step
+    self.start_step = self.last_step = start_step
     self.interval_steps, self.interval_time = 0, 0.0
     self.mark = None                  # time of the previous fetch (None: excluded pause)
     self.steady_steps, self.steady_time = 0, 0.0
@@ -57,7 +51,7 @@ class Tracker:
     if show_bar:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self.bar = tqdm(total=self.num_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.05,
-                      desc=str(config.get("name", "train")))
+                      desc=str(config.name))
       self.clear_bar = _ClearBar(self.bar)
       logging.get_absl_handler().addFilter(self.clear_bar)
     self.show_bar = show_bar

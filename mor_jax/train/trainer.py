@@ -20,8 +20,10 @@ the report is written, then the error raised; also out of device memory, as one-
 'aborted' (any other exception, re-raised). Errors before the first step (lock held, checkpoint mismatch or
 unreadable, bad config, no micro-batch fits the memory budget) raise and write nothing.
 
-Hooks (`Hook` subclasses) see each fetched step's metrics, each validation loss, each save, an early stop
-(signal, pause, end of data) and the report.
+Hooks (hooks.py: `Hook` subclasses with a small `HookContext`, on_metrics every `Hook.every` steps) see the
+start, fetched steps' metrics, each validation loss, each save, an early stop (signal, pause, end of data) and the
+report. When evaluation and saving are due is the `Schedule`'s (setup.py), not the step's. A fresh run's initial
+parameters come from `init_params_fn` when given (the entry point's: pretrained weights, interop/pretrained_init.py).
 """
 
 from __future__ import annotations
@@ -36,42 +38,29 @@ from absl import logging
 import jax
 
 from mor_jax import checkpoint as ckpt_lib
-from mor_jax.checkpoint import params as ckpt_params
 from mor_jax import config as config_lib
 from mor_jax.checkpoint import integrity, schema
+from mor_jax.checkpoint import params as ckpt_params
+from mor_jax.errors import ConfigError, NonFiniteLossError
 from mor_jax.kernels import policy as policy_lib
 from mor_jax.train import evaluation
+from mor_jax.train import finetune
 from mor_jax.train import fit as fit_lib
 from mor_jax.train import metrics as metrics_lib
 from mor_jax.train import report as report_lib
 from mor_jax.train import setup
 from mor_jax.train import wandb_log
 from mor_jax.train.optimizer import make_optimizer
-from mor_jax.train.parallel import DevicePrefetcher
+from mor_jax.train.prefetch import DevicePrefetcher
 from mor_jax.train.profile import StepProfiler
 from mor_jax.train.signals import SignalGuard
 from mor_jax.train.state import abstract_state, init_state, num_params
 from mor_jax.train.step import make_eval_step, routing_mode_for_step
-from mor_jax.train.tracker import NonFiniteLossError, Tracker
+from mor_jax.train.hooks import Hook, HookContext
+from mor_jax.train.tracker import Tracker
 
 
-class Hook:
-  """Called by the trainer (process 0 and the others alike); override what you need."""
-
-  def on_metrics(self, trainer: "Trainer", step: int, metrics: dict) -> None:
-    """Host metrics of a finished step (loss, grad_norm, learning_rate, ...)."""
-
-  def on_eval(self, trainer: "Trainer", step: int, val_loss: float) -> None:
-    """A validation loss of the state after `step` steps."""
-
-  def on_save(self, trainer: "Trainer", step: int) -> None:
-    """A checkpoint of `step` was started."""
-
-  def on_stop(self, trainer: "Trainer", status: str, message: str) -> None:
-    """The loop stops early: a signal ('interrupted'), train.max_steps_per_run ('paused'), no more data."""
-
-  def on_end(self, trainer: "Trainer", report: dict) -> None:
-    """The run ended (any status); `report` is what was written."""
+InitParamsFn = Callable[..., object]   # (validated config, ModelConfig, fresh placed TrainState, DataParallel) -> state
 
 
 def _close(it) -> None:
@@ -88,32 +77,27 @@ class Trainer:
 
   def __init__(self, config, workdir: str, *, train_iterator=None,
                eval_iterator_fn: Callable[[int], Iterable[dict]] | None = None, hooks: Sequence[Hook] = (),
-               eval_at: Callable[[int], bool] | None = None):
+               eval_at: Callable[[int], bool] | None = None, init_params_fn: InitParamsFn | None = None):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
-    from mor_jax.train import finetune  # pylint: disable=g-import-not-at-top (it imports Hook from here)
-    config = finetune.resolve_config(config, self.workdir)   # unset fields from init.from_path; epochs -> steps
-    self.dp = setup.select_devices(config)
-    self.config = config_lib.validate(config, num_devices=self.dp.num_devices)
+    config = finetune.resolve_config(config)    # chat data: epochs -> steps; warm-up fraction -> steps
+    devices = setup.select_devices(config)
+    self.config = config_lib.validate(config, num_devices=len(devices))   # once (FSDP's axes use it too)
     self.cfg = config_lib.model_config(self.config)
+    self.dp = setup.data_parallel(self.config, self.cfg, devices)
     wandb_log.check_installed(self.config)      # before any heavy work
     self.policy = policy_lib.resolve(self.config, jax.default_backend())   # how this backend runs the model
     logging.info("%s", self.policy.describe())
     self.tx, self.schedule = make_optimizer(self.config)
     self.num_steps = int(self.config.train.num_steps)
-    self.eval_sequences = evaluation.eval_sequences(self.config, self.dp.num_devices)
+    self.eval_sequences = int(self.config.train.eval_sequences)   # -1: the whole split, 0: none
     evaluation.check_multi_process(self.eval_sequences, eval_iterator_fn is not None)
-    self.pretrained = bool(self.config.get("init") and self.config.init.get("from_path"))
-    if self.pretrained:          # check init.from_path up front (skipped when the workdir will resume)
-      from mor_jax.interop import pretrained_init  # pylint: disable=g-import-not-at-top
-      pretrained_init.check_source(self.config, self.cfg, self.workdir)
+    if self.config.init.from_path and init_params_fn is None and not ckpt_lib.has_checkpoints(self.workdir):
+      raise ConfigError("config.init.from_path: set, but nothing initialises from it: pass init_params_fn="
+                        "mor_jax.interop.pretrained_init.apply_to_state (after pretrained_init.resolve(config, "
+                        "workdir), as main.py does), or set it to '' to train from scratch.")
+    self.init_params_fn = init_params_fn
     self.hooks = list(hooks)
-    if self.cfg.mor_enable and self.config.train.routing_pictures:
-      from mor_jax.train.routing_pictures import RoutingPictures  # pylint: disable=g-import-not-at-top
-      self.hooks.append(RoutingPictures())
-    if self.config.data.corpus == "chat":     # counts of the chat data (skipped records included) in the report
-      self.hooks.append(finetune.ChatDataReport(self.config))
-    eval_every = int(self.config.train.eval_every_steps)
-    self.eval_at = eval_at or (lambda s: eval_every > 0 and s % eval_every == 0)
+    self.timing = setup.Timing(self.config, eval_at)       # when evaluation and saving are due
     self._given = (train_iterator, eval_iterator_fn)
     self.is_main = jax.process_index() == 0
     self.ckpt = self.state = self.meta = None
@@ -144,9 +128,8 @@ class Trainer:
   def init_or_restore(self) -> None:
     """The newest good checkpoint's state, iterator position and meta, or a fresh (or pretrained) state."""
     t = self.config.train
-    self.ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir, ckpt_lib.CHECKPOINTS_SUBDIR),
-                                      max_to_keep=int(t.keep_checkpoints),
-                                      async_save=bool(t.get("async_checkpoints", True)))
+    self.ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoints_dir(self.workdir), max_to_keep=int(t.keep_checkpoints),
+                                      async_save=bool(t.async_checkpoints))
     allow = schema.allowed_changes(self.config)
 
     def check(meta):
@@ -165,9 +148,8 @@ class Trainer:
       logging.info("resuming from the checkpoint at step %d in %s", self.start, self.ckpt.directory)
     else:
       self.state = self.dp.create_state(lambda: init_state(self.cfg, self.tx, int(t.seed)))
-      if self.pretrained:        # fresh run only: a resumed run keeps its checkpoint (spec section 7)
-        from mor_jax.interop import pretrained_init  # pylint: disable=g-import-not-at-top
-        self.state = pretrained_init.apply_to_state(self.config, self.cfg, self.state, self.dp)
+      if self.init_params_fn is not None:   # fresh run only: a resumed run keeps its checkpoint (spec section 7)
+        self.state = self.init_params_fn(self.config, self.cfg, self.state, self.dp)
       self.meta = schema.new_meta(self.config, self.abstract)
     self.meta.pop("model_config", None)              # version 1's name of the architecture
     self.meta.update(schema.describe(self.config, self.abstract))
@@ -180,28 +162,29 @@ class Trainer:
     self.meta["runs"].append(self.run_info)
 
   def _prepare(self) -> None:
-    """Accounting, metric sinks, compiled train and eval steps."""
-    t, seq_len = self.config.train, int(self.config.data.seq_len)
-    self.rows_per_step = int(t.total_batch_size)
-    self.tokens_per_step = self.rows_per_step * seq_len
-    self.fpt = setup.flops_per_token(self.cfg, seq_len)
-    self.peak = metrics_lib.peak_flops(self.dp.devices[0].device_kind)
-    self.state_memory = setup.log_model(self.meta["name"], self.config, self.dp, self.abstract, self.fpt)
+    """Accounting, metric sinks, compiled train and eval steps, the hooks' context."""
+    t = self.config.train
+    self.accounting = setup.accounting(self.config, self.cfg, self.dp, own_data=self._given[0] is None)
+    self.state_memory = setup.log_model(self.meta["name"], self.config, self.dp, self.abstract,
+                                        self.accounting.flops_per_token)
     self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=self.start, enabled=self.is_main)
     self.tracker = Tracker(config=self.config, meta=self.meta, writer=self.writer, start_step=self.start,
-                           tokens_per_step=self.tokens_per_step, rows_per_step=self.rows_per_step,
-                           flops_per_token=self.fpt, peak=self.peak, num_devices=self.dp.num_devices,
-                           show_bar=self.is_main and bool(t.get("progress_bar", True)))
-    document_mask = bool(self.config.data.get("document_mask", False))
+                           tokens_per_step=self.accounting.tokens_per_step, rows_per_step=int(t.total_batch_size),
+                           flops_per_token=self.accounting.flops_per_token, peak=self.accounting.peak,
+                           num_devices=self.dp.num_devices, show_bar=self.is_main and bool(t.progress_bar))
     if self.dp.mode == "pjit":                # exactly the placement the step is compiled for (no-op when it is)
       self.state = self.dp.place_state(self.state)
     self.train_fn = self.steps.run_fn(self.fit, self.policy.remat_policy)
-    eval_fn = self.dp.compile_eval_step(make_eval_step(self.cfg, document_mask=document_mask, policy=self.policy))
+    eval_fn = self.dp.compile_eval_step(make_eval_step(self.cfg, document_mask=bool(self.config.data.document_mask),
+                                                       policy=self.policy))
     self.evaluator = evaluation.make_evaluator(self.config, self.dp, eval_fn, self.eval_iterator_fn,
                                                self.eval_sequences)
-    self.save_every = setup.save_every(self.config)
-    self.max_this_run = int(t.get("max_steps_per_run", 0) or 0)
     self.profiler = StepProfiler(self.config, self.workdir, self.start)
+    self.ctx = HookContext(config=self.config, cfg=self.cfg, workdir=self.workdir, is_main=self.is_main,
+                           tokenizer_dir=ckpt_params.tokenizer_folder(self.workdir),
+                           variables=lambda: self.dp.unreplicate(self.state).variables(),
+                           eval_batches=self.eval_iterator_fn, seen=lambda: dict(self.meta.get("seen") or {}),
+                           histogram=getattr(self.writer, "histogram", None))
 
   def _train(self) -> dict:
     status, message, error = "completed", "", None
@@ -209,7 +192,7 @@ class Trainer:
     self.meta_time_base = float(self.meta.get("training_time_seconds", 0.0))
     self.t_loop = time.time()
     self.feed = DevicePrefetcher(self.train_iterator, lambda b: self.dp.shard_train_batch(b, int(
-        self.config.train.grad_accum_steps)), int(self.config.get("parallel", {}).get("prefetch", 0) or 0))
+        self.config.train.grad_accum_steps)), int(self.config.parallel.prefetch))
     self.wandb = wandb_log.open_run(self.config, self.workdir, enabled=self.is_main)
     if self.wandb is not None:
       self.writer.sinks.append(self.wandb)
@@ -256,9 +239,14 @@ class Trainer:
     return None
 
   # ------------------------------------------------------------------ steps
+  def _hooks(self, event: str, *args) -> None:
+    for h in self.hooks:
+      getattr(h, event)(self.ctx, *args)
+
   def _loop(self, guard: SignalGuard) -> tuple[str, str]:
     status, message = "completed", ""
     self.stop_flags: list = []              # several processes: 'any process got a signal', per step (device)
+    self._hooks("on_start")
     if self.start == 0 and self.eval_sequences != 0:
       self.evaluate(0)
     if self.start >= self.num_steps:
@@ -275,10 +263,10 @@ class Trainer:
           stop = "stopped", f"the training data ran out at step {self.step}"
       if stop is not None:
         status, message = stop
-        for h in self.hooks:
-          h.on_stop(self, status, message)
+        self._hooks("on_stop", status, message)
         break
-      pending = self.train_step(device_batch, pending, guard)
+      metrics = self.train_step(device_batch, guard)
+      pending = self._after_step(self.step, metrics, pending)
     if pending is not None:
       self._metrics(pending[0], self.dp.fetch(pending[1]), defer_log=True)
     if status == "completed" and self.eval_sequences != 0 and self.step > self.start:
@@ -294,41 +282,45 @@ class Trainer:
         return "interrupted", f"stopped by a signal to one of the processes at step {self.step}"
     elif guard.received:
       return "interrupted", f"stopped by {guard.received} at step {self.step}"
-    if self.max_this_run and self.step - self.start >= self.max_this_run:
-      return "paused", f"train.max_steps_per_run={self.max_this_run} reached at step {self.step}; run again to continue"
+    limit = int(self.config.train.max_steps_per_run)
+    if limit and self.step - self.start >= limit:
+      return "paused", f"train.max_steps_per_run={limit} reached at step {self.step}; run again to continue"
     return None
 
-  def train_step(self, device_batch, pending, guard: SignalGuard):
-    """One optimizer step; fetches the previous step's metrics meanwhile; evaluates / saves when due."""
+  def train_step(self, device_batch, guard: SignalGuard):
+    """One optimizer step; returns its metrics (on the device, not waited for)."""
     self.tracker.exclude(self.profiler.before(self.step + 1))   # starting or writing a trace is no step time
     self.state, metrics = self.train_fn(self.state, device_batch, routing_mode_for_step(self.cfg, self.step))
     self.step += 1
-    step = self.step
-    if step == self.start + 1:               # this process's first step was compiled in the call: time from here
+    if self.step == self.start + 1:          # this process's first step was compiled in the call: time from here
       self.tracker.start_clock()
-    self.tracker.exclude(self.profiler.after(step, self.state))
+    self.tracker.exclude(self.profiler.after(self.step, self.state))
     if jax.process_count() > 1:
       self.stop_flags.append(self.dp.any_process(guard.received is not None))
-    if pending is not None:                  # the previous step's metrics: the device is busy with this one
+    return metrics
+
+  def _after_step(self, step: int, metrics, pending):
+    """The previous step's metrics (fetched while the device runs this one), then evaluation / a save when due;
+    returns what is still to fetch."""
+    if pending is not None:
       self._metrics(pending[0], self.dp.fetch(pending[1]))
-    pending = (step, metrics)
     self.ckpt.poll()                         # a failed background save stops the run now
-    do_eval = self.eval_at(step) and step != self.num_steps
-    do_save = self.save_every and step % self.save_every == 0 and step != self.num_steps
-    if do_eval or do_save:                   # these wait for the step anyway; never save an unchecked step
-      self._metrics(step, self.dp.fetch(metrics), defer_log=True)
-      pending = None
-      if do_eval:
-        self.evaluate(step)
-      self.tracker.flush()
-      if do_save:
-        self.save(step)
-    return pending
+    do_eval, do_save = self.timing.due(step)
+    if not (do_eval or do_save):
+      return step, metrics
+    self._metrics(step, self.dp.fetch(metrics), defer_log=True)   # they wait for the step anyway; never save an
+    if do_eval:                                                     # unchecked step
+      self.evaluate(step)
+    self.tracker.flush()
+    if do_save:
+      self.save(step)
+    return None
 
   def _metrics(self, step: int, metrics: dict, *, defer_log: bool = False) -> None:
     self.tracker.process(step, metrics, defer_log=defer_log)
     for h in self.hooks:
-      h.on_metrics(self, step, metrics)
+      if h.due(step):
+        h.on_metrics(self.ctx, step, metrics)
 
   def evaluate(self, step: int) -> float | None:
     """Validation loss of the current state (recorded under `step`), or None without evaluation."""
@@ -340,8 +332,7 @@ class Trainer:
       if step == 0:
         self.writer.write(0, {"val_loss": v}, jsonl=False)
       logging.info("step %d: validation loss %.4f", step, v)
-      for h in self.hooks:
-        h.on_eval(self, step, v)
+      self._hooks("on_eval", step, v)
     self.tracker.start_clock()
     return v
 
@@ -357,8 +348,7 @@ class Trainer:
       self.meta["checkpoints_written"].pop()
       raise
     self.last_saved = step
-    for h in self.hooks:
-      h.on_save(self, step)
+    self._hooks("on_save", step)
     self.tracker.start_clock()
 
   # ------------------------------------------------------------------ the end
@@ -388,17 +378,14 @@ class Trainer:
     self.meta["training_time_seconds"] = self.meta_time_base + (time.time() - self.t_loop)
     self.run_info.update(end_step=int(self.tracker.last_step), status=status)
     report = report_lib.build_report(
-        self.config, self.meta, status=status, message=message, workdir=self.workdir, dp=self.dp, start=self.start,
-        step=self.tracker.last_step, elapsed=time.time() - self.t_begin, tracker=self.tracker,
-        n_params=num_params(self.abstract.params), flops_per_token=self.fpt, peak=self.peak, ckpt=self.ckpt,
-        rows_per_step=self.rows_per_step, tokens_per_step=self.tokens_per_step, run_time=time.time() - self.t_loop,
-        state_memory=self.state_memory, epoch_tokens=setup.epoch_tokens(self.config) if self._given[0] is None else None)
+        self.config, self.meta, self.accounting, status=status, message=message, workdir=self.workdir, dp=self.dp,
+        tracker=self.tracker, ckpt=self.ckpt, n_params=num_params(self.abstract.params),
+        elapsed=time.time() - self.t_begin, run_time=time.time() - self.t_loop, state_memory=self.state_memory)
     if self.is_main:
       try:
         report_lib.write_report(self.workdir, report, self.meta["history"], self.meta["val_history"])
         logging.info("report: %s (status %s)", os.path.join(self.workdir, "report.md"), status)
       except OSError as e:
         logging.error("could not write the report to %s: %s", self.workdir, e)
-    for h in self.hooks:
-      h.on_end(self, report)
+    self._hooks("on_end", report)
     return report

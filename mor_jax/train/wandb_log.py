@@ -16,7 +16,8 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from mor_jax.config import ConfigError
+from mor_jax import files as files_lib
+from mor_jax.errors import ConfigError
 from mor_jax.train import report as report_lib
 
 RUN_ID_FILE = "wandb_run_id"
@@ -25,7 +26,7 @@ INSTALL = "pip install -r requirements-logging.txt"
 
 def mode(config) -> str:
   """'off', 'offline' or 'online' (logging.wandb)."""
-  return str(config.get("logging", {}).get("wandb", "off"))
+  return str(config.logging.wandb)
 
 
 def check_installed(config) -> None:
@@ -33,7 +34,7 @@ def check_installed(config) -> None:
   if mode(config) == "off":
     return
   try:
-    import wandb  # pylint: disable=g-import-not-at-top,unused-import
+    import wandb  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise ConfigError(f"config.logging.wandb: '{mode(config)}' needs the wandb package ({e}); run `{INSTALL}` or "
                       "set --config.logging.wandb=off.") from None
@@ -48,7 +49,7 @@ def run_id(workdir: str, new_id) -> str:
     if stored:
       return stored
   rid = str(new_id())
-  report_lib.write_atomic(path, rid + "\n")
+  files_lib.write_text(path, rid + "\n")
   return rid
 
 
@@ -130,7 +131,7 @@ def open_run(config, workdir: str, *, enabled: bool) -> WandbRun | None:
   try:
     rid = run_id(workdir, lambda: uuid.uuid4().hex[:16])
     run = wandb.init(project=str(lg.wandb_project) or None, entity=str(lg.wandb_entity) or None,
-                     name=str(lg.wandb_run_name or config.get("name", "")) or None, tags=tags or None,
+                     name=str(lg.wandb_run_name or config.name) or None, tags=tags or None,
                      id=rid, resume="allow", dir=workdir, mode=kind, config=report_lib.clean(config.to_dict()),
                      settings=wandb.Settings(silent=True, console="off"))
   except Exception as e:  # pylint: disable=broad-except

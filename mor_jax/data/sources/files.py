@@ -18,7 +18,7 @@ from typing import Iterator
 
 from absl import logging
 
-from mor_jax.data.common import DataError
+from mor_jax.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz")

@@ -13,7 +13,7 @@ import importlib.util
 import os
 import re
 
-from mor_jax.data.common import DataError
+from mor_jax.errors import DataError
 
 _MD_ESCAPE = re.compile(r"\\(.)")
 _HEADING = re.compile(r"^(#+)\s+(.*)$")

@@ -1,4 +1,4 @@
-"""mor_jax.evaluate.depths: per-token recursions (token- and expert-choice, top-k and causal), the tally of which
+"""mor_jax.model.depths: per-token recursions (token- and expert-choice, top-k and causal), the tally of which
 tokens go deepest, the token_depths file --mode=eval writes, and the coloured text pictures."""
 
 import json
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mor_jax.evaluate import depths, main_eval
+from mor_jax.evaluate import main_eval
+from mor_jax.model import depths
 from mor_jax.model.transformer import MoRLM, init_variables
 from test_evaluate_nll import make_workdir
 from tiny import tiny_model_config

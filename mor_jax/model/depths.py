@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import html
 import json
-import os
 
 import numpy as np
 
+from mor_jax import files as files_lib
 from mor_jax.config import ModelConfig
 
 # one colour per recursion count (1 = exits first); cycled beyond 6
@@ -130,9 +130,7 @@ class DepthTally:
           r["text"] = decode([r["id"]])
     paths = (prefix + ".md", prefix + ".json")
     for path, text in zip(paths, (self.table(decode, top), json.dumps(s, indent=2))):
-      with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-      os.replace(path + ".tmp", path)
+      files_lib.write_text(path, text)
     return paths
 
 
@@ -192,7 +190,7 @@ def colored_png(pieces: list[str], rec, R: int, path: str, title: str = "recursi
         ax.add_patch(plt.Rectangle((x, top), len(part), 1.9, color=color(d), linewidth=0))
         ax.text(x, top + 0.95, part.replace("$", r"\$"), family="monospace", fontsize=fs, va="center")
       x += len(part)
-  fig.savefig(path + ".tmp.png", dpi=120)
+  with files_lib.replacing(path, suffix=".png") as tmp:
+    fig.savefig(tmp, dpi=120)
   plt.close(fig)
-  os.replace(path + ".tmp.png", path)
   return path
