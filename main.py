@@ -41,16 +41,13 @@ from ml_collections import config_flags
 from mor_jax import runtime
 from mor_jax.errors import MorJaxError
 from mor_jax.infer import cli as infer_cli
-from mor_jax.infer.errors import InferenceError as _InferInferenceError
 from mor_jax import serve as serve_lib
 
 EXIT_OK, EXIT_ERROR, EXIT_AGAIN, EXIT_ABORTED = 0, 1, 75, 130
 # report status -> exit code of --mode=train
 STATUS_EXIT = {"completed": EXIT_OK, "interrupted": EXIT_AGAIN, "paused": EXIT_AGAIN}
-# error type -> exit code, the same for every mode (issue 34: drop _InferInferenceError once infer/errors.py's
-# InferenceError is mor_jax.errors.InferenceError)
-EXIT_CODES = ((MorJaxError, EXIT_ERROR), (_InferInferenceError, EXIT_ERROR), (OSError, EXIT_ERROR),
-              (KeyboardInterrupt, EXIT_ABORTED))
+# error type -> exit code, the same for every mode
+EXIT_CODES = ((MorJaxError, EXIT_ERROR), (OSError, EXIT_ERROR), (KeyboardInterrupt, EXIT_ABORTED))
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, TensorBoard events and the report.")

@@ -72,7 +72,8 @@ def serve_trained_table(s: Source) -> str:
           f"clients, {a['requests']} requests of {a['prompt_len']}-token prompts x {a['max_tokens']} new tokens, "
           f"greedy, EOS ignored, default server flags, models {_trained(s)} ({_machine(s)}, {origin(s)}):\n\n" +
           table(["model", "mean recursions / R", "routing ideal", "tok/s", "vs vanilla", "of ideal",
-                 "engine alone tok/s", "server / engine", "slots busy", "TTFT p50 / p99 ms", "ITL p50 / p99 ms", "server cores"],
+                 "engine alone tok/s", "server / engine", "slots busy", "TTFT p50 / p99 ms", "ITL p50 / p99 ms",
+                 "server cores"],
                 rows))
 
 
@@ -89,8 +90,9 @@ def serve_real_table(s: Source) -> str:
                  f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f}"])
   targets = [[k.replace("_", " "), f"{t['value']:.2f}", t["target"], "met" if t["pass"] else "not met",
               f"{t['with_cli_warm']:.2f}"] for k, t in d["ratios"].items()]
-  return (f"`python benchmarks/serve_real.py --bf16 --json=benchmarks/results/serve_real.json`: SmolLM2-135M-Instruct, "
-          f"{a['prompts']} prompts of {a['prompt_words']} words, greedy, {a['max_new_tokens']} new tokens, EOS ignored, "
+  return (f"`python benchmarks/serve_real.py --bf16 --json=benchmarks/results/serve_real.json`: "
+          f"SmolLM2-135M-Instruct, {a['prompts']} prompts of {a['prompt_words']} words, greedy, "
+          f"{a['max_new_tokens']} new tokens, EOS ignored, "
           f"{a['threads']} threads each; server ready in {srv['startup_s']:.0f} s ({_machine(s)}, {origin(s)}):\n\n" +
           table(["run", "tokens/s", "TTFT p50 / p99 ms", "ITL p50 / p99 ms"], rows) + "\n\n" +
           table(["target (issue 34)", "measured", "goal", "", "with the CLI's compiled-once rate"], targets))

@@ -139,7 +139,7 @@ def answers(workdir: str, questions, max_new_tokens: int) -> tuple[list[str], fl
   """Greedy replies of the workdir's model to each question as one user turn of its chat template (--chat)."""
   from mor_jax.infer import Generator, SamplingParams  # pylint: disable=g-import-not-at-top
   from mor_jax.infer import checkpoint as infer_ckpt  # pylint: disable=g-import-not-at-top
-  from mor_jax.data import chat_template  # pylint: disable=g-import-not-at-top
+  from mor_jax import chat_template  # pylint: disable=g-import-not-at-top
   r = infer_ckpt.restore(workdir)
   tok = infer_ckpt.load_tokenizer(r.config, r.cfg, directory=r.directory)
   settings = chat_template.settings(infer_ckpt.tokenizer_source(r.config, directory=r.directory))

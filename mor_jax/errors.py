@@ -10,7 +10,7 @@ and the fix. main.py maps them to exit codes in one place (`main.EXIT_CODES`): a
                          a failed save, a locked workdir are subclasses there)
     InferenceError       generation cannot run as asked (mor_jax.infer)
     InteropError         a file of another format is missing, malformed or does not fit (mor_jax.interop)
-    ChatTemplateError    a chat template is missing, unreadable or refuses a conversation (mor_jax.data.chat_template)
+    ChatTemplateError    a chat template is missing, unreadable or refuses a conversation (mor_jax.chat_template)
     NonFiniteLossError   the loss or the gradient norm became NaN/Inf (training stopped, nothing saved after it)
     DeviceMemoryError    the train step does not fit the devices' memory
 """

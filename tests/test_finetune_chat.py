@@ -21,7 +21,7 @@ from mor_jax.checkpoint import params as ckpt_params
 from mor_jax.data import chat_records, make_iterator
 from mor_jax.data import tokenizer as tokenizer_lib
 from mor_jax.infer import checkpoint as infer_ckpt
-from mor_jax.data import chat_template
+from mor_jax import chat_template
 from mor_jax.infer import main_generate
 from mor_jax.interop import importer, layout, weights
 from mor_jax.model.transformer import MoRLM, init_variables

@@ -7,7 +7,7 @@ A record (one JSON object per line of a `.jsonl` / `.jsonl.gz` file) is either
                                                  lists of messages, as in TRL's conversational form)
 
 `conversation(obj)` returns the messages or raises `BadRecord` saying what is wrong. `encode(...)` renders them
-with the chat template (`mor_jax.data.chat_template.render`, the renderer `--chat` and serving use) and
+with the chat template (`mor_jax.chat_template.render`, the renderer `--chat` and serving use) and
 tokenizes the text piece by piece: the prompt up to each assistant turn exactly as `--chat` renders it for
 generation (`add_generation_prompt=True`), then the turn itself (its content and the template's end of turn),
 whose tokens are the ones trained with `data.loss_on=assistant`. With `loss_on=all` every token of the
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mor_jax.data import chat_template
+from mor_jax import chat_template
 from mor_jax.errors import ChatTemplateError
 
 ROLES = ("system", "user", "assistant")

@@ -1,5 +1,6 @@
-"""The inference error type (no JAX import: the generate command's flag checks use it before loading anything)."""
+"""The inference error type, `mor_jax.errors.InferenceError` (no JAX import: the generate command's flag checks use it
+before loading anything)."""
 
+from mor_jax.errors import InferenceError
 
-class InferenceError(ValueError):
-  """Generation cannot run as asked; the message says why and what to do."""
+__all__ = ["InferenceError"]

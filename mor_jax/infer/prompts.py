@@ -6,11 +6,12 @@ No JAX here: the generate command checks its inputs with these before it loads a
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Sequence
 
+from mor_jax import chat_template
+from mor_jax.errors import ChatTemplateError
 from mor_jax.infer.errors import InferenceError
 
 MIN_BUCKET = 16
@@ -115,63 +116,21 @@ def read_prompts_file(path: str, flag: str = "--prompts_file") -> list[str]:
 
 
 # ------------------------------------------------------------------ chat
-CHAT_HINT = ("leave out --chat, or pass --tokenizer=FOLDER whose tokenizer_config.json has a 'chat_template' "
-             "(a Hugging Face chat model's tokenizer folder)")
-
+# The one renderer is mor_jax.chat_template (fine-tuning data uses it too); here its errors become
+# InferenceErrors, the type generate and serve answer with (400 in the server).
 
 def chat_settings(tokenizer_path: str | None, what: str = "--chat") -> dict:
-  """The tokenizer_config.json next to the model's tokenizer (a folder or its tokenizer.json), checked for --chat
-  (`what` starts the error messages): {'chat_template', 'bos_token', 'eos_token', ...}."""
-  folder = tokenizer_path if tokenizer_path and os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path or "")
-  file = os.path.join(folder, "tokenizer_config.json")
-  settings = {}
-  if tokenizer_path and os.path.isfile(file):
-    try:
-      with open(file, encoding="utf-8") as f:
-        settings = json.load(f)
-    except (OSError, ValueError) as e:
-      raise InferenceError(f"{what}: {file} cannot be read as JSON ({e}); {CHAT_HINT}.") from None
-  template = settings.get("chat_template") if isinstance(settings, dict) else None
-  if isinstance(template, list):             # [{'name': 'default', 'template': ...}, ...]
-    template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-  if not isinstance(template, str) or not template.strip():
-    where = file if os.path.isfile(file) else (folder or "the model's tokenizer")
-    raise InferenceError(f"{what}: this model has no chat template (no 'chat_template' in {where}); {CHAT_HINT}.")
-  return {**settings, "chat_template": template}
-
-
-def _token_text(value) -> str:
-  """A special token of tokenizer_config.json: a string or an AddedToken dict ({'content': ...})."""
-  if isinstance(value, dict):
-    return str(value.get("content", ""))
-  return str(value or "")
-
-
-def _refuse(message):
-  raise InferenceError(f"the chat template refused the conversation: {message}")
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled(template: str):
-  """The Jinja template (sandboxed, Hugging Face's whitespace settings), compiled once per template text."""
-  from jinja2.sandbox import ImmutableSandboxedEnvironment  # pylint: disable=g-import-not-at-top
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-  env.globals["raise_exception"] = _refuse
-  return env.from_string(template)
+  """The model's chat settings (`chat_template.settings`): {'chat_template', 'bos_token', 'eos_token', ...}."""
+  try:
+    return chat_template.settings(tokenizer_path, what)
+  except ChatTemplateError as e:
+    raise InferenceError(str(e)) from None
 
 
 def render_chat(settings: dict, messages: Sequence[dict], add_generation_prompt: bool = True,
                 what: str = "--chat") -> str:
-  """The prompt text for chat `messages` ([{role, content}]) with a Hugging Face chat template (Jinja, sandboxed);
-  `what` starts the error messages."""
-  import jinja2  # pylint: disable=g-import-not-at-top
-  hint = f"; {CHAT_HINT}" if what == "--chat" else ""
+  """The prompt text for chat `messages` ([{role, content}]) (`chat_template.render`)."""
   try:
-    return _compiled(settings["chat_template"]).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt,
-        bos_token=_token_text(settings.get("bos_token")), eos_token=_token_text(settings.get("eos_token")))
-  except InferenceError as e:
-    raise InferenceError(f"{what}: {e}") from None
-  except jinja2.TemplateError as e:
-    raise InferenceError(f"{what}: the model's chat template does not render ({type(e).__name__}: {e})"
-                         f"{hint}.") from None
+    return chat_template.render(settings, messages, add_generation_prompt, what)
+  except ChatTemplateError as e:
+    raise InferenceError(str(e)) from None

@@ -31,7 +31,7 @@ import numpy as np
 from mor_jax import checkpoint as ckpt_lib
 from mor_jax import config as config_lib
 from mor_jax.checkpoint import params as ckpt_params
-from mor_jax.data import chat_template
+from mor_jax import chat_template
 from mor_jax.errors import ChatTemplateError, InteropError
 from mor_jax.interop import hf
 from mor_jax.interop import importer
