@@ -277,3 +277,22 @@ def test_loss_free_checkpoint_without_its_bias_is_refused(tmp_path):
   d = reference_dir(LOSS_FREE, str(tmp_path / "run"), weights=weights, io=False)
   with pytest.raises(InteropError, match=BIAS_KEY.replace(".", r"\.")):
     importer.import_reference(d, str(tmp_path / "w"), log=lambda _: None)
+
+
+def test_a_refused_import_leaves_no_tokenizer_behind(tmp_path):
+  """Refusals come before anything is written: the workdir gets no tokenizer/ (nor anything else)."""
+  from tokenizers import Tokenizer, models  # noqa: PLC0415
+  weights_ = fixture_weights(LOSS_FREE)
+  del weights_[BIAS_KEY]
+  d = reference_dir(LOSS_FREE, str(tmp_path / "run"), weights=weights_, io=False)
+  Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")).save(os.path.join(d, "tokenizer.json"))
+  w = tmp_path / "w"
+  with pytest.raises(InteropError, match=BIAS_KEY.replace(".", r"\.")):
+    importer.import_reference(d, str(w), log=lambda _: None)
+  assert not os.path.exists(w / "tokenizer") and (not w.exists() or not os.listdir(w))
+  good = reference_dir(RECURSIVE, str(tmp_path / "good"), io=False)
+  Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")).save(os.path.join(good, "tokenizer.json"))
+  os.makedirs(tmp_path / "taken" / "checkpoints" / "0")
+  with pytest.raises(CheckpointError, match="already holds checkpoints"):
+    importer.import_reference(good, str(tmp_path / "taken"), log=lambda _: None)
+  assert os.listdir(tmp_path / "taken") == ["checkpoints"]

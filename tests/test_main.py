@@ -90,8 +90,9 @@ def one_line(p, code: int, *words) -> str:
   return lines[0]
 
 
-def write_config(root, data_dir) -> str:
-  cfg = os.path.join(root, f"tiny_main_{os.path.basename(data_dir)}.py")
+def write_config(root, data_dir, where=None) -> str:
+  """TINY_MAIN reading ROOT/corpus, preparing into `data_dir`, written into `where` (default: ROOT)."""
+  cfg = os.path.join(where or root, "tiny_main.py")
   with open(cfg, "w") as f:
     f.write(TINY_MAIN.format(path=os.path.join(root, "corpus"), data=str(data_dir)))
   return cfg
@@ -135,7 +136,7 @@ def test_a_train_shard_deleted_between_runs(paused, workdir, tmp_path):
   assert shards
   os.remove(shards[0])
   before = snapshot(workdir)
-  p = main_py(f"--config={write_config(paused[0], data)}", f"--workdir={workdir}")
+  p = main_py(f"--config={write_config(paused[0], data, str(tmp_path))}", f"--workdir={workdir}")
   one_line(p, 1, os.path.basename(shards[0]))
   assert snapshot(workdir) == before
 

@@ -185,3 +185,16 @@ def test_config_errors_name_the_field():
   with pytest.raises(C.ConfigError, match=r"distributed\.process_id"):
     C.validate(c, 4)
   assert C.resolve_mesh_shape(8, -1, 2) == (4, 2) and C.resolve_mesh_shape(8, 2, -1) == (2, 4)
+
+
+def test_an_fsdp_config_is_validated_once(tmp_path, caplog):
+  """The trainer validates before building the mesh, and FSDP's axes use that validated config: each warning of
+  validation (here: an unknown field) is logged once."""
+  import logging  # noqa: PLC0415
+  from mor_jax.train import Trainer  # noqa: PLC0415
+  c = tiny()
+  c.parallel.update(mode="pjit", fsdp=2)
+  c.train.not_a_field = 1
+  with caplog.at_level(logging.WARNING):
+    Trainer(c, str(tmp_path))
+  assert caplog.text.count("config.train.not_a_field is not a mor-jax field") == 1
