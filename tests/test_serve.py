@@ -259,7 +259,8 @@ BAD = [  # (path, raw body, status, param, code)
     ("/v1/completions", '{"model": "tiny-mor", "prompt": "w1 w2", "max_tokens": 255}', 400, "max_tokens",
      "context_length_exceeded"),
     ("/v1/completions", '{"model": "tiny-mor", "prompt": "w1", "max_tokens": 0}', 400, "max_tokens", "invalid_value"),
-    ("/v1/completions", '{"model": "tiny-mor", "prompt": "w1", "temperature": -1}', 400, "temperature", "invalid_value"),
+    ("/v1/completions", '{"model": "tiny-mor", "prompt": "w1", "temperature": -1}', 400, "temperature",
+     "invalid_value"),
     ("/v1/completions", '{"model": "tiny-mor", "prompt": "w1", "temperature": "hot"}', 400, "temperature",
      "invalid_value"),
     ("/v1/completions", '{"model": "tiny-mor", "prompt": "w1", "top_p": 0}', 400, "top_p", "invalid_value"),
@@ -393,20 +394,3 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(server, long_prompt):
       ["length"]
   assert server.proc.wait(60) == 0
   assert any("draining" in l for l in server.lines)
-
-
-def test_missing_serving_extra_is_one_line(monkeypatch, tmp_path):
-  """Without the HTTP libraries (the serve extra), --mode=serve says what to install, before loading anything."""
-  import builtins
-  from mor_jax.infer.errors import InferenceError
-  from mor_jax.serve import main_serve
-  real = builtins.__import__
-
-  def no_uvicorn(name, *args, **kwargs):
-    if name == "uvicorn":
-      raise ModuleNotFoundError("No module named 'uvicorn'", name="uvicorn")
-    return real(name, *args, **kwargs)
-
-  monkeypatch.setattr(builtins, "__import__", no_uvicorn)
-  with pytest.raises(InferenceError, match=r"uvicorn is not installed\): pip install -r requirements-serve.txt"):
-    main_serve(None, str(tmp_path / "nothing-here"))

@@ -305,3 +305,20 @@ def test_serve_flags_are_checked_in_one_line_naming_the_flag():
     assert "\n" not in str(e.value) and (flag != "api_key" or "two words" not in str(e.value))   # keys not echoed
   assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
   assert not _loopback("0.0.0.0") and not _loopback("192.168.1.5") and not _loopback("example.org")
+
+
+def test_missing_serving_extra_is_one_line(monkeypatch, tmp_path):
+  """Without the HTTP libraries (the serve extra), --mode=serve says what to install, before loading anything."""
+  import builtins
+  from mor_jax.infer.errors import InferenceError
+  from mor_jax.serve import main_serve
+  real = builtins.__import__
+
+  def no_uvicorn(name, *args, **kwargs):
+    if name == "uvicorn":
+      raise ModuleNotFoundError("No module named 'uvicorn'", name="uvicorn")
+    return real(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_uvicorn)
+  with pytest.raises(InferenceError, match=r"uvicorn is not installed\): pip install -r requirements-serve.txt"):
+    main_serve(None, str(tmp_path / "nothing-here"))
