@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("gguf", reason="the gguf package is not installed: pip install gguf==0.19.0")
 
 from mor_jax.infer import Generator, SamplingParams  # noqa: E402
+from mor_jax.checkpoint import params as ckpt_params  # noqa: E402
 from mor_jax.infer import checkpoint as infer_ckpt  # noqa: E402
 from mor_jax.interop import gguf as gguf_import  # noqa: E402
 from mor_jax.errors import InteropError  # noqa: E402
@@ -60,7 +61,7 @@ def imported(tmp_path_factory):
   assert any("' Paris'" in ln for ln in lines), lines          # the probe sentence's next token
   restored = infer_ckpt.restore(workdir)
   tok = infer_ckpt.load_tokenizer(restored.config, restored.cfg)
-  return result, restored, tok, os.path.join(workdir, gguf_import.TOKENIZER_SUBDIR)
+  return result, restored, tok, os.path.join(workdir, ckpt_params.TOKENIZER_SUBDIR)
 
 
 @pytest.fixture(scope="module")
