@@ -71,6 +71,23 @@ def fast_compilation():
   jax.config.update("jax_disable_most_optimizations", old)
 
 
+@pytest.fixture(scope="module")
+def shared_compilation_cache(tmp_path_factory):
+  """A module whose runs compile the same programs shares them through JAX's persistent cache (a fresh folder per
+  module, every program cached). Modules opt in with `pytestmark = pytest.mark.usefixtures(
+  "shared_compilation_cache")`; the settings are restored afterwards."""
+  import jax  # noqa: PLC0415
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
+
+
 @pytest.fixture
 def tiny():
   """The shared tiny-config factory (tests/tiny.py): `tiny(strategy, R, mor, **section__field overrides)` returns a

@@ -3,7 +3,6 @@ error when nothing fits, and the search's binary search."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -12,6 +11,8 @@ from mor_jax.train import DeviceMemoryError, Trainer, read_metrics, train_and_ev
 from mor_jax.train import fit, setup
 from mor_jax.train.synthetic import SyntheticIterator
 from tiny import tiny_config
+
+pytestmark = pytest.mark.usefixtures("shared_compilation_cache")
 
 VOCAB, SEQ, ROWS = 128, 64, 8
 
@@ -27,19 +28,6 @@ def tiny(**train):
 def train(workdir, config):
   return train_and_evaluate(config, str(workdir), eval_iterator_fn=lambda rows: iter(()),
                             train_iterator=SyntheticIterator(vocab_size=VOCAB, seq_len=SEQ, rows=ROWS, seed=5))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The search and the runs compile the same programs: share them through JAX's persistent cache."""
-  old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                                              "jax_persistent_cache_min_entry_size_bytes")}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from mor_jax.train import (Checkpointer, DataParallel, NonFiniteLossError, abstr
 from mor_jax.train.synthetic import SyntheticIterator
 from tiny import tiny_config
 
+pytestmark = pytest.mark.usefixtures("shared_compilation_cache")
+
 VOCAB, SEQ, ROWS = 128, 16, 8
 REQUIRED = ("step", "loss", "total_loss", "learning_rate", "grad_norm", "tokens_per_second")
 
@@ -75,19 +77,6 @@ def losses(workdir):
 
 def tree_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Runs of the same config compile the same programs: share them through JAX's persistent cache."""
-  old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                                              "jax_persistent_cache_min_entry_size_bytes")}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
 
 
 @pytest.fixture(scope="module")
