@@ -11,8 +11,9 @@ plain-text prompts (about `--prompt_words` words of the Shakespeare validation t
 the machine's cores, 2 here). Measured, one after another:
 
   (a) cli: `main.py --mode=generate --workdir=W --prompt=P --max_new_tokens=N --temperature=0 --ignore_eos`, one
-      process per prompt for the first `--cli_prompts` prompts, its printed rate ("N tokens/s without it": XLA
-      compilation excluded; the persistent compilation cache is off so every run reports it the same way),
+      process per prompt for the first `--cli_prompts` prompts, its printed rate ("N tokens/s without it": JAX's
+      compilation (tracing, lowering, XLA) excluded; the persistent compilation cache is off so every run
+      reports it the same way),
       median; cli_warm: the same prompts through one `--interactive` process, the first turn (which compiles)
       left out, median of the rest;
   (b) transformers' `generate` (min_new_tokens = max_new_tokens), single stream on the same prompts (median) and

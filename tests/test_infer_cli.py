@@ -87,3 +87,28 @@ def test_eval_refuses_a_bad_threshold_before_restoring(tmp_path):
   from mor_jax.evaluate import main_eval
   with pytest.raises(InferenceError, match=r"--threshold=2.5 .*\[0, 1\]"):
     main_eval(None, str(tmp_path / "no_such_workdir"), threshold=2.5)
+
+
+def test_the_rate_without_compilation_takes_out_tracing_too():
+  """The timing line's 'compilation' is JAX's whole preparation of a program: a function whose tracing takes
+  0.3 s adds at least 0.3 s (XLA compilation alone would count milliseconds), and a second call adds nothing."""
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer import compilation  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def slow_to_trace(x):
+    time.sleep(0.3)
+    return x * 2.0 + 1.0
+
+  x = jnp.arange(7.0)
+  jax.block_until_ready(x)
+  c0 = compilation.compiled_seconds()
+  slow_to_trace(x).block_until_ready()
+  c1 = compilation.compiled_seconds()
+  slow_to_trace(x).block_until_ready()
+  assert c1 - c0 >= 0.3
+  assert compilation.compiled_seconds() == c1
+  assert compilation.rate_note(64, 4.0, 2.0) == "16.0 tokens/s incl. 2.0s compilation; 32.0 tokens/s without it"
+  assert compilation.rate_note(64, 4.0, 0.0) == "16.0 tokens/s"
