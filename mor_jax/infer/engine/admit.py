@@ -34,9 +34,9 @@ def _put(dst, src, rows, at, entries: int, keys: bool):
   Bp, K = rows.shape[:2]
   if keys:
     new = src[:, :, :entries].reshape(Bp, K, -1, entries).transpose(0, 1, 3, 2)
-    return dst.at[rows, :, at].set(new.astype(dst.dtype), mode="promise_in_bounds")
+    return cache_lib.write_entries(dst, (rows, slice(None), at), new)
   new = src[:, :entries].reshape(Bp, K, entries, -1)
-  return dst.at[rows, at].set(new.astype(dst.dtype), mode="promise_in_bounds")
+  return cache_lib.write_entries(dst, (rows, at), new)
 
 
 def _insert_caches(cfg: ModelConfig, lay: EngineLayout, c, pc: dict, slots_B, real_B):

@@ -78,8 +78,8 @@ def _unique_layer(cfg: ModelConfig, w: dict, kv: cache_lib.KVCache, x_M1D, pos_M
     x, kg, vg = layer_step(cfg, w, x_M1D, cos, sin, kv.k[0][nrows], kv.v[0][nrows], slot[:, None], mask[:, None])
     at = jnp.repeat(slot, K)
     local = jnp.arange(M * K)
-    k = kv.k[0].at[nrows, :, at].set(kg[local, :, at], mode="promise_in_bounds")     # (keys: [N, E, S])
-    v = kv.v[0].at[nrows, at].set(vg[local, at], mode="promise_in_bounds")
+    k = cache_lib.write_entries(kv.k[0], (nrows, slice(None), at), kg[local, :, at])     # (keys: [N, E, S])
+    v = cache_lib.write_entries(kv.v[0], (nrows, at), vg[local, at])
   length = kv.length.at[r].add(write_M.astype(jnp.int32), mode="promise_in_bounds")
   return x, kv.replace(k=(k,), v=(v,), index=index, length=length)
 
@@ -183,8 +183,8 @@ def _gathered_block(cfg, lay: EngineLayout, w, x, cos, sin, ks, vs, index, off, 
     kw = window(ks[l].reshape(B, K, E, -1), 3).reshape(B * K, E, span)       # keys [N, E, S]
     vw = window(vs[l].reshape(B, K, -1, E), 2).reshape(B * K, span, E)
     x, kw, vw = layer_step(cfg, wl, x, cos, sin, kw, vw, local[:, None], mask[:, None])
-    ks[l] = ks[l].at[nrows, :, tgt].set(kw[nrows, :, at], mode="promise_in_bounds")
-    vs[l] = vs[l].at[nrows, tgt].set(vw[nrows, at], mode="promise_in_bounds")
+    ks[l] = cache_lib.write_entries(ks[l], (nrows, slice(None), tgt), kw[nrows, :, at])
+    vs[l] = cache_lib.write_entries(vs[l], (nrows, tgt), vw[nrows, at])
   return x, ks, vs
 
 
