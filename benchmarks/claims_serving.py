@@ -77,34 +77,60 @@ def serve_trained_table(s: Source) -> str:
                 rows))
 
 
+def _server_rows(srv: dict, tag: str = "") -> list:
+  return [[f"server{tag}, {label}", f"{r['tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}",
+           f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f}"]
+          for label, r in (("one stream", srv["single"]), (f"{srv['batch']['clients']} streams", srv["batch"]))]
+
+
 def serve_real_table(s: Source) -> str:
   d = s.data
   cli, hf, srv, a = d["cli"], d["hf"], d["server"], d["args"]
-  rows = [["`--mode=generate`, one process per prompt", f"{cli['tok_s']:.1f}", "-", "-"],
+  n = len(d["prompts"])
+  rows = [["`--mode=generate`, one process per prompt (compilation excluded)", f"{cli['tok_s']:.1f}", "-", "-"],
           ["`--mode=generate --interactive` (compiled once)", f"{cli['warm_tok_s']:.1f}", "-", "-"],
           [f"transformers {hf['transformers']} `generate`, one stream", f"{hf['single_tok_s']:.1f}", "-", "-"],
-          [f"transformers `generate`, batch {len(d['prompts'])}", f"{hf['batch_tok_s']:.1f}", "-", "-"]]
-  for label, r in (("server, one stream", srv["single"]), (f"server, {srv['batch']['clients']} streams",
-                                                           srv["batch"])):
-    rows.append([label, f"{r['tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}",
-                 f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f}"])
+          [f"transformers `generate`, batch {n}", f"{hf['batch_tok_s']:.1f}", "-", "-"]] + _server_rows(srv)
   targets = [[k.replace("_", " "), f"{t['value']:.2f}", t["target"], "met" if t["pass"] else "not met",
               f"{t['with_cli_warm']:.2f}"] for k, t in d["ratios"].items()]
-  return (f"`python benchmarks/serve_real.py --bf16 --json=benchmarks/results/serve_real.json`: "
-          f"SmolLM2-135M-Instruct, {a['prompts']} prompts of {a['prompt_words']} words, greedy, "
-          f"{a['max_new_tokens']} new tokens, EOS ignored, "
-          f"{a['threads']} threads each; server ready in {srv['startup_s']:.0f} s ({_machine(s)}, {origin(s)}):\n\n" +
+  out = (f"`python benchmarks/serve_real.py --bf16 --json=benchmarks/results/serve_real.json`: "
+         f"SmolLM2-135M-Instruct, {a['prompts']} prompts of {a['prompt_words']} words, greedy, "
+         f"{a['max_new_tokens']} new tokens, EOS ignored, "
+         f"{a['threads']} threads each; server ready in {srv['startup_s']:.0f} s ({_machine(s)}, {origin(s)}).\n\n"
+         "float32 (ours and transformers'):\n\n" +
+         table(["run", "tokens/s", "TTFT p50 / p99 ms", "ITL p50 / p99 ms"], rows) + "\n\n" +
+         table(["target (issue 34), float32", "measured", "goal", "", "with the CLI's compiled-once rate"], targets))
+  if "server_bf16" not in d:
+    return out
+  b, hb = d["cli_bf16"], d["hf_bf16"]
+  rows = [["`--mode=generate --dtype=bfloat16`, one process per prompt", f"{b['tok_s']:.1f}", "-", "-"],
+          ["`--mode=generate --dtype=bfloat16 --interactive`", f"{b['warm_tok_s']:.1f}", "-", "-"],
+          ["transformers, model in bfloat16, one stream", f"{hb['single_tok_s']:.1f}", "-", "-"],
+          [f"transformers, model in bfloat16, batch {n}", f"{hb['batch_tok_s']:.1f}", "-", "-"]]
+  rows += _server_rows(d["server_bf16"], " `--dtype=bfloat16`")
+  targets = [[k.replace("_", " "), f"{t['value']:.2f}", t["target"], "met" if t["pass"] else "not met"]
+             for k, t in d["ratios_bf16"].items()]
+  return (out + "\n\nbfloat16 (ours and transformers'):\n\n" +
           table(["run", "tokens/s", "TTFT p50 / p99 ms", "ITL p50 / p99 ms"], rows) + "\n\n" +
-          table(["target (issue 34)", "measured", "goal", "", "with the CLI's compiled-once rate"], targets))
+          table(["target (issue 34), bfloat16 on both sides", "measured", "goal", ""], targets))
 
 
 def serve_real_bf16(s: Source) -> str:
   d = s.data
   b, f, ag = d["cli_bf16"], d["cli"], d["bf16_agreement"]
-  return (f"{b['tok_s'] / f['tok_s']:.2f}x float32's tokens/s per `--mode=generate` process, "
-          f"{b['warm_tok_s'] / f['warm_tok_s']:.2f}x compiled once; greedy output identical to float32's for "
-          f"{ag['identical']:.0%} of the prompts and {ag['mean_prefix_agreement']:.0%} of each continuation before "
-          f"the first difference (`{s.path}`, {origin(s, True)})")
+  text = (f"{b['tok_s'] / f['tok_s']:.2f}x float32's tokens/s per `--mode=generate` process, "
+          f"{b['warm_tok_s'] / f['warm_tok_s']:.2f}x compiled once")
+  if "server_bf16" in d:
+    sb, sf = d["server_bf16"], d["server"]
+    text += (f"; through the server {sb['batch']['tok_s'] / sf['batch']['tok_s']:.2f}x for "
+             f"{sb['batch']['clients']} streams and {sb['single']['tok_s'] / sf['single']['tok_s']:.2f}x for one")
+  if "teacher_forced_top1" in ag:
+    text += (f"; on the same inputs (teacher-forced, {ag['teacher_forced_positions']} positions) its next token "
+             f"agrees with float32's at {ag['teacher_forced_top1']:.1%} of them (mean KL "
+             f"{ag['teacher_forced_kl']:.4f} nats)")
+  return (text + f"; greedy output identical to float32's for {ag['identical']:.0%} of the prompts and "
+          f"{ag['mean_prefix_agreement']:.0%} of each continuation before the first difference (`{s.path}`, "
+          f"{origin(s, True)})")
 
 
 # ------------------------------------------------------------------ docs/inference.md

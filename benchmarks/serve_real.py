@@ -19,7 +19,7 @@ the machine's cores, 2 here). Measured, one after another:
   (b) transformers' `generate` (min_new_tokens = max_new_tokens), single stream on the same prompts (median) and
       the whole batch at once (left padding + attention mask), after a warm-up, best of `--rounds`;
   (c) our server (`main.py --mode=serve`, default flags + --port=0 --ignore_eos, a fresh compilation cache: a first
-      start): start-up (process start to the ready line), then after an untimed warm-up of each workload: one
+      start): start-up (process start to the ready line), then after two untimed runs of each workload: one
       stream (the first `--cli_prompts` prompts in turn) and `--prompts` concurrent streams (each client
       `--rounds` requests); tokens/s, TTFT and ITL p50 / p99 (client side).
 
@@ -130,8 +130,8 @@ def server_rates(wd: str, prompts: list[str], n_single: int, n_new: int, rounds:
     out = {"startup_s": srv.startup_s, "ready_s": srv.ready_s, "compilation_cache": "empty (a first start)"}
     try:
       for key, todo, clients in (("single", prompts[:n_single], 1), ("batch", prompts * rounds, len(prompts))):
-        for _ in range(2):            # warm-up (twice: a run starts from the cache capacity the last one ended with)
-          asyncio.run(sl.drive(srv.url, "smollm2", todo[:clients], clients, n_new))
+        for _ in range(2):            # warm-up: the same workload, twice (a run starts from the cache capacity the
+          asyncio.run(sl.drive(srv.url, "smollm2", todo, clients, n_new))   # last one ended with)
         first, cpu = len(srv.lines), (srv.cpu_s(), time.process_time())
         s = sl.summarise(*asyncio.run(sl.drive(srv.url, "smollm2", todo, clients, n_new)))
         s.update(sl.cpu_shares(srv, cpu, s["wall_s"]))
@@ -148,24 +148,42 @@ def server_rates(wd: str, prompts: list[str], n_single: int, n_new: int, rounds:
 
 # ----------------------------------------------------------------------------------------------- bfloat16
 def bf16_agreement(wd: str, prompts: list[str], n_new: int) -> dict:
-  """Greedy float32 vs bfloat16 decoding (Generator, one batch): identical continuations and the mean fraction of
-  each continuation before the first differing token."""
-  from mor_jax.infer import Generator, load_tokenizer, restore  # pylint: disable=g-import-not-at-top
+  """bfloat16 against float32: greedy decoding (Generator, one batch): identical continuations and the mean fraction
+  of each continuation before the first differing token (a statistic of where greedy paths first fork, noisy over
+  a few prompts); and teacher-forced over the prompts' tokens (every position of each prompt, the same inputs on
+  both sides): next-token top-1 agreement and the mean KL divergence of bfloat16's distribution from float32's."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer import Generator, cache as cache_lib, forward_cached, load_tokenizer, logits_fn, restore  # pylint: disable=g-import-not-at-top
   from mor_jax.infer.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
   r = restore(wd)
   tok = load_tokenizer(r.config, r.cfg, directory=r.directory)
-  outs = {}
+  ids = [tok.encode(p) for p in prompts]
+  T = min(len(i) for i in ids)
+  tokens = jnp.asarray([i[:T] for i in ids], jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
+  plan = cache_lib.make_plan(r.cfg, T + 1, "full")
+  outs, logp = {}, {}
   for dtype in ("float32", "bfloat16"):
     g = Generator(r.cfg, r.variables, tok, dtype=dtype)
     outs[dtype] = [o.tokens for o in g.generate(prompts, max_new_tokens=n_new, stop_at_eos=False,
                                                 sampling=SamplingParams(temperature=0.0))]
+    h, _, _ = forward_cached(r.cfg, plan, g.weights, cache_lib.init_cache(r.cfg, plan, len(ids), g.weights.dtype),
+                             tokens, pos, jnp.ones(tokens.shape, bool))
+    z = np.asarray(logits_fn(r.cfg, g.weights, h), np.float64)
+    m = z.max(-1, keepdims=True)
+    logp[dtype] = z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
   def prefix(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) / max(1, len(a))
   pairs = list(zip(outs["float32"], outs["bfloat16"]))
-  return {"identical": sum(a == b for a, b in pairs) / len(pairs),
-          "mean_prefix_agreement": sum(prefix(a, b) for a, b in pairs) / len(pairs),
-          "token_agreement": sum(x == y for a, b in pairs for x, y in zip(a, b)) / sum(len(a) for a, _ in pairs)}
+  a, b = logp["float32"], logp["bfloat16"]
+  return {"identical": sum(x == y for x, y in pairs) / len(pairs),
+          "mean_prefix_agreement": sum(prefix(x, y) for x, y in pairs) / len(pairs),
+          "token_agreement": sum(x == y for p, q in pairs for x, y in zip(p, q)) / sum(len(p) for p, _ in pairs),
+          "teacher_forced_positions": int(a.shape[0] * a.shape[1]),
+          "teacher_forced_top1": float((a.argmax(-1) == b.argmax(-1)).mean()),
+          "teacher_forced_kl": float((np.exp(a) * (a - b)).sum(-1).mean())}
 
 
 def bf16_rates(out: dict, wd: str, gguf: str, prompts: list[str], args) -> None:
@@ -191,7 +209,8 @@ def bf16_rates(out: dict, wd: str, gguf: str, prompts: list[str], args) -> None:
         f"{srv['single']['tok_s']:.1f}, {srv['batch']['clients']} streams {srv['batch']['tok_s']:.1f} (TTFT p50 "
         f"{srv['batch']['ttft_p50_ms']:.0f} ms, ITL p50 {srv['batch']['itl_p50_ms']:.1f} ms); greedy vs float32: "
         f"{a['identical']:.0%} identical, "
-        f"{a['mean_prefix_agreement']:.0%} of each continuation before the first difference", flush=True)
+        f"{a['mean_prefix_agreement']:.0%} of each continuation before the first difference; teacher-forced "
+        f"next-token top-1 {a['teacher_forced_top1']:.1%}, KL {a['teacher_forced_kl']:.4f}", flush=True)
   for k, r in rs.items():
     print(f"| bf16 {k} | {r['value']:.2f} | {r['target']} | {'pass' if r['pass'] else 'FAIL'} |", flush=True)
 
