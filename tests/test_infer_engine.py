@@ -154,3 +154,32 @@ def test_caches_are_sized_to_the_requests_not_the_context():
                                                      (plain_long[1].tokens[:20], plain_long[1].recursions[:20])]
   eng.generate([[3, 4]], max_new_tokens=[4], sampling=GREEDY)        # idle in between: back to the smallest bucket
   assert eng.capacity == 64
+
+
+def test_admissions_and_growth_are_compiled_ahead_at_every_capacity_they_come_back_at():
+  """With compile_ahead, a prefill shape used once has its admission queued for the background compiler at the
+  current, the next and the smallest cache capacity, with the next capacity's decode steps and resizes: a request
+  of the same shape arriving after the caches grew (or shrank) waits for no compilation."""
+  cfg = tiny_model_config("middle_cycle", 3, "expert", vocab=V, max_seq_len=8192)
+  eng = Engine(cfg, variables_for(cfg), slots=2, prefill_rows=2, compile_ahead=True)
+  eng.generate([PROMPTS[1]], max_new_tokens=[4], sampling=GREEDY)      # (1 row, P=16) at 64 positions
+  lay = eng.layout
+  assert lay.capacity == 64
+  at = lambda c: lay.at_capacity(c)
+  for key in [("insert", at(64), 1, 16), ("insert", at(128), 1, 16), ("ticks", at(128), 2),
+              ("resize", at(64), at(128))]:
+    assert eng.programs.known(key), key
+  assert not eng.programs.known(("insert", at(256), 1, 16))           # two buckets up: queued when the caches grow
+  long = eng.generate([PROMPTS[4] * 6], max_new_tokens=[40], sampling=GREEDY)[0]    # 72 + 40 tokens: 128 positions
+  assert eng.stats["resizes"] >= 1 and len(long.tokens) == 40
+  assert eng.programs.known(("insert", at(256), 1, 16)) and eng.programs.known(("insert", at(128), 1, 128))
+  eng.programs.wait()
+  stalls = eng.programs.compile_s
+  eng.start(sampling=GREEDY)
+  eng.submit(PROMPTS[4] * 6, 60)
+  eng.step()                                                            # the caches grow to 128 positions
+  eng.submit(PROMPTS[1], 4)                                             # (1, 16) at 128: compiled ahead
+  while not eng.idle:
+    eng.step()
+  eng.finish()
+  assert eng.programs.compile_s == stalls

@@ -85,6 +85,12 @@ class Programs:
         return
       self._pending[key] = self._pool.submit(self._build, key)
 
+  def known(self, key) -> bool:
+    """Is `key` compiled or queued?"""
+    key = _normal(key)
+    with self._lock:
+      return key in self._ready or key in self._pending
+
   def wait(self) -> None:
     """Waits for the programs queued so far."""
     with self._lock:
@@ -145,3 +151,21 @@ def describe(key) -> str:
   if kind == "prefill":
     return f"the prefill of {key[1]} prompt(s) of up to {key[2]} tokens"
   return f"the admission of {key[2]} prompt(s) of up to {key[3]} tokens at {key[1].capacity} positions"
+
+
+def next_keys(lay, actives, shapes_used) -> list:
+  """What an engine at layout `lay` may need next, to compile in the background so that neither a sequence that
+  outgrows the caches nor an admission waits for a compilation: the decode steps (on `actives` slots) and the
+  resize of the next capacity bucket, the resize back to the smallest (idle caches shrink), and the admission of
+  every prefill shape (rows, P) used so far at the current, the next and the smallest capacity (a shape first used
+  at one capacity comes back at the others)."""
+  nxt = lay.at_capacity(layout_lib.bucket(lay.capacity + 1, lay.max_len))
+  smallest = lay.at_capacity(layout_lib.bucket(1, lay.max_len))
+  keys = []
+  if nxt.capacity > lay.capacity:
+    keys += [("ticks", nxt, a) for a in actives] + [("resize", lay, nxt)]
+  if smallest.capacity < lay.capacity:
+    keys.append(("resize", lay, smallest))
+  for at in {smallest.capacity: smallest, lay.capacity: lay, nxt.capacity: nxt}.values():
+    keys += [("insert", at, n, P) for n, P in sorted(shapes_used) if at.capacity >= layout_lib.bucket(P, lay.max_len)]
+  return keys

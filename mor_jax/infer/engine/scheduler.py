@@ -27,6 +27,7 @@ from mor_jax.infer import prompts as prompts_lib
 from mor_jax.infer import weights as weights_lib
 from mor_jax.infer.decode import check_supported
 from mor_jax.infer.engine import layout as layout_lib
+from mor_jax.infer.engine import programs as programs_lib
 from mor_jax.infer.engine.programs import Programs
 from mor_jax.infer.engine.session import Progress, Request, Session, Slot, auto_rows, mib, request_keys
 from mor_jax.infer.engine.layout import DONE, EngineLayout, EngineState, expected_recursions, init_state, live
@@ -205,19 +206,11 @@ class Engine:
     return next(a for a in (1, max(1, self.slots // 4), self.slots) if a >= n)
 
   def _compile_next(self) -> None:
-    """Queues the programs of the next capacity bucket (and of the way back to the smallest) for the background
-    compiler, so that a sequence that outgrows the caches does not wait for a compilation."""
-    lay = self.layout
-    if not self.ahead:
-      return
-    nxt = lay.at_capacity(layout_lib.bucket(lay.capacity + 1, lay.max_len))
-    if nxt.capacity > lay.capacity:
-      ticks = [("ticks", nxt, a) for a in sorted({self._active(1), self._active(lay.slots // 4), lay.slots})]
-      for key in ticks + [("resize", lay, nxt)] + [("insert", nxt, n, P) for n, P in sorted(self._shapes_used)]:
+    """Queues what the engine may need next for the background compiler (programs.next_keys)."""
+    if self.ahead:
+      actives = sorted({self._active(1), self._active(self.slots // 4), self.slots})
+      for key in programs_lib.next_keys(self.layout, actives, self._shapes_used):
         self.programs.ahead(key)
-    smallest = lay.at_capacity(layout_lib.bucket(1, lay.max_len))
-    if smallest.capacity < lay.capacity:
-      self.programs.ahead(("resize", lay, smallest))
 
   def compile_ahead(self, prompt_lengths: Sequence[int] = (), wait: bool = False) -> None:
     """Queues the programs for prompts of these lengths (one and `prefill_rows` at a time) and the decode step at
@@ -270,12 +263,15 @@ class Engine:
     ta = time.perf_counter()
     keys, lengths, sp = request_keys(jnp.asarray(seeds), jnp.asarray(row_ids)), jnp.asarray(lengths), \
         jax.tree.map(jnp.asarray, sp)
+    new_shape = (Bp, P) not in self._shapes_used
     self._shapes_used.add((Bp, P))
     pc, prec, tok, rec = self.programs.get(("prefill", Bp, P, self._prefill_layout))(
         self.weights, jnp.asarray(tokens), lengths, keys, sp, run.args[0])
     self._state = self.programs.get(("insert", self.layout, Bp, P))(
         self._state, pc, tok, lengths, jnp.asarray(slots_arr), keys, jnp.asarray(limits), jnp.asarray(reqs), sp,
         run.args[1])
+    if new_shape:
+      self._compile_next()
     prec, tok, rec = jax.device_get((prec, tok, rec))
     run.admit_s += time.perf_counter() - ta
     run.admit_calls += 1
