@@ -96,6 +96,23 @@ class Server:
     return {"count": len(done), "seconds": sum(float(m.group(2)) for m in done),
             "programs": sorted({m.group(1) for m in done})}
 
+  def wait_compiled(self, quiet_s: float = 2.0, limit_s: float = 300.0) -> float:
+    """Waits until every XLA compilation the server started (its background compiler's included) has finished and
+    none started for `quiet_s`; returns the seconds waited (a steady server is what the timed runs measure)."""
+    t0 = time.perf_counter()
+    quiet_since, seen = t0, len(self.lines)
+    while time.perf_counter() - t0 < limit_s:
+      time.sleep(0.25)
+      lines = list(self.lines)
+      started = sum("Compiling " in l for l in lines)
+      finished = sum("Finished XLA compilation" in l for l in lines)
+      if len(lines) != seen and any("Compiling " in l for l in lines[seen:]) or started > finished:
+        quiet_since = time.perf_counter()
+      seen = len(lines)
+      if time.perf_counter() - quiet_since >= quiet_s:
+        break
+    return time.perf_counter() - t0
+
   def stop(self) -> int:
     self.proc.send_signal(signal.SIGTERM)
     return self.proc.wait(120)

@@ -19,7 +19,8 @@ the machine's cores, 2 here). Measured, one after another:
   (b) transformers' `generate` (min_new_tokens = max_new_tokens), single stream on the same prompts (median) and
       the whole batch at once (left padding + attention mask), after a warm-up, best of `--rounds`;
   (c) our server (`main.py --mode=serve`, default flags + --port=0 --ignore_eos, a fresh compilation cache: a first
-      start): start-up (process start to the ready line), then after two untimed runs of each workload: one
+      start): start-up (process start to the ready line), then after two untimed runs of each workload (and its
+      background compiler done with what they queued): one
       stream (the first `--cli_prompts` prompts in turn) and `--prompts` concurrent streams (each client
       `--rounds` requests); tokens/s, TTFT and ITL p50 / p99 (client side).
 
@@ -132,12 +133,14 @@ def server_rates(wd: str, prompts: list[str], n_single: int, n_new: int, rounds:
       for key, todo, clients in (("single", prompts[:n_single], 1), ("batch", prompts * rounds, len(prompts))):
         for _ in range(2):            # warm-up: the same workload, twice (a run starts from the cache capacity the
           asyncio.run(sl.drive(srv.url, "smollm2", todo, clients, n_new))   # last one ended with)
+        waited = srv.wait_compiled()  # the background compiler done with what the warm-up queued
         first, cpu = len(srv.lines), (srv.cpu_s(), time.process_time())
         s = sl.summarise(*asyncio.run(sl.drive(srv.url, "smollm2", todo, clients, n_new)))
         s.update(sl.cpu_shares(srv, cpu, s["wall_s"]))
         time.sleep(0.5)
         c = srv.compilations(first)
-        out[key] = {**s, "clients": clients, "timed_compilations": c["count"], "timed_compile_s": c["seconds"]}
+        out[key] = {**s, "clients": clients, "timed_compilations": c["count"], "timed_compile_s": c["seconds"],
+                    "waited_for_compiler_s": waited}
         if c["count"]:
           print(f"  (server, {key}: {c['count']} compilations in the timed run, {c['seconds']:.1f}s: "
                 f"{', '.join(c['programs'][:6])})", flush=True)
