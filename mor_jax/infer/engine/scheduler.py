@@ -78,7 +78,7 @@ class Engine:
     self.weights = weights_lib.prepare_weights(cfg, variables, dtype)
     self.programs = Programs(cfg, self.weights)
     self.ahead = bool(compile_ahead)
-    self._shapes_used: set = set()                # (rows, P) of the prefills so far
+    self._shapes_used: set = set()                # (rows, P) of the prefills so far, and those compiled ahead
     self.refill_min = max(1, slots // 8) if refill_min is None else max(1, int(refill_min))
     self.prefill_rows = max(1, min(slots, int(prefill_rows or 4)))
     self.step_tokens = None if not step_tokens else max(1, int(step_tokens))
@@ -214,16 +214,19 @@ class Engine:
 
   def compile_ahead(self, prompt_lengths: Sequence[int] = (), wait: bool = False) -> None:
     """Queues the programs for prompts of these lengths (one and `prefill_rows` at a time) and the decode step at
-    the current capacity for the background compiler; `wait` blocks until they are ready."""
+    the current capacity for the background compiler; `wait` blocks until they are ready. Their shapes count as
+    seen from then on: the admission of each follows the caches to every size they take (`_compile_next`)."""
     keys = [("ticks", self.layout, a) for a in sorted({self._active(1), self._active(self.slots // 4), self.slots})]
     for P in sorted({prompts_lib.bucket_length(int(n), self.max_len) for n in prompt_lengths}):
       for n in sorted({1, self.prefill_rows}):
         keys += [("prefill", n, P, self._prefill_layout), ("insert", self.layout.at_capacity(
             layout_lib.bucket(P + 1, self.max_len)), n, P)]
+        self._shapes_used.add((n, P))
     for key in keys:
       self.programs.ahead(key)
     if wait:
       self.programs.wait()
+    self._compile_next()
 
   def _live_need(self, run: Session) -> int:
     """Positions the live slots need now (their token in flight included)."""
