@@ -41,8 +41,11 @@ def readme_serving(trained: Source, real: Source) -> str:
           f"{_xs(r['vs_vanilla'] for r in mor)} vanilla's tokens/s (routing ideal {_xs(r['ideal'] for r in mor)}); "
           f"SmolLM2-135M: {srv['batch']['tok_s']:.0f} tokens/s for {srv['batch']['clients']} streams "
           f"({srv['batch']['tok_s'] / hf['batch_tok_s']:.2f}x transformers at batch {len(real.data['prompts'])}), "
-          f"{srv['single']['tok_s']:.0f} for one ({srv['single']['tok_s'] / hf['single_tok_s']:.2f}x) "
-          f"({_machine(real)}, {origin(trained, True)})")
+          f"{srv['single']['tok_s']:.0f} for one ({srv['single']['tok_s'] / hf['single_tok_s']:.2f}x)" +
+          (f"; with `--dtype=bfloat16` {real.data['server_bf16']['batch']['tok_s']:.0f} for 16 streams "
+           f"({real.data['ratios_bf16']['server_batch_vs_hf_batch']['value']:.2f}x transformers in bf16)"
+           if "server_bf16" in real.data else "") +
+          f" ({_machine(real)}; trained models {origin(trained, True)}, SmolLM2 {origin(real, True)})")
 
 
 def readme_engine(s: Source) -> str:
