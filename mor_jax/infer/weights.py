@@ -100,7 +100,7 @@ def matmul(x, kernel, out_dtype=None):
   the kernel's). Every decode product goes through here. With bfloat16 kernels, the float32 accumulator is what
   XLA:CPU runs on its fast bfloat16 kernels (AMX / AVX512-BF16; a bfloat16 result type takes a path ~10x slower
   at 16 rows), and a single row is padded to two (one row takes a slow path: ~10x slower than two rows).
-  (Measured on a 2-core Sapphire Rapids, jax 0.10; docs/serving.md, "bfloat16".)"""
+  (Measured on a 2-core Xeon with AMX and AVX512-BF16, jax 0.10; docs/serving.md.)"""
   out_dtype = kernel.dtype if out_dtype is None else out_dtype
   x = x.astype(kernel.dtype)
   lead = x.shape[:-1]
