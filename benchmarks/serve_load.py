@@ -206,6 +206,7 @@ def serve_model(name: str, wd: str, prompts: list[str], args) -> dict:
     for _ in range(args.warmups):
       asyncio.run(drive(srv.url, name, prompts, args.clients, args.max_tokens))
     warm = srv.compilations(start)
+    waited = srv.wait_compiled()                                 # the background compiler done with the warm-up's
     before, first, cpu = engine_counters(srv.url), len(srv.lines), (srv.cpu_s(), time.process_time())
     s = summarise(*asyncio.run(drive(srv.url, name, prompts, args.clients, args.max_tokens)))
     s.update(engine_share(before, engine_counters(srv.url), s))
@@ -219,7 +220,7 @@ def serve_model(name: str, wd: str, prompts: list[str], args) -> dict:
           f"{', '.join(comp['programs'][:6])})", flush=True)
   return {**s, "startup_s": srv.startup_s, "server_exit": code, "timed_compilations": comp["count"],
           "timed_compile_s": comp["seconds"], "startup_compilations": srv.compilations(0, start)["count"],
-          "warmup_compilations": warm["count"]}
+          "warmup_compilations": warm["count"], "waited_for_compiler_s": waited}
 
 
 def closed_loop(eng, ids: list, clients: int, n_new: int) -> int:
