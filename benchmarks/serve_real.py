@@ -197,14 +197,7 @@ def bf16_rates(out: dict, wd: str, gguf: str, prompts: list[str], args) -> None:
   out["hf_bf16"] = hf = hf_rates(gguf, prompts, args.cli_prompts, n_new, args.threads, args.rounds, "bfloat16")
   out["server_bf16"] = srv = server_rates(wd, prompts, args.cli_prompts, n_new, args.rounds, "bfloat16")
   out["bf16_agreement"] = a = bf16_agreement(wd, prompts, n_new)
-  rs = {}
-  for k, v in (("cli_vs_hf_single", b["tok_s"] / hf["single_tok_s"]),
-               ("server_batch_vs_hf_batch", srv["batch"]["tok_s"] / hf["batch_tok_s"]),
-               ("server_batch_vs_cli", srv["batch"]["tok_s"] / b["tok_s"]),
-               ("server_single_vs_cli", srv["single"]["tok_s"] / b["tok_s"])):
-    op, target = TARGETS[k]
-    rs[k] = {"value": v, "target": f"{op} {target}", "pass": v >= target}
-  out["ratios_bf16"] = rs
+  out["ratios_bf16"] = rs = ratios(b, hf, srv)
   out["server_bf16_batch_vs_hf_float32_batch"] = srv["batch"]["tok_s"] / out["hf"]["batch_tok_s"]
   print(f"\nbfloat16: cli {b['tok_s']:.1f} tokens/s ({b['tok_s'] / cli['tok_s']:.2f}x float32), warm "
         f"{b['warm_tok_s']:.1f} ({b['warm_tok_s'] / cli['warm_tok_s']:.2f}x); transformers bf16 single "
