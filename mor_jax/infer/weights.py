@@ -7,7 +7,9 @@ into what a decode step reads best:
   - one entry per layer (a tuple), so a step indexes no stacked array: slicing a layer out of a stack inside a
     jitted loop copies its weights every step (XLA:CPU cannot hand a dynamic slice to a matmul);
   - q/k/v and gate/up concatenated into one kernel each (one matmul, no concatenation per step);
-  - the head as a [D, V] kernel (a tied embedding is transposed once here, not every step);
+  - every kernel stored [N, K], a row per output feature (the layout of torch's Linear), the head [V, D] (a tied
+    head is the embedding table as it is): XLA:CPU's products read this layout faster than [K, N] at most row
+    counts (`matmul`);
   - `dtype` float32 (exact) or bfloat16 (half the bytes read per token; norms, routers, softmax and logits stay
     float32).
 
@@ -34,7 +36,7 @@ from mor_jax.model import routing
 @flax.struct.dataclass
 class DecodeWeights:
   embed: jax.Array              # [V, D] the embedding table (float32: the lookup is exact)
-  head: jax.Array               # [D, V]
+  head: jax.Array               # [V, D] (see `matmul`: kernels are stored [N, K])
   final_norm: jax.Array         # [D]
   block: tuple                  # per layer of the shared block: a layer dict (see _layer)
   first: dict | None            # the unique first / last layer (middle strategies)
@@ -48,12 +50,12 @@ class DecodeWeights:
 
 
 def _layer(p: dict, dtype) -> dict:
-  """One decoder layer's parameters as the decode step reads them."""
+  """One decoder layer's parameters as the decode step reads them (kernels [N, K], see `matmul`)."""
   a, m = p["attn"], p["mlp"]
-  cat = lambda *ks: jnp.concatenate([k["kernel"] for k in ks], axis=1).astype(dtype)
+  cat = lambda *ks: jnp.concatenate([k["kernel"] for k in ks], axis=1).T.astype(dtype)
   return {"in_norm": p["input_norm"]["scale"], "qkv": cat(a["q_proj"], a["k_proj"], a["v_proj"]),
-          "o": a["o_proj"]["kernel"].astype(dtype), "post_norm": p["post_attn_norm"]["scale"],
-          "gate_up": cat(m["gate_proj"], m["up_proj"]), "down": m["down_proj"]["kernel"].astype(dtype)}
+          "o": cat(a["o_proj"]), "post_norm": p["post_attn_norm"]["scale"],
+          "gate_up": cat(m["gate_proj"], m["up_proj"]), "down": cat(m["down_proj"])}
 
 
 def _block_layers(block: dict) -> list[dict]:
@@ -69,7 +71,7 @@ def _prepare(cfg: ModelConfig, variables, dtype: str) -> DecodeWeights:
   p = variables["params"]
   dt = jnp.dtype(dtype)
   emb = p["embed"]["embedding"]
-  head = emb.T if cfg.tie_embeddings else p["lm_head"]["kernel"]
+  head = emb if cfg.tie_embeddings else p["lm_head"]["kernel"].T
   routers = {k: v for k, v in p.items() if k.startswith("router")}
   return DecodeWeights(embed=emb, head=head.astype(dt), final_norm=p["final_norm"]["scale"],
                        block=tuple(_layer(lp, dt) for lp in _block_layers(p["block"])),
@@ -96,19 +98,23 @@ def embed(w: DecodeWeights, tokens):
 
 
 def matmul(x, kernel, out_dtype=None):
-  """x [..., K] @ kernel [K, N] in the kernel's dtype, accumulated in float32, returned in `out_dtype` (default:
-  the kernel's). Every decode product goes through here. With bfloat16 kernels, the float32 accumulator is what
-  XLA:CPU runs on its fast bfloat16 kernels (AMX / AVX512-BF16; a bfloat16 result type takes a path ~10x slower
-  at 16 rows), and a single row is padded to two (one row takes a slow path: ~10x slower than two rows).
-  (Measured on a 2-core Xeon with AMX and AVX512-BF16, jax 0.10; docs/serving.md.)"""
+  """x [..., K] times kernel [N, K] (a row per output) -> [..., N], in the kernel's dtype, accumulated in float32,
+  returned in `out_dtype` (default: the kernel's). Every decode product goes through here.
+
+  Measured on a 2-core Xeon with AMX and AVX512-BF16, jax 0.10 (SmolLM2-135M's 30 layers of products; figures in
+  docs/serving.md): the [N, K] layout is 15-30% faster than [K, N] from 8 rows up in float32 and from 2 rows up in
+  bfloat16 (float32 at 2-4 rows is ~10% slower, one row the same); a bfloat16 product with a float32 accumulator
+  runs on XLA:CPU's fast kernels (AMX / AVX512-BF16; a bfloat16 result type takes a path ~10x slower at 16 rows),
+  and a single bfloat16 row is padded to two (one row takes a slow path: ~5x slower than two rows)."""
   out_dtype = kernel.dtype if out_dtype is None else out_dtype
   x = x.astype(kernel.dtype)
   lead = x.shape[:-1]
-  if kernel.dtype == jnp.bfloat16 and math.prod(lead) == 1:
-    x2 = jnp.pad(x.reshape(1, x.shape[-1]), ((0, 1), (0, 0)))
-    return jnp.matmul(x2, kernel, preferred_element_type=jnp.float32)[:1].reshape(lead + kernel.shape[1:]).astype(
-        out_dtype)
-  return jnp.matmul(x, kernel, preferred_element_type=jnp.float32).astype(out_dtype)
+  rows = x.reshape(math.prod(lead), x.shape[-1])
+  pad = kernel.dtype == jnp.bfloat16 and rows.shape[0] == 1
+  if pad:
+    rows = jnp.pad(rows, ((0, 1), (0, 0)))
+  out = jax.lax.dot_general(rows, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  return out[:rows.shape[0] - int(pad)].reshape(lead + kernel.shape[:1]).astype(out_dtype)
 
 
 def logits(w: DecodeWeights, h):
