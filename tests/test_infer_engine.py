@@ -101,7 +101,8 @@ CASES = {
 def test_engine_equals_plain_generation_for_other_models(name):
   cfg = tiny(**CASES[name])
   kw = dict(kv_capacity=(1.0, 0.4, 0.2)) if name == "token_choice" else {}   # small caches: admission binds
-  eng = Engine(cfg, variables_for(cfg), slots=3, max_len=MAX_LEN, max_new_tokens=14, prefill_rows=3, **kw)
+  gather = dict(block_attention="gather") if name == "kv_sharing" else {}     # (the main test's caches: masked)
+  eng = Engine(cfg, variables_for(cfg), slots=3, max_len=MAX_LEN, max_new_tokens=14, prefill_rows=3, **kw, **gather)
   outs = eng.generate(PROMPTS, max_new_tokens=NEW, sampling=GREEDY)
   assert served(outs) == plain(cfg, PROMPTS, NEW, **kw)
   depths = {r for o in outs for r in o.recursions}
@@ -130,7 +131,23 @@ def test_engine_state_and_errors():
     Engine(tiny(strategy="middle_sequence", R=2, mor=None), None, slots=2)
   with pytest.raises(InferenceError, match="max_len"):
     Engine(cfg, None, slots=2, max_len=CTX + 1)
+  with pytest.raises(InferenceError, match="block_attention='windows' is not one of auto, masked, gather"):
+    Engine(cfg, None, slots=2, block_attention="windows")
   assert not eng.queue and eng.kv_bytes() > 0
+
+
+def test_block_attention_is_gathered_once_the_other_regions_would_cost_more():
+  """'auto' attends over the recursion regions side by side (masked) while the other regions add fewer than
+  GATHER_FROM entries to each row's attention, and gathers each row's own region from there: decided per capacity,
+  so one engine switches as its caches grow; 'masked' and 'gather' hold at every capacity."""
+  from mor_jax.infer.engine import layout as layout_lib  # pylint: disable=g-import-not-at-top
+  cfg = tiny_model_config("middle_cycle", 3, "expert", vocab=V, max_seq_len=2048)
+  lay = {m: layout_lib.make_layout(cfg, 4, 2047, block_attention=m) for m in layout_lib.BLOCK_ATTENTION}
+  caps = (64, 128, 256, 512, 1024, 2047)
+  assert [lay["auto"].at_capacity(c).gather for c in caps] == [False, False, False, True, True, True]
+  assert not any(lay["masked"].at_capacity(c).gather for c in caps)
+  assert all(lay["gather"].at_capacity(c).gather for c in caps)
+  assert not layout_lib.make_layout(tiny(strategy="none", R=1, mor=None), 4, 39).at_capacity(39).gather
 
 
 def test_caches_are_sized_to_the_requests_not_the_context():

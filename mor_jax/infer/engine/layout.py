@@ -33,6 +33,10 @@ from mor_jax.infer.prompts import bucket_length
 EMPTY, ENTER, BLOCK, EXIT, DONE = range(5)
 PHASES = ("empty", "enter", "block", "exit", "done")
 MIN_CAPACITY = 64
+BLOCK_ATTENTION = ("auto", "masked", "gather")
+# 'auto' gathers once the other regions would add this many entries to each row's masked attention (trained
+# MoR-2/3/4 models of hidden 192 at 16 slots on a 2-core CPU, benchmarks/results/block_attention.json)
+GATHER_FROM = 768
 BIG = np.iinfo(np.int32).max
 
 
@@ -54,7 +58,7 @@ class EngineLayout:
   window: int                   # tokens one slot may produce per step (the step's read-back buffer)
   entry_rows: int
   exit_rows: int
-  gather: bool = False          # block attention on each row's own region, gathered (else all regions, masked)
+  block_attention: str = "auto"  # BLOCK_ATTENTION (make_layout); `gather` resolves it at this capacity
 
   @property
   def caps(self) -> tuple[int, ...]:
@@ -81,6 +85,13 @@ class EngineLayout:
     """Entries per row of the shared block's cache: the regions side by side, then the spare entry."""
     return sum(self.caps) + 1
 
+  @property
+  def gather(self) -> bool:
+    """Does the block's attention run on each row's own region, gathered (else on all regions, masked)?"""
+    if self.block_attention != "auto":
+      return self.block_attention == "gather"
+    return self.width - 1 - self.span >= GATHER_FROM
+
   def at_capacity(self, capacity: int) -> "EngineLayout":
     return dataclasses.replace(self, capacity=int(capacity))
 
@@ -95,8 +106,11 @@ def make_layout(cfg: ModelConfig, slots: int, max_len: int, kv_capacity="full", 
   """Shapes of an engine: its cache plan at `max_len` (the plain path's, `kv_capacity` 'full' / 'routed' /
   fractions) and the recursion regions of the shared block's cache; `capacity` (default: the smallest bucket).
   block_attention: 'masked' (each row attends over all regions side by side, masked to its own: no copies, R x the
-  attention work), 'gather' (each row's region gathered first: one copy, 1 x the work), 'auto' (gather from 3
-  regions on)."""
+  attention work), 'gather' (each row's region gathered first: one copy per layer, 1 x the work), 'auto' (masked
+  while the other regions add fewer than GATHER_FROM entries to a row's attention, gathered from there: decided
+  per capacity, so an engine switches as its caches grow)."""
+  if block_attention not in BLOCK_ATTENTION:
+    raise InferenceError(f"block_attention={block_attention!r} is not one of {', '.join(BLOCK_ATTENTION)}.")
   plan = cache_lib.make_plan(cfg, max_len, kv_capacity)
   R = cfg.recursions
   one_block_per_recursion = len(plan.calls) == R and all(
@@ -111,8 +125,7 @@ def make_layout(cfg: ModelConfig, slots: int, max_len: int, kv_capacity="full", 
                       region_of=tuple(c.reads if c.cache is None else c.cache for c in plan.calls),
                       writes=tuple(c.cache is not None for c in plan.calls), limits=tuple(plan.stage_capacity),
                       window=max(1, int(window)), entry_rows=entry_rows, exit_rows=exit_rows,
-                      gather=block_attention == "gather" or (block_attention == "auto" and
-                                                             len(plan.stage_capacity) >= 3))
+                      block_attention=block_attention)
 
 
 # ------------------------------------------------------------------ state

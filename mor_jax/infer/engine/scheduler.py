@@ -41,20 +41,21 @@ class Engine:
 
   slots: sequences in flight (a step runs on the live ones: 1, a quarter of the slots, or all); max_len: positions
   one sequence may occupy (default: the model's context; the caches are allocated for what the live requests need,
-  in buckets, never more); max_new_tokens: the most tokens one request may generate (default: max_len);
-  threshold / kv_capacity / add_bos / dtype: as in `Generator`; entry_rows / exit_rows: sub-batch of the first
-  layer / last layer + head per tick (None: all slots; 'auto', the default: `auto_rows`); refill_min: free slots
-  that end a step to admit waiting requests (default max(1, slots // 8)); prefill_rows: prompts per prefill call
-  (default 4: one request is prefilled alone, more in batches of prefill_rows, so each prompt-length bucket has two
-  programs); window: tokens a slot may produce per step (the read-back buffer); step_tokens: tokens all slots
-  together produce per `step()` (scaled to the live slots; default: no limit besides the window); compile_ahead:
-  compile the next cache size's programs in a background thread while serving the current one (a server: no stall
-  when a sequence outgrows the caches; `compile_ahead()` queues prompt buckets too).
+  in buckets, never more); max_new_tokens: the most tokens one request may generate (default: max_len); threshold
+  / kv_capacity / add_bos / dtype: as in `Generator`; entry_rows / exit_rows: sub-batch of the first layer / last
+  layer + head per tick (None: all slots; 'auto', the default: `auto_rows`); refill_min: free slots that end a step
+  to admit waiting requests (default max(1, slots // 8)); prefill_rows: prompts per prefill call (default 4: one
+  request is prefilled alone, more in batches of prefill_rows, so each prompt-length bucket has two programs);
+  window: tokens a slot may produce per step (the read-back buffer); step_tokens: tokens all slots together produce
+  per `step()` (scaled to the live slots; default: no limit besides the window); compile_ahead: compile the next
+  cache size's programs in a background thread while serving the current one (a server: no stall when a sequence
+  outgrows the caches; `compile_ahead()` queues prompt buckets too); block_attention: how the shared block attends
+  to its recursion regions ('auto' / 'masked' / 'gather', `layout.make_layout`).
   """
 
   def __init__(self, cfg: ModelConfig, variables, tokenizer=None, *, slots: int = 8, max_len: int | None = None,
                max_new_tokens: int | None = None, threshold: float | None = None, kv_capacity="full",
-               entry_rows: int | str | None = "auto", exit_rows: int | str | None = "auto",
+               entry_rows: int | str | None = "auto", exit_rows: int | str | None = "auto", block_attention="auto",
                refill_min: int | None = None, prefill_rows: int | None = None, add_bos: bool = False,
                dtype: str = "float32", window: int = 16, step_tokens: int | None = None, compile_ahead: bool = False):
     check_supported(cfg)
@@ -74,7 +75,7 @@ class Engine:
     self.threshold = float(cfg.threshold if threshold is None else threshold)
     self.max_new_tokens = min(max_new, max_len)
     self.layout = layout_lib.make_layout(cfg, slots, max_len, kv_capacity, auto(entry_rows), auto(exit_rows),
-                                         window=window)
+                                         window=window, block_attention=block_attention)
     self.weights = weights_lib.prepare_weights(cfg, variables, dtype)
     self.programs = Programs(cfg, self.weights)
     self.ahead = bool(compile_ahead)
