@@ -137,17 +137,17 @@ def test_engine_state_and_errors():
 
 
 def test_block_attention_is_gathered_once_the_other_regions_would_cost_more():
-  """'auto' attends over the recursion regions side by side (masked) while the other regions add fewer than
-  GATHER_FROM entries to each row's attention, and gathers each row's own region from there: decided per capacity,
+  """'auto' attends over the recursion regions side by side (masked) unless the other regions hold at least twice a
+  row's own and it holds GATHER_SPAN entries or more; then each row's own region is gathered: decided per capacity,
   so one engine switches as its caches grow; 'masked' and 'gather' hold at every capacity."""
   from mor_jax.infer.engine import layout as layout_lib  # pylint: disable=g-import-not-at-top
-  cfg = tiny_model_config("middle_cycle", 3, "expert", vocab=V, max_seq_len=2048)
-  lay = {m: layout_lib.make_layout(cfg, 4, 2047, block_attention=m) for m in layout_lib.BLOCK_ATTENTION}
-  caps = (64, 128, 256, 512, 1024, 2047)
-  assert [lay["auto"].at_capacity(c).gather for c in caps] == [False, False, False, True, True, True]
-  assert not any(lay["masked"].at_capacity(c).gather for c in caps)
-  assert all(lay["gather"].at_capacity(c).gather for c in caps)
-  assert not layout_lib.make_layout(tiny(strategy="none", R=1, mor=None), 4, 39).at_capacity(39).gather
+  lay = lambda R, m="auto": layout_lib.make_layout(tiny_model_config("middle_cycle", R, "expert", vocab=V,
+                                                                     max_seq_len=2048), 4, 2047, block_attention=m)
+  caps = (64, 128, 256, 512, 2047)
+  assert [lay(3).at_capacity(c).gather for c in caps] == [False, False, True, True, True]
+  assert not any(lay(2).at_capacity(c).gather for c in caps)         # 2 regions: the copy costs what it saves
+  assert not any(lay(4, "masked").at_capacity(c).gather for c in caps)
+  assert all(lay(2, "gather").at_capacity(c).gather for c in caps)
 
 
 def test_caches_are_sized_to_the_requests_not_the_context():

@@ -34,9 +34,11 @@ EMPTY, ENTER, BLOCK, EXIT, DONE = range(5)
 PHASES = ("empty", "enter", "block", "exit", "done")
 MIN_CAPACITY = 64
 BLOCK_ATTENTION = ("auto", "masked", "gather")
-# 'auto' gathers once the other regions would add this many entries to each row's masked attention (trained
-# MoR-2/3/4 models of hidden 192 at 16 slots on a 2-core CPU, benchmarks/results/block_attention.json)
-GATHER_FROM = 768
+# 'auto' gathers a row's region when the other regions hold at least twice its entries (3 or more equal regions:
+# masked attention would do 3x the work of the gathered one) and it holds at least GATHER_SPAN entries (below, the
+# copies cost more than the attention they save). Measured on trained MoR-2/3/4 models of hidden 192 at 16 slots on
+# a 2-core CPU: benchmarks/results/block_attention.json (benchmarks/block_attention.py).
+GATHER_SPAN = 256
 BIG = np.iinfo(np.int32).max
 
 
@@ -90,7 +92,7 @@ class EngineLayout:
     """Does the block's attention run on each row's own region, gathered (else on all regions, masked)?"""
     if self.block_attention != "auto":
       return self.block_attention == "gather"
-    return self.width - 1 - self.span >= GATHER_FROM
+    return self.width - 1 - self.span >= 2 * self.span and self.span >= GATHER_SPAN
 
   def at_capacity(self, capacity: int) -> "EngineLayout":
     return dataclasses.replace(self, capacity=int(capacity))
@@ -106,9 +108,9 @@ def make_layout(cfg: ModelConfig, slots: int, max_len: int, kv_capacity="full", 
   """Shapes of an engine: its cache plan at `max_len` (the plain path's, `kv_capacity` 'full' / 'routed' /
   fractions) and the recursion regions of the shared block's cache; `capacity` (default: the smallest bucket).
   block_attention: 'masked' (each row attends over all regions side by side, masked to its own: no copies, R x the
-  attention work), 'gather' (each row's region gathered first: one copy per layer, 1 x the work), 'auto' (masked
-  while the other regions add fewer than GATHER_FROM entries to a row's attention, gathered from there: decided
-  per capacity, so an engine switches as its caches grow)."""
+  attention work), 'gather' (each row's region gathered first: one copy per layer, 1 x the work), 'auto' (gathered
+  where the other regions hold at least twice a row's own and it holds at least GATHER_SPAN entries, else masked:
+  decided per capacity, so an engine switches as its caches grow)."""
   if block_attention not in BLOCK_ATTENTION:
     raise InferenceError(f"block_attention={block_attention!r} is not one of {', '.join(BLOCK_ATTENTION)}.")
   plan = cache_lib.make_plan(cfg, max_len, kv_capacity)
