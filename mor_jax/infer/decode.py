@@ -83,7 +83,7 @@ def layer_step(cfg: ModelConfig, w: dict, x_BTD, cos, sin, k_NES, v_NSE, slot_BT
   if slot_BT is not None:
     k_NES = write_kv(k_NES, apply_rope(qkv[..., H * E:(H + K) * E].reshape(B, T, K, E), cos, sin), slot_BT, True)
     v_NSE = write_kv(v_NSE, qkv[..., (H + K) * E:].reshape(B, T, K, E), slot_BT, False)
-  att = attend_cache(q, k_NES, v_NSE, mask_BTS).reshape(B, T, H * E)
+  att = attend_cache(q, cache_lib.entries(k_NES), cache_lib.entries(v_NSE), mask_BTS).reshape(B, T, H * E)
   x_BTD = x_BTD + mm(att, w["o"], x_BTD.dtype)
   gu = mm(rms_norm(x_BTD, w["post_norm"], cfg.rms_eps), w["gate_up"])
   x_BTD = x_BTD + mm(swiglu(gu[..., :F], gu[..., F:]), w["down"], x_BTD.dtype)

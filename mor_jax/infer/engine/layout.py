@@ -183,7 +183,7 @@ def live(phase):
 
 def _zeros_kv(cfg: ModelConfig, rows: int, entries: int, layers: int, dtype, keys: bool) -> tuple:
   shape = (rows, cfg.head_dim, entries) if keys else (rows, entries, cfg.head_dim)
-  return tuple(jnp.zeros(shape, dtype) for _ in range(layers))
+  return tuple(jnp.zeros(shape, cache_lib.storage_dtype(dtype)) for _ in range(layers))
 
 
 def init_cache(cfg: ModelConfig, lay: EngineLayout, dtype) -> EngineCache:
