@@ -59,6 +59,7 @@ CLAIMS = {
     # docs/inference.md
     "serving-trained": claim(S.serving_trained, "serve_trained.json"),
     "engine-table": claim(S.engine_table, "depthwise_batching.json", block=True),
+    "block-attention": claim(S.block_attention, "block_attention.json"),
     # docs/serving.md
     "serve-trained-table": claim(S.serve_trained_table, "serve_trained.json", block=True),
     "serve-real-table": claim(S.serve_real_table, "serve_real.json", block=True),

@@ -158,3 +158,14 @@ def serving_trained(s: Source) -> str:
   of_ideal = "/".join(f"{r['vs_vanilla'] / r['ideal']:.0%}" for r in mor)
   return (f"MoR R={'/'.join(str(r['recursions']) for r in mor)} at {_xs(r['vs_vanilla'] for r in mor)} vanilla's "
           f"tokens/s ({of_ideal} of the routing ideal; {origin(s, True)})")
+
+
+def block_attention(s: Source) -> str:
+  """docs/inference.md: the engine's block attention, gathered against masked, and what 'auto' picks."""
+  rows, sm = s.data["rows"], s.data["summary"]
+  label = lambda r: f"R={r['recursions']} at {r['capacity']} entries"
+  best, worst = max(rows, key=lambda r: r["gather_vs_masked"]), min(rows, key=lambda r: r["gather_vs_masked"])
+  return (f"gathering ran {best['gather_vs_masked']:.2f}x masked's tokens/s at best ({label(best)}) and "
+          f"{worst['gather_vs_masked']:.2f}x at worst ({label(worst)}); 'auto' reached {sm['auto_vs_best']:.0%} or "
+          f"more of the faster setting at every point (trained models, {s.data['args']['slots']} slots, "
+          f"{_machine(s)}, {origin(s, True)})")
