@@ -11,6 +11,7 @@ import pytest
 from mor_jax.infer import cache as cache_lib
 from mor_jax.infer.decode import InferenceError, check_supported, forward_cached, logits_fn
 from mor_jax.model.transformer import MoRLM, init_variables
+from mor_jax.infer import weights as weights_lib
 from tiny import tiny_model_config
 
 V, B, T, P, MAX_LEN = 96, 2, 16, 7, 24
@@ -103,6 +104,26 @@ def test_cached_decoding_equals_full_causal_forward(kind):
     n = np.asarray(aux["tokens_per_recursion"]) * B * T
     assert n[0] == B * T and 0 < n[-1] < B * T, n
     np.testing.assert_array_equal(np.asarray(entered).sum(axis=(1, 2)), n)
+
+
+def test_decode_kernels_are_stored_in_the_faster_layout_and_keep_the_models_logits():
+  """weights.rows_out: bfloat16 kernels of a model of hidden size >= 512 are stored [N, K] (a row per output), all
+  others [K, N]; decoding with either gives the model's logits (float32 to 1e-4; bfloat16 within its rounding: a
+  wrong layout would give unrelated numbers everywhere)."""
+  cfg = tiny(strategy="middle_cycle", R=3, mor="expert", model__hidden_size=512)
+  v, toks = variables_for(cfg), tokens()
+  full = np.asarray(_full(cfg)(v, toks, 0.5)[0])
+  for dtype, nk in (("float32", False), ("bfloat16", True)):
+    w = weights_lib.prepare_weights(cfg, v, dtype)
+    assert weights_lib.rows_out(cfg, w.dtype) == nk
+    assert w.block[0]["gate_up"].shape == ((2 * cfg.intermediate_size, 512) if nk else (512, 2 * cfg.intermediate_size))
+    assert w.head.shape == ((V, 512) if nk else (512, V))
+    err = np.abs(np.asarray(cached_logits(cfg, w, toks)[0]) - full) / np.abs(full).max()
+    if nk:
+      assert err.mean() < 0.01 and np.mean(err > 0.05) < 0.002 and err.max() < 0.3, (err.mean(), err.max())
+    else:
+      assert err.max() * np.abs(full).max() < 1e-4
+  assert not weights_lib.rows_out(tiny(), jnp.bfloat16)
 
 
 def test_token_choice_depths_match_full_forward():

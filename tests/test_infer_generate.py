@@ -196,25 +196,28 @@ def test_bfloat16_decoding_reads_half_the_bytes_and_stays_close():
 
 
 def test_bfloat16_products_and_cache_writes_take_the_fast_paths_and_keep_the_values():
-  """weights.matmul: kernels are [N, K] (a row per output); bfloat16 products accumulate in float32 (XLA:CPU's fast
-  bf16 kernels) and a single row is padded to two without changing its values; a bfloat16 cache is stored as its
-  16-bit patterns and cache.write_entries writes it in place (no copy of the whole cache in the compiled program)
-  with the same values as `.at[].set` on bfloat16."""
+  """weights.matmul: kernels [N, K] (a row per output, nk=True) or [K, N] give the same products; bfloat16 products
+  accumulate in float32 (XLA:CPU's fast bf16 kernels) and a single row is padded to two without changing its values;
+  a bfloat16 cache is stored as its 16-bit patterns and cache.write_entries writes it in place (no copy of the whole
+  cache in the compiled program) with the same values as `.at[].set` on bfloat16."""
   from mor_jax.infer import cache as cache_lib, weights as weights_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(3, 1, 64)), jnp.float32)
   k16 = jnp.asarray(rng.normal(size=(40, 64)) * 0.1, jnp.bfloat16)
-  many = weights_lib.matmul(x, k16)
-  one = weights_lib.matmul(x[1:2], k16)
+  many = weights_lib.matmul(x, k16, nk=True)
+  one = weights_lib.matmul(x[1:2], k16, nk=True)
   assert many.dtype == one.dtype == jnp.bfloat16 and one.shape == (1, 1, 40)
   np.testing.assert_array_equal(np.asarray(one, np.float32), np.asarray(many[1:2], np.float32))
   exact = np.asarray(x.astype(jnp.bfloat16), np.float64)[:, 0] @ np.asarray(k16, np.float64).T
   np.testing.assert_allclose(np.asarray(many[:, 0], np.float64), exact, rtol=1e-2, atol=1e-2)
-  assert weights_lib.matmul(x, k16, jnp.float32).dtype == jnp.float32
+  assert weights_lib.matmul(x, k16, jnp.float32, nk=True).dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(weights_lib.matmul(x, k16.T), np.float32), np.asarray(many, np.float32))
   k32 = jnp.asarray(k16, jnp.float32)
-  np.testing.assert_allclose(np.asarray(weights_lib.matmul(x, k32))[:, 0], np.asarray(x)[:, 0] @ np.asarray(k32).T,
-                             rtol=1e-5, atol=1e-5)
-  dots = lambda a: [ln for ln in jax.jit(weights_lib.matmul).lower(a, k16).as_text().splitlines()
+  for w, nk in ((k32, True), (k32.T, False)):
+    np.testing.assert_allclose(np.asarray(weights_lib.matmul(x, w, nk=nk))[:, 0],
+                               np.asarray(x)[:, 0] @ np.asarray(k32).T, rtol=1e-5, atol=1e-5)
+  mm_nk = functools.partial(weights_lib.matmul, nk=True)
+  dots = lambda a: [ln for ln in jax.jit(mm_nk).lower(a, k16).as_text().splitlines()
                     if "dot_general" in ln]
   assert dots(x)[0].endswith("(tensor<3x64xbf16>, tensor<40x64xbf16>) -> tensor<3x40xf32>")
   assert dots(x[:1])[0].endswith("(tensor<2x64xbf16>, tensor<40x64xbf16>) -> tensor<2x40xf32>")

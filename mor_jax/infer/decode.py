@@ -32,6 +32,8 @@ model/attention.py); the routers are the model's `Router` modules.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -53,7 +55,7 @@ def check_supported(cfg: ModelConfig) -> None:
 
 def logits_fn(cfg: ModelConfig, weights, h_BTD):
   """float32 logits from final-normed hidden states (`weights`: DecodeWeights or the model's variables)."""
-  return weights_lib.logits(weights_lib.prepare_weights(cfg, weights), h_BTD)
+  return weights_lib.logits(cfg, weights_lib.prepare_weights(cfg, weights), h_BTD)
 
 
 def write_kv(cache, new_BTKE, slot_BT, keys: bool):
@@ -77,7 +79,7 @@ def layer_step(cfg: ModelConfig, w: dict, x_BTD, cos, sin, k_NES, v_NSE, slot_BT
   """
   H, K, E, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
   B, T, _ = x_BTD.shape
-  mm = weights_lib.matmul
+  mm = functools.partial(weights_lib.matmul, nk=weights_lib.rows_out(cfg, w["qkv"].dtype))
   qkv = mm(rms_norm(x_BTD, w["in_norm"], cfg.rms_eps), w["qkv"])
   q = apply_rope(qkv[..., :H * E].reshape(B, T, H, E), cos, sin)
   if slot_BT is not None:

@@ -7,9 +7,9 @@ into what a decode step reads best:
   - one entry per layer (a tuple), so a step indexes no stacked array: slicing a layer out of a stack inside a
     jitted loop copies its weights every step (XLA:CPU cannot hand a dynamic slice to a matmul);
   - q/k/v and gate/up concatenated into one kernel each (one matmul, no concatenation per step);
-  - every kernel stored [N, K], a row per output feature (the layout of torch's Linear), the head [V, D] (a tied
-    head is the embedding table as it is): XLA:CPU's products read this layout faster than [K, N] at most row
-    counts (`matmul`);
+  - bfloat16 kernels of models of hidden size ROWS_OUT_FROM_HIDDEN and up stored [N, K], a row per output feature
+    (the layout of torch's Linear; the head [V, D]: a tied head is the embedding table as it is), all others
+    [K, N]: the layout XLA:CPU's products read faster for them (`rows_out`, `matmul`);
   - `dtype` float32 (exact) or bfloat16 (half the bytes read per token; norms, routers, softmax and logits stay
     float32).
 
@@ -36,7 +36,7 @@ from mor_jax.model import routing
 @flax.struct.dataclass
 class DecodeWeights:
   embed: jax.Array              # [V, D] the embedding table (float32: the lookup is exact)
-  head: jax.Array               # [V, D] (see `matmul`: kernels are stored [N, K])
+  head: jax.Array               # [V, D] or [D, V] (`rows_out`)
   final_norm: jax.Array         # [D]
   block: tuple                  # per layer of the shared block: a layer dict (see _layer)
   first: dict | None            # the unique first / last layer (middle strategies)
@@ -49,10 +49,22 @@ class DecodeWeights:
     return self.head.dtype
 
 
-def _layer(p: dict, dtype) -> dict:
-  """One decoder layer's parameters as the decode step reads them (kernels [N, K], see `matmul`)."""
+ROWS_OUT_FROM_HIDDEN = 512
+
+
+def rows_out(cfg: ModelConfig, dtype) -> bool:
+  """Are the model's decode kernels in `dtype` stored [N, K] (a row per output) rather than [K, N]? bfloat16 from
+  hidden size ROWS_OUT_FROM_HIDDEN on. Measured on a 2-core Xeon with AMX and AVX512-BF16, jax 0.10
+  (benchmarks/decode_kernels.py, benchmarks/results/decode_kernels.json): with SmolLM2-135M's kernels (hidden 576)
+  bfloat16 products read [N, K] faster from 2 rows on; float32 ones gain little at 16 rows and lose at 2-4; with
+  the benchmark models' (hidden 192) [K, N] is as fast or faster in both dtypes at most row counts."""
+  return jnp.dtype(dtype) == jnp.bfloat16 and cfg.hidden_size >= ROWS_OUT_FROM_HIDDEN
+
+
+def _layer(p: dict, dtype, nk: bool) -> dict:
+  """One decoder layer's parameters as the decode step reads them (kernels [N, K] if nk, else [K, N])."""
   a, m = p["attn"], p["mlp"]
-  cat = lambda *ks: jnp.concatenate([k["kernel"] for k in ks], axis=1).T.astype(dtype)
+  cat = lambda *ks: (lambda w: w.T if nk else w)(jnp.concatenate([k["kernel"] for k in ks], axis=1)).astype(dtype)
   return {"in_norm": p["input_norm"]["scale"], "qkv": cat(a["q_proj"], a["k_proj"], a["v_proj"]),
           "o": cat(a["o_proj"]), "post_norm": p["post_attn_norm"]["scale"],
           "gate_up": cat(m["gate_proj"], m["up_proj"]), "down": cat(m["down_proj"])}
@@ -71,12 +83,13 @@ def _prepare(cfg: ModelConfig, variables, dtype: str) -> DecodeWeights:
   p = variables["params"]
   dt = jnp.dtype(dtype)
   emb = p["embed"]["embedding"]
-  head = emb if cfg.tie_embeddings else p["lm_head"]["kernel"].T
+  nk = rows_out(cfg, dt)
+  head = emb.T if cfg.tie_embeddings else p["lm_head"]["kernel"]      # [D, V]
   routers = {k: v for k, v in p.items() if k.startswith("router")}
-  return DecodeWeights(embed=emb, head=head.astype(dt), final_norm=p["final_norm"]["scale"],
-                       block=tuple(_layer(lp, dt) for lp in _block_layers(p["block"])),
-                       first=_layer(p["first"], dt) if cfg.has_middle else None,
-                       last=_layer(p["last"], dt) if cfg.has_middle else None, routers=routers,
+  return DecodeWeights(embed=emb, head=(head.T if nk else head).astype(dt), final_norm=p["final_norm"]["scale"],
+                       block=tuple(_layer(lp, dt, nk) for lp in _block_layers(p["block"])),
+                       first=_layer(p["first"], dt, nk) if cfg.has_middle else None,
+                       last=_layer(p["last"], dt, nk) if cfg.has_middle else None, routers=routers,
                        router_bias=routing.router_bias(cfg, variables))
 
 
@@ -97,15 +110,13 @@ def embed(w: DecodeWeights, tokens):
   return jnp.take(w.embed, tokens, axis=0).astype(w.dtype)
 
 
-def matmul(x, kernel, out_dtype=None):
-  """x [..., K] times kernel [N, K] (a row per output) -> [..., N], in the kernel's dtype, accumulated in float32,
-  returned in `out_dtype` (default: the kernel's). Every decode product goes through here.
+def matmul(x, kernel, out_dtype=None, nk: bool = False):
+  """x [..., K] times kernel ([N, K], a row per output, if nk, else [K, N]) -> [..., N], in the kernel's dtype,
+  accumulated in float32, returned in `out_dtype` (default: the kernel's). Every decode product goes through here.
 
-  Measured on a 2-core Xeon with AMX and AVX512-BF16, jax 0.10 (SmolLM2-135M's 30 layers of products; figures in
-  docs/serving.md): the [N, K] layout is 15-30% faster than [K, N] from 8 rows up in float32 and from 2 rows up in
-  bfloat16 (float32 at 2-4 rows is ~10% slower, one row the same); a bfloat16 product with a float32 accumulator
-  runs on XLA:CPU's fast kernels (AMX / AVX512-BF16; a bfloat16 result type takes a path ~10x slower at 16 rows),
-  and a single bfloat16 row is padded to two (one row takes a slow path: ~5x slower than two rows)."""
+  A bfloat16 product with a float32 accumulator runs on XLA:CPU's fast kernels (AMX / AVX512-BF16; a bfloat16
+  result type takes a much slower path), and a single bfloat16 row is padded to two (one row takes a slow path).
+  (Measured on a 2-core Xeon with AMX and AVX512-BF16, jax 0.10.)"""
   out_dtype = kernel.dtype if out_dtype is None else out_dtype
   x = x.astype(kernel.dtype)
   lead = x.shape[:-1]
@@ -113,13 +124,13 @@ def matmul(x, kernel, out_dtype=None):
   pad = kernel.dtype == jnp.bfloat16 and rows.shape[0] == 1
   if pad:
     rows = jnp.pad(rows, ((0, 1), (0, 0)))
-  out = jax.lax.dot_general(rows, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  return out[:rows.shape[0] - int(pad)].reshape(lead + kernel.shape[:1]).astype(out_dtype)
+  out = jax.lax.dot_general(rows, kernel, (((1,), (1 if nk else 0,)), ((), ())), preferred_element_type=jnp.float32)
+  return out[:rows.shape[0] - int(pad)].reshape(lead + out.shape[1:]).astype(out_dtype)
 
 
-def logits(w: DecodeWeights, h):
+def logits(cfg: ModelConfig, w: DecodeWeights, h):
   """float32 logits of final-normed hidden states [..., D]."""
-  return matmul(h, w.head, jnp.float32)
+  return matmul(h, w.head, jnp.float32, rows_out(cfg, w.dtype))
 
 
 def expert_router(cfg: ModelConfig, w: DecodeWeights, x, r):

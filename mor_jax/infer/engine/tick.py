@@ -208,7 +208,7 @@ def _exit(cfg: ModelConfig, lay: EngineLayout, w, eos_id, leave: _Rows, st: Engi
   last = cache.last
   if cfg.has_middle:
     x, last = _unique_layer(cfg, w.last, last, x, pos, leave, sel)
-  logits = weights_lib.logits(w, rms_norm(x[:, 0], w.final_norm, cfg.rms_eps))
+  logits = weights_lib.logits(cfg, w, rms_norm(x[:, 0], w.final_norm, cfg.rms_eps))
   count = leave.take(st.count)
   tok = sample_rows(leave.take(st.keys), count, logits, leave.take(st.temperature), leave.take(st.top_k),
                     leave.take(st.top_p))
