@@ -56,8 +56,10 @@ def rows_out(cfg: ModelConfig, dtype) -> bool:
   """Are the model's decode kernels in `dtype` stored [N, K] (a row per output) rather than [K, N]? bfloat16 from
   hidden size ROWS_OUT_FROM_HIDDEN on. Measured on a 2-core Xeon with AMX and AVX512-BF16, jax 0.10
   (benchmarks/decode_kernels.py, benchmarks/results/decode_kernels.json): with SmolLM2-135M's kernels (hidden 576)
-  bfloat16 products read [N, K] faster from 2 rows on; float32 ones gain little at 16 rows and lose at 2-4; with
-  the benchmark models' (hidden 192) [K, N] is as fast or faster in both dtypes at most row counts."""
+  bfloat16 products are faster as [N, K] at every row count from 2 on; float32 ones are faster as [N, K] from 8
+  rows on but slower at 2-4, and a whole 16-slot float32 engine tick gained only a few percent, so float32 keeps
+  [K, N]; with the benchmark models' kernels (hidden 192) [K, N] is as fast or faster in both dtypes at most row
+  counts."""
   return jnp.dtype(dtype) == jnp.bfloat16 and cfg.hidden_size >= ROWS_OUT_FROM_HIDDEN
 
 
