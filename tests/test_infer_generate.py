@@ -219,7 +219,7 @@ def test_bfloat16_products_and_cache_writes_take_the_fast_paths_and_keep_the_val
   mm_nk = functools.partial(weights_lib.matmul, nk=True)
   dots = lambda a: [ln for ln in jax.jit(mm_nk).lower(a, k16).as_text().splitlines()
                     if "dot_general" in ln]
-  assert dots(x)[0].endswith("(tensor<3x64xbf16>, tensor<40x64xbf16>) -> tensor<3x40xf32>")
+  assert dots(x)[0].endswith("(tensor<3x1x64xbf16>, tensor<40x64xbf16>) -> tensor<3x1x40xf32>")
   assert dots(x[:1])[0].endswith("(tensor<2x64xbf16>, tensor<40x64xbf16>) -> tensor<2x40xf32>")
 
   values = jnp.asarray(rng.normal(size=(6, 8, 17)), jnp.bfloat16)
