@@ -1,6 +1,8 @@
-"""What the decode step's kernel choices are worth on this machine: weight layout and bfloat16 cache storage.
+"""What the decode step's kernel choices are worth on this machine: weight layout, bfloat16 cache storage, and
+XLA:CPU's product library.
 
   python benchmarks/decode_kernels.py [--rows=1,2,4,8,16,32,128] [--json=benchmarks/results/decode_kernels.json]
+  python benchmarks/decode_kernels.py --sections=libraries --json=benchmarks/results/decode_libraries.json
 
 1. Products: the decode products of SmolLM2-135M's 30 layers (hidden 576: q/k/v 576->960, o 576->576, gate/up
    576->3072, down 1536->576) and of the benchmark models' 14 layers (bench_models.py, hidden 192: 192->320,
@@ -11,7 +13,11 @@
    129 entries of 64), then attention over them, with the cache stored as bfloat16 and written through a uint16 view
    (two whole-array bit conversions per write on XLA:CPU) or stored as uint16 and read through a bitcast (what
    `cache.storage_dtype` does).
-Times are the best of `--repeats` calls of one jitted program, in milliseconds.
+3. Libraries: the products of 1 (float32 and bfloat16, [K, N]) compiled as XLA chooses (YNNPACK's fusions) and
+   with `compilation.NO_YNNPACK` (Eigen's products), at `--library_rows`; `compilation.decode_options` picks by
+   dtype and rows, and the table shows its choice next to the faster one.
+Times are the best of `--repeats` calls of one jitted program, in milliseconds (libraries: the median of
+`--repeats` calls of each, alternating).
 """
 
 from __future__ import annotations
@@ -79,6 +85,39 @@ def products(rows: list[int], repeats: int) -> list[dict]:
   return out
 
 
+def libraries(rows: list[int], repeats: int) -> list[dict]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer import compilation  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  f = functools.partial(_layers, layout="KN")
+  fs = {"ynnpack": jax.jit(f), "eigen": jax.jit(f, compiler_options=compilation.NO_YNNPACK)}
+  out = []
+  for model, (shapes, layers) in MODELS.items():
+    for dtype in ("float32", "bfloat16"):
+      dt = jnp.dtype(dtype)
+      ws = [[jnp.asarray(rng.normal(0, 0.02, s), dt) for s in shapes] for _ in range(layers)]
+      for m in rows:
+        x = jnp.ones((m, shapes[0][0]), dt)
+        ts = {k: [] for k in fs}
+        for g in fs.values():
+          jax.block_until_ready(g(x, ws))
+        for _ in range(repeats):
+          for k, g in fs.items():
+            t = time.perf_counter()
+            jax.block_until_ready(g(x, ws))
+            ts[k].append((time.perf_counter() - t) * 1e3)
+        ms = {k: float(np.median(v)) for k, v in ts.items()}
+        chosen = "eigen" if compilation.decode_options(dtype, m) else "ynnpack"
+        faster = min(ms, key=ms.get)
+        out.append({"model": model, "dtype": dtype, "rows": m, "ynnpack_ms": ms["ynnpack"], "eigen_ms": ms["eigen"],
+                    "eigen_vs_ynnpack": ms["eigen"] / ms["ynnpack"], "chosen": chosen, "faster": faster})
+        print(f"| {model} | {dtype} | {m} | {ms['ynnpack']:.2f} | {ms['eigen']:.2f} | "
+              f"{ms['eigen'] / ms['ynnpack']:.2f} | {chosen} | {faster} |", flush=True)
+  return out
+
+
 B, K, G, E, S = 16, 3, 3, 64, 129      # cache_writes: sequences, kv heads, queries per kv head, head dim, entries
 
 
@@ -136,17 +175,26 @@ def cache_writes(repeats: int) -> dict:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--rows", default="1,2,4,8,16,32,128")
+  p.add_argument("--library_rows", default="1,2,4,8,16,32,128,256")
+  p.add_argument("--sections", default="layouts,cache,libraries", help="which of layouts,cache,libraries to run")
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
-  print("| products of | dtype | rows | [K, N] ms | [N, K] ms | [N, K] / [K, N] |\n|" + " --- |" * 6, flush=True)
-  prods = products([int(r) for r in args.rows.split(",")], args.repeats)
-  writes = cache_writes(args.repeats)
+  sections, out = args.sections.split(","), {}
+  if "layouts" in sections:
+    print("| products of | dtype | rows | [K, N] ms | [N, K] ms | [N, K] / [K, N] |\n|" + " --- |" * 6, flush=True)
+    out["products"] = products([int(r) for r in args.rows.split(",")], args.repeats)
+  if "cache" in sections:
+    out["cache_writes"] = cache_writes(args.repeats)
+  if "libraries" in sections:
+    print("| products of | dtype | rows | YNNPACK ms | Eigen ms | Eigen / YNNPACK | decode_options | faster |\n|"
+          + " --- |" * 8, flush=True)
+    out["libraries"] = libraries([int(r) for r in args.library_rows.split(",")], args.repeats)
   if args.json:
     from mor_jax.tools.provenance import write_result  # pylint: disable=g-import-not-at-top
-    write_result(args.json, {"products": prods, "cache_writes": writes, "args": vars(args)},
-                 conditions={"weights": "random", "timing": "best of repeats, ms per call of one jitted program"})
-  return prods, writes
+    write_result(args.json, {**out, "args": vars(args)},
+                 conditions={"weights": "random", "timing": "ms per call of one jitted program (see the docstring)"})
+  return out
 
 
 if __name__ == "__main__":

@@ -187,9 +187,9 @@ def test_admissions_and_growth_are_compiled_ahead_at_every_capacity_they_come_ba
               ("resize", at(64), at(128))]:
     assert eng.programs.known(key), key
   assert not eng.programs.known(("insert", at(256), 1, 16))           # two buckets up: queued when the caches grow
-  long = eng.generate([PROMPTS[4] * 6], max_new_tokens=[40], sampling=GREEDY)[0]    # 72 + 40 tokens: 128 positions
+  long = eng.generate([PROMPTS[4] * 6], max_new_tokens=[40], sampling=GREEDY)[0]    # 72 (bucket 96) + 40 tokens
   assert eng.stats["resizes"] >= 1 and len(long.tokens) == 40
-  assert eng.programs.known(("insert", at(256), 1, 16)) and eng.programs.known(("insert", at(128), 1, 128))
+  assert eng.programs.known(("insert", at(256), 1, 16)) and eng.programs.known(("insert", at(128), 1, 96))
   eng.programs.wait()
   stalls = eng.programs.compile_s
   eng.start(sampling=GREEDY)
@@ -200,3 +200,32 @@ def test_admissions_and_growth_are_compiled_ahead_at_every_capacity_they_come_ba
     eng.step()
   eng.finish()
   assert eng.programs.compile_s == stalls
+
+
+def test_decode_steps_and_prefills_compile_for_their_rows_and_keep_the_outputs():
+  """compilation.decode_options: float32 programs whose products have 4..128 rows compile without YNNPACK (XLA:CPU's
+  Eigen products: faster for a decode step's few rows), others as XLA chooses; prompts are padded to 1.5x buckets
+  (prompts.prompt_length). An engine of 4 slots (decode steps on 4 rows without YNNPACK; prefills of 4 prompts
+  padded to 48 tokens, 192 rows, with it) gives the plain one-prompt path's greedy tokens and recursions."""
+  from mor_jax.infer import compilation, prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+  assert compilation.decode_options("float32", 16) == compilation.decode_options(jnp.float32, 4) == {
+      "xla_cpu_experimental_ynn_fusion_type": ""}
+  assert compilation.decode_options("float32", 2) == compilation.decode_options("float32", 192) == {}
+  assert compilation.decode_options("bfloat16", 16) == {}
+  assert [prompts_lib.prompt_length(n, 8192) for n in (3, 17, 24, 33, 40, 49, 100, 130)] == [
+      16, 24, 24, 48, 48, 64, 128, 192]
+  assert prompts_lib.prompt_length(33, 40) == 40 and prompts_lib.prompt_length(20, 40) == 24
+  cfg = tiny_model_config("middle_cycle", 3, "expert", vocab=V, max_seq_len=8192)
+  v = variables_for(cfg)
+  eng = Engine(cfg, v, slots=4, prefill_rows=4)
+  ps = [(PROMPTS[i] * 8)[:n] for i, n in zip(range(4), (40, 35, 44, 38))]
+  new = [9, 14, 6, 11]
+  got = served(eng.generate(ps, max_new_tokens=new, sampling=GREEDY))
+  one = lambda p, n: Generator(cfg, v).generate([p], max_new_tokens=n, sampling=GREEDY)[0]
+  want = [(o.tokens, o.recursions, o.prompt_recursions) for o in map(one, ps, new)]
+  assert got == want and len({r for o in got for r in o[1]}) > 1
+  ynn = lambda key: "__ynn_fusion" in eng.programs.get(key).as_text()
+  ticks = [k for k in eng.programs.compiled if k[0] == "ticks" and k[2] == 4]
+  prefills = [k for k in eng.programs.compiled if k[0] == "prefill"]
+  assert ticks and not any(ynn(k) for k in ticks)
+  assert [k[1:3] for k in prefills] == [(4, 48)] and ynn(prefills[0])

@@ -6,7 +6,7 @@ Public API:
   Generator(cfg, variables, tokenizer, threshold=None, kv_capacity="full", add_bos=False)
       .generate(prompts, max_new_tokens=, sampling=, seed=, stop=, on_text=, ...) -> [Generation]
   SamplingParams(temperature, top_k, top_p);  sample_logits(keys, logits, sampling)    (sampling.py)
-  prompts.py: encode_prompt(s), bucket_length, read_prompts_file (the checks every inference path shares)
+  prompts.py: encode_prompt(s), bucket_length, prompt_length, read_prompts_file (the checks every inference path shares)
   forward_cached(cfg, plan, variables, cache, tokens, positions, valid, threshold=) -> (h, cache, info)
   make_plan(cfg, max_len, capacity) -> CachePlan;  init_cache(cfg, plan, batch);  KVCache;  cache_stats(cache, plan)
   Engine(cfg, variables, tokenizer, slots=, max_new_tokens=, ...).generate(prompts, max_new_tokens=[...])

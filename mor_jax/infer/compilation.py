@@ -4,6 +4,7 @@
 compiling them again (MOR_JAX_COMPILE_CACHE='' turns it off). `compiled_seconds()`: the time this process spent
 preparing programs so far (JAX's compilation: tracing to a jaxpr, lowering to StableHLO, XLA compilation, or
 reading a compiled program from the persistent cache instead), which `rate_note` takes out of a tokens/s figure.
+`decode_options(dtype, rows)`: the XLA compile options of a decode program whose products have `rows` rows.
 """
 
 from __future__ import annotations
@@ -12,11 +13,29 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 
 CACHE_ENV = "MOR_JAX_COMPILE_CACHE"
 _COMPILED = {"seconds": 0.0}
 PREPARATION_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                       "/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
+
+
+# XLA:CPU hands float32 products to YNNPACK by default. For the few rows of a decode step its Eigen path is faster:
+# on a 2-core AMD EPYC (AVX2), jax 0.10.2, SmolLM2-135M's products took 0.85x (4 rows), 0.78x (8), 0.73x (16, 32)
+# of YNNPACK's time and the hidden-192 benchmark models' 0.63-0.87x from 4 to 128 rows, while YNNPACK was faster
+# at 2 rows (1.3x) and at prefill sizes (256 rows and more: 1.25-1.3x); one row takes neither (a vector product).
+# bfloat16 products stay on YNNPACK (Eigen's were 1.7-3.5x slower). benchmarks/decode_kernels.py measures both.
+EIGEN_ROWS = (4, 128)
+NO_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def decode_options(dtype, rows: int) -> dict:
+  """XLA compile options for a program whose products have `rows` rows in `dtype`: float32 products of
+  EIGEN_ROWS rows compiled without YNNPACK, everything else as XLA chooses ({}). The options are XLA:CPU's (other
+  backends ignore them) and part of the persistent cache's key."""
+  lo, hi = EIGEN_ROWS
+  return dict(NO_YNNPACK) if jnp.dtype(dtype) == jnp.float32 and lo <= int(rows) <= hi else {}
 
 
 def enable_compilation_cache() -> None:

@@ -11,7 +11,7 @@ row generates exactly what it would generate alone. The prompt is prefilled
 in one call; decoding runs `lax.while_loop` over up to `chunk_steps` tokens
 per call (all of `max_new_tokens` when nothing is streamed), stopping early
 once every row has finished. Between calls the host streams new text and
-checks stop strings. Shapes are bucketed (prompt length to a power of two)
+checks stop strings. Shapes are bucketed (prompt length: `prompts.prompt_length`)
 so a few compilations serve many requests.
 
 `recursions[i]` of a generation is the number of recursions the model ran
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mor_jax.config import ModelConfig
-from mor_jax.infer import cache as cache_lib
+from mor_jax.infer import cache as cache_lib, compilation
 from mor_jax.infer import prompts as prompts_lib
 from mor_jax.infer import weights as weights_lib
 from mor_jax.infer.decode import check_supported, forward_cached, logits_fn
@@ -106,11 +106,13 @@ def _decode(cfg, plan, weights, state: DecodeState, n_steps, threshold, sp, eos_
 
 
 @functools.lru_cache(maxsize=64)
-def _programs(cfg: ModelConfig, plan: cache_lib.CachePlan):
-  """Jitted prefill and decode for one model and cache plan (shapes of the batch retrace as usual;
-  threshold, sampling parameters and EOS id are traced values)."""
-  prefill = jax.jit(functools.partial(_prefill, cfg, plan), static_argnames=("n_out",))
-  decode = jax.jit(functools.partial(_decode, cfg, plan), donate_argnums=(1,))
+def _programs(cfg: ModelConfig, plan: cache_lib.CachePlan, dtype: str, batch: int, prompt_len: int):
+  """Jitted prefill and decode for one model, cache plan and batch shape (the XLA options follow the products'
+  rows: `compilation.decode_options`; threshold, sampling parameters and EOS id are traced values)."""
+  options = lambda rows: compilation.decode_options(dtype, rows) or None
+  prefill = jax.jit(functools.partial(_prefill, cfg, plan), static_argnames=("n_out",),
+                    compiler_options=options(batch * prompt_len))
+  decode = jax.jit(functools.partial(_decode, cfg, plan), donate_argnums=(1,), compiler_options=options(batch))
   return prefill, decode
 
 
@@ -190,7 +192,7 @@ class Generator:
     B = len(ids)
     lengths = np.array([len(t) for t in ids], np.int32)
     limits = np.minimum(max_new_tokens, ctx - lengths).astype(np.int32)
-    P = prompts_lib.bucket_length(int(lengths.max()), ctx)
+    P = prompts_lib.prompt_length(int(lengths.max()), ctx)
     n_out = min(max_new_tokens, ctx - 1)      # output columns: fixed by the request, not the prompts (one compilation)
     S = int(max_len) if max_len else min(ctx, P + n_out)
     if S < int((lengths + limits).max()) - 1 or S < P:
@@ -205,7 +207,7 @@ class Generator:
     eos = jnp.int32(-1 if eos_id is None else eos_id)
     sp = sampling_arrays(sampling)
     plan = cache_lib.make_plan(cfg, S, self.kv_capacity)
-    prefill, decode = _programs(cfg, plan)
+    prefill, decode = _programs(cfg, plan, str(self.weights.dtype), B, P)
     streaming = on_text is not None or on_tokens is not None or bool(stop)
     if chunk_steps is None:
       chunk_steps = 8 if streaming else int(limits.max())

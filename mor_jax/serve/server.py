@@ -38,7 +38,7 @@ from mor_jax.serve.loop import EngineLoop
 from mor_jax.serve.metrics import Metrics
 from mor_jax.serve.prepare import max_prompt_chars
 
-WARM_PROMPT_LENGTHS = (16, 32, 64, 128)   # prompt buckets compiled in the background after start-up
+WARM_PROMPT_LENGTHS = (16, 24, 32, 48, 64, 96, 128)   # prompt buckets compiled in the background after start-up
 DRAIN_GRACE_S = 5.0      # after --drain_timeout: for the error events to reach the clients, then uvicorn cancels
 _DEFAULT = ServeOptions()
 

@@ -9,7 +9,8 @@ thread or on first use.
 A program needed before it is ready is compiled on the spot (or waited for, if the background thread is on it);
 `ahead(key)` queues one for the background thread, so that the next capacity bucket is compiled while the engine
 serves the current one instead of stalling every stream when a sequence crosses into it. Compilation goes through
-JAX's AOT path (`jit(...).lower(shapes).compile()`), so JAX's persistent compilation cache applies.
+JAX's AOT path (`jit(...).lower(shapes).compile()`), so JAX's persistent compilation cache applies, with the
+XLA options `compilation.decode_options` gives for the rows of its products.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mor_jax.config import ModelConfig
+from mor_jax.infer import compilation
 from mor_jax.infer.engine import admit, layout as layout_lib
 from mor_jax.infer.engine.tick import run_step
 
@@ -98,9 +100,10 @@ class Programs:
     concurrent.futures.wait(futures)
 
   def _build(self, key):
-    kind = key[0]
+    kind, rows = key[0], 0
     if kind == "ticks":
       lay, active = key[1], key[2]
+      rows = active
       fn = jax.jit(functools.partial(run_step, self.cfg, lay, active), donate_argnums=(1,))
       i32 = _scalar(jnp.int32)
       args = (self.w, self.state(lay), _scalar(jnp.float32), i32, i32, i32, i32)
@@ -109,6 +112,7 @@ class Programs:
       fn, args = jax.jit(functools.partial(layout_lib.resize, old, new)), (self.state(old),)
     elif kind == "prefill":
       n, P = key[1], key[2]
+      rows = n * P
       fn = jax.jit(functools.partial(admit.prefill, self.cfg, key[3]))
       args = (self.w, _rows(n, jnp.int32, P), _rows(n, jnp.int32), _rows(n, jnp.uint32, 2), _sampling(n),
               _scalar(jnp.float32))
@@ -120,7 +124,7 @@ class Programs:
               _sampling(n), _scalar(jnp.int32))
     else:
       raise ValueError(f"unknown engine program {key!r}")
-    prog = fn.lower(*args).compile()
+    prog = fn.lower(*args).compile(compiler_options=compilation.decode_options(self.dtype, rows) or None)
     with self._lock:
       self.compiled.append(key)
     return prog

@@ -218,7 +218,7 @@ class Engine:
     the current capacity for the background compiler; `wait` blocks until they are ready. Their shapes count as
     seen from then on: the admission of each follows the caches to every size they take (`_compile_next`)."""
     keys = [("ticks", self.layout, a) for a in sorted({self._active(1), self._active(self.slots // 4), self.slots})]
-    for P in sorted({prompts_lib.bucket_length(int(n), self.max_len) for n in prompt_lengths}):
+    for P in sorted({prompts_lib.prompt_length(int(n), self.max_len) for n in prompt_lengths}):
       for n in sorted({1, self.prefill_rows}):
         keys += [("prefill", n, P, self._prefill_layout), ("insert", self.layout.at_capacity(
             layout_lib.bucket(P + 1, self.max_len)), n, P)]
@@ -251,7 +251,7 @@ class Engine:
     B = self.layout.slots
     Bp = 1 if len(take) == 1 else self.prefill_rows
     longest = max(len(r.prompt_tokens) for r in take)
-    P = prompts_lib.bucket_length(longest, self.max_len)
+    P = prompts_lib.prompt_length(longest, self.max_len)
     self._fit(run, max(P, longest + 1, self._live_need(run)))
     tokens = np.zeros((Bp, P), np.int32)
     lengths, limits = np.ones((Bp,), np.int32), np.ones((Bp,), np.int32)
