@@ -22,10 +22,11 @@ PREPARATION_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compi
 
 
 # XLA:CPU hands float32 products to YNNPACK by default. For the few rows of a decode step its Eigen path is faster:
-# on a 2-core AMD EPYC (AVX2), jax 0.10.2, SmolLM2-135M's products took 0.85x (4 rows), 0.78x (8), 0.73x (16, 32)
-# of YNNPACK's time and the hidden-192 benchmark models' 0.63-0.87x from 4 to 128 rows, while YNNPACK was faster
-# at 2 rows (1.3x) and at prefill sizes (256 rows and more: 1.25-1.3x); one row takes neither (a vector product).
-# bfloat16 products stay on YNNPACK (Eigen's were 1.7-3.5x slower). benchmarks/decode_kernels.py measures both.
+# on a 2-core AMD EPYC (AVX2), jax 0.10.2 (benchmarks/results/decode_libraries.json), SmolLM2-135M's products took
+# 0.80x (4 rows), 0.70x (8), 0.62x (16) and 0.83x (32) of YNNPACK's time and the hidden-192 benchmark models'
+# 0.62-0.85x from 4 to 128 rows, while YNNPACK was faster at 2 rows (1.15-1.19x); from 128 rows on (prefills) the
+# two were within 5% for SmolLM2. One row takes neither (a vector product). bfloat16 products stay on YNNPACK
+# (Eigen's were 1.3-3.4x slower at 2-16 rows).
 EIGEN_ROWS = (4, 128)
 NO_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
