@@ -89,7 +89,7 @@ def measure(args, cfg, variables, batch):
   P, N = args.prompt_len, args.new_tokens
   S = P + N
   plan = cache_lib.make_plan(cfg, S, "full")
-  prefill, decode = _programs(cfg, plan)
+  prefill, decode = _programs(cfg, plan, "float32", batch, P)
   rng = np.random.default_rng(1)
   tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (batch, P)), jnp.int32)
   lengths = jnp.full((batch,), P, jnp.int32)

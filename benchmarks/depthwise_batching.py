@@ -125,19 +125,13 @@ def make_workload(args, model: Model) -> Workload:
 
 
 # ----------------------------------------------------------------------------------------------- runners
-def _bucket(n, minimum=16):
-  b = minimum
-  while b < n:
-    b *= 2
-  return b
-
-
 def run_batched(cfg, weights, wl: Workload, B: int, max_len: int, threshold: float) -> dict:
   """Ordinary batched decoding (the plain generation path): batches of B in arrival order."""
   from mor_jax.infer import cache as cache_lib  # pylint: disable=g-import-not-at-top
   from mor_jax.infer.generate import _programs  # pylint: disable=g-import-not-at-top
+  from mor_jax.infer.prompts import prompt_length  # pylint: disable=g-import-not-at-top
   from mor_jax.infer.sampling import SamplingParams, sampling_arrays  # pylint: disable=g-import-not-at-top
-  prefill, decode = _programs(cfg, cache_lib.make_plan(cfg, max_len, "full"))
+  plan = cache_lib.make_plan(cfg, max_len, "full")
   n_out = max(wl.new_tokens)
   thr, sp, eos = jnp.float32(threshold), sampling_arrays(SamplingParams(temperature=0.0)), jnp.int32(-1)
   base = jax.random.PRNGKey(0)
@@ -145,7 +139,8 @@ def run_batched(cfg, weights, wl: Workload, B: int, max_len: int, threshold: flo
   t0, c0 = time.perf_counter(), time.process_time()
   for a in range(0, len(wl.prompts), B):
     idx = list(range(a, min(a + B, len(wl.prompts))))
-    P = _bucket(max(len(wl.prompts[i]) for i in idx))
+    P = prompt_length(max(len(wl.prompts[i]) for i in idx), max_len)
+    prefill, decode = _programs(cfg, plan, str(weights.dtype), B, P)     # (the plain path's programs per shape)
     toks = np.zeros((B, P), np.int32)
     lengths, limits = np.ones((B,), np.int32), np.ones((B,), np.int32)
     for j, i in enumerate(idx):
