@@ -105,14 +105,20 @@ def _decode(cfg, plan, weights, state: DecodeState, n_steps, threshold, sp, eos_
   return jax.lax.while_loop(cond, body, state)
 
 
-@functools.lru_cache(maxsize=64)
 def _programs(cfg: ModelConfig, plan: cache_lib.CachePlan, dtype: str, batch: int, prompt_len: int):
-  """Jitted prefill and decode for one model, cache plan and batch shape (the XLA options follow the products'
-  rows: `compilation.decode_options`; threshold, sampling parameters and EOS id are traced values)."""
-  options = lambda rows: compilation.decode_options(dtype, rows) or None
+  """Jitted prefill and decode for one model and cache plan, compiled with the XLA options the batch shape's
+  products take (`compilation.decode_options`; threshold, sampling parameters and EOS id are traced values)."""
+  options = lambda rows: tuple(sorted(compilation.decode_options(dtype, rows).items()))
+  return _jitted(cfg, plan, options(batch * prompt_len), options(batch))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(cfg: ModelConfig, plan: cache_lib.CachePlan, prefill_options: tuple, decode_options: tuple):
+  """One pair of jitted programs per model, plan and option set (shapes of the batch retrace as usual)."""
   prefill = jax.jit(functools.partial(_prefill, cfg, plan), static_argnames=("n_out",),
-                    compiler_options=options(batch * prompt_len))
-  decode = jax.jit(functools.partial(_decode, cfg, plan), donate_argnums=(1,), compiler_options=options(batch))
+                    compiler_options=dict(prefill_options) or None)
+  decode = jax.jit(functools.partial(_decode, cfg, plan), donate_argnums=(1,),
+                   compiler_options=dict(decode_options) or None)
   return prefill, decode
 
 
